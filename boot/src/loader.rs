@@ -34,7 +34,7 @@ pub enum Error {
     #[error("the kernel image is neither an ELF vmlinux nor a bzImage")]
     UnknownKernelFormat,
     /// linux-loader rejected the image or could not place it.
-    #[error("cannot load the kernel: {0}")]
+    #[error("cannot load the kernel: {}", without_prefix(.0))]
     Load(#[source] loader::Error),
     /// A bzImage that cannot be entered in 64-bit mode.
     #[error("the bzImage does not support the 64-bit boot protocol (XLF_KERNEL_64 not set)")]
@@ -63,6 +63,11 @@ pub enum Error {
     /// Writing the zero page or PVH start info failed.
     #[error("cannot write the boot parameters: {0}")]
     BootParams(#[source] linux_loader::configurator::Error),
+}
+
+/// linux-loader prefixes every layer of its messages with "Kernel Loader: ".
+fn without_prefix(e: &loader::Error) -> String {
+    e.to_string().replace("Kernel Loader: ", "")
 }
 
 /// Result alias for this module.

@@ -1,0 +1,189 @@
+//! The `moat` command line.
+//!
+//! Options follow Cloud Hypervisor's `--option key=value` style. Values are
+//! kept as strings by clap and parsed here, so every mistake gets a message
+//! that names the option and the problem.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use moat_boot::loader::BootProtocol;
+
+use crate::config::{self, ConfigError, VmConfig};
+
+const EXIT_CODES: &str = "\
+Exit status:
+  0    the guest powered off or rebooted
+  1    the VM failed: a KVM error, a triple fault, or an internal error
+  2    bad input: options, kernel or initramfs files, /dev/kvm access
+  128+N  moat was stopped by signal N";
+
+/// moat: a KVM micro-VM monitor that boots Linux guests.
+#[derive(Debug, Parser)]
+#[command(name = "moat", version, about, after_help = EXIT_CODES)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// moat's subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a Linux kernel with its console on this terminal.
+    #[command(after_help = EXIT_CODES)]
+    Run(RunArgs),
+}
+
+/// `moat run` options.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Kernel image: an ELF vmlinux or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+
+    /// Initramfs (cpio archive, optionally compressed) loaded with the kernel.
+    #[arg(long, value_name = "PATH")]
+    pub initramfs: Option<PathBuf>,
+
+    /// Kernel command line.
+    #[arg(long, value_name = "STRING", default_value = config::DEFAULT_CMDLINE)]
+    pub cmdline: String,
+
+    /// vCPUs: boot=N.
+    #[arg(long, value_name = "boot=N", default_value = "boot=1")]
+    pub cpus: String,
+
+    /// Guest memory: size=SIZE, with K, M, G or T suffixes (binary units).
+    #[arg(long, value_name = "size=SIZE", default_value = "size=256M")]
+    pub memory: String,
+
+    /// Kernel entry: PVH when the ELF kernel has a PVH note (auto), the
+    /// 64-bit Linux boot protocol (linux), or PVH only (pvh).
+    #[arg(long, value_enum, value_name = "PROTOCOL", default_value_t = BootProtocolArg::Auto)]
+    pub boot_protocol: BootProtocolArg,
+
+    /// KVM device node.
+    #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
+    pub kvm: PathBuf,
+}
+
+/// `--boot-protocol` values.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum BootProtocolArg {
+    /// PVH if the kernel supports it, else Linux 64-bit.
+    Auto,
+    /// Linux 64-bit boot protocol.
+    Linux,
+    /// PVH.
+    Pvh,
+}
+
+impl From<BootProtocolArg> for BootProtocol {
+    fn from(arg: BootProtocolArg) -> Self {
+        match arg {
+            BootProtocolArg::Auto => BootProtocol::Auto,
+            BootProtocolArg::Linux => BootProtocol::Linux,
+            BootProtocolArg::Pvh => BootProtocol::Pvh,
+        }
+    }
+}
+
+/// The value of the one key a `key=value` option allows.
+fn single_value(
+    option: &'static str,
+    text: &str,
+    key: &'static str,
+) -> Result<String, ConfigError> {
+    let pairs = config::parse_key_values(option, text, &[key])?;
+    Ok(pairs.into_iter().map(|(_, v)| v).next().unwrap_or_default())
+}
+
+impl RunArgs {
+    /// Parses the option values into a [`VmConfig`]. Checks that need the
+    /// host (memory and vCPU limits, files) happen when the VM is built.
+    pub fn into_config(self) -> Result<VmConfig, ConfigError> {
+        let cpus_text = single_value("--cpus", &self.cpus, "boot")?;
+        let cpus: u64 = cpus_text.parse().map_err(|_| ConfigError::Syntax {
+            option: "--cpus",
+            problem: format!("boot={cpus_text} is not a whole number"),
+        })?;
+        let cpus = config::check_cpus(cpus, u64::from(moat_boot::mptable::MAX_CPUS))?;
+        let memory =
+            config::parse_size("--memory", &single_value("--memory", &self.memory, "size")?)?;
+        Ok(VmConfig {
+            kvm_device: self.kvm,
+            kernel: self.kernel,
+            initramfs: self.initramfs,
+            cmdline: self.cmdline,
+            cpus,
+            memory,
+            boot_protocol: self.boot_protocol.into(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<VmConfig, String> {
+        let mut argv = vec!["moat", "run", "--kernel", "/k"];
+        argv.extend_from_slice(args);
+        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        let Command::Run(run) = cli.command;
+        run.into_config().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_are_one_cpu_256m_and_the_default_cmdline() {
+        let cfg = parse(&[]).unwrap();
+        assert_eq!(cfg.cpus, 1);
+        assert_eq!(cfg.memory, 256 << 20);
+        assert_eq!(cfg.cmdline, config::DEFAULT_CMDLINE);
+        assert_eq!(cfg.boot_protocol, BootProtocol::Auto);
+        assert_eq!(cfg.kvm_device, PathBuf::from("/dev/kvm"));
+    }
+
+    #[test]
+    fn key_value_options_parse() {
+        let cfg = parse(&[
+            "--cpus",
+            "boot=2",
+            "--memory",
+            "size=2G",
+            "--boot-protocol",
+            "linux",
+        ])
+        .unwrap();
+        assert_eq!((cfg.cpus, cfg.memory), (2, 2 << 30));
+        assert_eq!(cfg.boot_protocol, BootProtocol::Linux);
+    }
+
+    #[test]
+    fn malformed_values_name_the_option() {
+        assert_eq!(
+            parse(&["--cpus", "2"]).unwrap_err(),
+            "--cpus: expected key=value, got '2'"
+        );
+        assert_eq!(
+            parse(&["--cpus", "boot=two"]).unwrap_err(),
+            "--cpus: boot=two is not a whole number"
+        );
+        assert_eq!(
+            parse(&["--cpus", "boot=0"]).unwrap_err(),
+            "--cpus: boot must be at least 1"
+        );
+        assert!(parse(&["--memory", "sz=1G"])
+            .unwrap_err()
+            .starts_with("--memory: unknown key 'sz'"));
+        assert!(parse(&["--memory", "size=lots"])
+            .unwrap_err()
+            .starts_with("--memory: 'lots' is not a size"));
+    }
+
+    #[test]
+    fn unknown_flags_are_clap_errors() {
+        assert!(parse(&["--frobnicate"]).is_err());
+    }
+}

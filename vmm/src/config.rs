@@ -1,0 +1,300 @@
+//! What a VM is made of, as the user asked for it, and the checks that can
+//! be made before touching KVM.
+
+use std::path::PathBuf;
+
+use moat_boot::loader::BootProtocol;
+
+/// The kernel command line used when the user gives none: console on the
+/// first UART, reboot through the i8042 (which ends moat), reboot on panic,
+/// and no probing for a keyboard or mouse that is not there.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 i8042.noaux i8042.nokbd";
+/// Default guest memory.
+pub const DEFAULT_MEMORY: u64 = 256 << 20;
+/// Default vCPU count.
+pub const DEFAULT_CPUS: u8 = 1;
+
+/// A bad value in the configuration. Each message names the option.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A `key=value` list did not parse.
+    #[error("{option}: {problem}")]
+    Syntax {
+        /// The option, e.g. `--cpus`.
+        option: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// Memory size of zero.
+    #[error("--memory: size must be greater than 0")]
+    MemoryZero,
+    /// Memory size not a whole number of pages.
+    #[error("--memory: size must be a multiple of 4 KiB")]
+    MemoryUnaligned,
+    /// More memory than the host has.
+    #[error("--memory: {requested} is more than this host's {available} of RAM and swap")]
+    MemoryTooLarge {
+        /// The size asked for, formatted.
+        requested: String,
+        /// What the host has, formatted.
+        available: String,
+    },
+    /// vCPU count of zero.
+    #[error("--cpus: boot must be at least 1")]
+    CpusZero,
+    /// More vCPUs than KVM or the MP table allow.
+    #[error("--cpus: boot={requested} is above the maximum of {max} vCPUs on this host")]
+    CpusTooMany {
+        /// The count asked for.
+        requested: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// A file named in the configuration cannot be used.
+    #[error("{option}: cannot open {path}: {reason}")]
+    File {
+        /// The option, e.g. `--kernel`.
+        option: &'static str,
+        /// The path given.
+        path: PathBuf,
+        /// Why it cannot be used.
+        reason: String,
+    },
+}
+
+/// Everything needed to build and boot one VM.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// The KVM device node.
+    pub kvm_device: PathBuf,
+    /// Kernel image (ELF vmlinux or bzImage).
+    pub kernel: PathBuf,
+    /// Optional initramfs.
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Number of vCPUs.
+    pub cpus: u8,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// Entry protocol.
+    pub boot_protocol: BootProtocol,
+}
+
+/// Parses a `key=value[,key=value]` list where only `allowed` keys may
+/// appear, each at most once.
+pub fn parse_key_values(
+    option: &'static str,
+    text: &str,
+    allowed: &[&str],
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let syntax = |problem: String| ConfigError::Syntax { option, problem };
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    for item in text.split(',') {
+        let (key, value) = item
+            .split_once('=')
+            .ok_or_else(|| syntax(format!("expected key=value, got '{item}'")))?;
+        if !allowed.contains(&key) {
+            return Err(syntax(format!(
+                "unknown key '{key}' (expected {})",
+                allowed.join(", ")
+            )));
+        }
+        if value.is_empty() {
+            return Err(syntax(format!("'{key}' needs a value")));
+        }
+        if pairs.iter().any(|(k, _)| k == key) {
+            return Err(syntax(format!("'{key}' given twice")));
+        }
+        pairs.push((key.to_string(), value.to_string()));
+    }
+    Ok(pairs)
+}
+
+/// Parses a size such as `4096`, `512K`, `256M`, `2G` or `1T` (binary
+/// units, optional `B`/`iB` suffix).
+pub fn parse_size(option: &'static str, text: &str) -> Result<u64, ConfigError> {
+    let syntax = || ConfigError::Syntax {
+        option,
+        problem: format!("'{text}' is not a size (examples: 256M, 2G, 1048576)"),
+    };
+    let upper = text.trim().to_ascii_uppercase();
+    let trimmed = upper
+        .strip_suffix("IB")
+        .or_else(|| upper.strip_suffix('B'))
+        .unwrap_or(&upper);
+    let (digits, shift) = match trimmed.chars().last() {
+        Some('K') => (&trimmed[..trimmed.len() - 1], 10),
+        Some('M') => (&trimmed[..trimmed.len() - 1], 20),
+        Some('G') => (&trimmed[..trimmed.len() - 1], 30),
+        Some('T') => (&trimmed[..trimmed.len() - 1], 40),
+        _ => (trimmed, 0),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(syntax());
+    }
+    let value: u64 = digits.parse().map_err(|_| syntax())?;
+    value.checked_mul(1 << shift).ok_or_else(syntax)
+}
+
+/// `bytes` in the largest binary unit that keeps it readable.
+pub fn format_size(bytes: u64) -> String {
+    const UNITS: [(&str, u64); 4] = [
+        ("TiB", 1 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ];
+    for (name, unit) in UNITS {
+        if bytes >= unit {
+            let whole = bytes / unit;
+            let tenths = (bytes % unit) * 10 / unit;
+            return if tenths == 0 {
+                format!("{whole} {name}")
+            } else {
+                format!("{whole}.{tenths} {name}")
+            };
+        }
+    }
+    format!("{bytes} B")
+}
+
+/// Checks a memory size against the host: not zero, whole pages, and no
+/// more than `host_limit` (the host's RAM and swap).
+pub fn check_memory(size: u64, host_limit: u64) -> Result<u64, ConfigError> {
+    if size == 0 {
+        return Err(ConfigError::MemoryZero);
+    }
+    if !size.is_multiple_of(4096) {
+        return Err(ConfigError::MemoryUnaligned);
+    }
+    if size > host_limit {
+        return Err(ConfigError::MemoryTooLarge {
+            requested: format_size(size),
+            available: format_size(host_limit),
+        });
+    }
+    Ok(size)
+}
+
+/// Checks a vCPU count against the host's limit.
+pub fn check_cpus(count: u64, max: u64) -> Result<u8, ConfigError> {
+    if count == 0 {
+        return Err(ConfigError::CpusZero);
+    }
+    if count > max {
+        return Err(ConfigError::CpusTooMany {
+            requested: count,
+            max,
+        });
+    }
+    u8::try_from(count).map_err(|_| ConfigError::CpusTooMany {
+        requested: count,
+        max,
+    })
+}
+
+/// The host's RAM plus swap, in bytes.
+pub fn host_memory_limit() -> u64 {
+    let mut info = std::mem::MaybeUninit::<libc::sysinfo>::zeroed();
+    // SAFETY: sysinfo() only writes into the struct we pass, which is large
+    // enough and zero-initialised.
+    let rc = unsafe { libc::sysinfo(info.as_mut_ptr()) };
+    if rc != 0 {
+        return u64::MAX;
+    }
+    // SAFETY: sysinfo() succeeded, so the struct is initialised.
+    let info = unsafe { info.assume_init() };
+    info.totalram
+        .saturating_add(info.totalswap)
+        .saturating_mul(u64::from(info.mem_unit.max(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_accept_binary_suffixes() {
+        for (text, want) in [
+            ("4096", 4096),
+            ("512K", 512 << 10),
+            ("256M", 256 << 20),
+            ("256m", 256 << 20),
+            ("2G", 2 << 30),
+            ("2GiB", 2 << 30),
+            ("1T", 1 << 40),
+            ("64MB", 64 << 20),
+        ] {
+            assert_eq!(parse_size("--memory", text).unwrap(), want, "{text}");
+        }
+    }
+
+    #[test]
+    fn malformed_sizes_are_rejected() {
+        for text in [
+            "",
+            "M",
+            "12X",
+            "-1",
+            "1.5G",
+            "99999999999999999999",
+            "20000000T",
+        ] {
+            let err = parse_size("--memory", text).unwrap_err();
+            assert!(err.to_string().starts_with("--memory: "), "{err}");
+        }
+    }
+
+    #[test]
+    fn key_values_reject_unknown_duplicate_and_bare_items() {
+        assert_eq!(
+            parse_key_values("--cpus", "boot=2", &["boot"]).unwrap(),
+            vec![("boot".to_string(), "2".to_string())]
+        );
+        for bad in ["2", "max=2", "boot=", "boot=1,boot=2", ""] {
+            let err = parse_key_values("--cpus", bad, &["boot"]).unwrap_err();
+            assert!(err.to_string().starts_with("--cpus: "), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn memory_checks_name_the_problem() {
+        assert!(matches!(
+            check_memory(0, 1 << 30),
+            Err(ConfigError::MemoryZero)
+        ));
+        assert!(matches!(
+            check_memory(1000, 1 << 30),
+            Err(ConfigError::MemoryUnaligned)
+        ));
+        let err = check_memory(2 << 30, 1 << 30).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--memory: 2 GiB is more than this host's 1 GiB of RAM and swap"
+        );
+        assert_eq!(check_memory(256 << 20, 1 << 30).unwrap(), 256 << 20);
+    }
+
+    #[test]
+    fn cpu_checks_name_the_problem() {
+        assert!(matches!(check_cpus(0, 8), Err(ConfigError::CpusZero)));
+        assert_eq!(
+            check_cpus(9, 8).unwrap_err().to_string(),
+            "--cpus: boot=9 is above the maximum of 8 vCPUs on this host"
+        );
+        assert_eq!(check_cpus(8, 8).unwrap(), 8);
+    }
+
+    #[test]
+    fn sizes_format_readably() {
+        assert_eq!(format_size(256 << 20), "256 MiB");
+        assert_eq!(format_size(1536 << 20), "1.5 GiB");
+        assert_eq!(format_size(12), "12 B");
+    }
+
+    #[test]
+    fn host_has_some_memory() {
+        assert!(host_memory_limit() > 16 << 20);
+    }
+}

@@ -1,0 +1,151 @@
+//! Why a VM stopped, and how the thread that notices tells the event loop.
+
+use std::sync::Mutex;
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// The reason a VM stopped running.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest reset the machine (i8042 reset with `reboot=k`, or a
+    /// KVM reset event). moat has no firmware to reboot into, so a reboot
+    /// ends the VM like a power-off.
+    GuestReset,
+    /// The guest powered off (KVM shutdown system event).
+    GuestPowerOff,
+    /// A vCPU triple-faulted (KVM_EXIT_SHUTDOWN).
+    TripleFault {
+        /// The vCPU index.
+        cpu: u8,
+    },
+    /// KVM could not enter the guest.
+    FailEntry {
+        /// The vCPU index.
+        cpu: u8,
+        /// Hardware entry failure reason.
+        reason: u64,
+    },
+    /// KVM reported an internal error (often: an instruction it cannot
+    /// emulate).
+    InternalError {
+        /// The vCPU index.
+        cpu: u8,
+    },
+    /// The guest kernel reported a crash through a KVM system event.
+    GuestCrash,
+    /// A vCPU exit moat does not handle.
+    Unexpected {
+        /// The vCPU index.
+        cpu: u8,
+        /// The exit, as KVM named it.
+        exit: String,
+    },
+    /// KVM_RUN failed.
+    KvmError {
+        /// The vCPU index.
+        cpu: u8,
+        /// The error.
+        error: String,
+    },
+    /// moat received a termination signal.
+    Signal(i32),
+}
+
+impl VmExit {
+    /// The process exit status for this outcome.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            VmExit::GuestReset | VmExit::GuestPowerOff => 0,
+            VmExit::Signal(signo) => 128 + signo,
+            _ => 1,
+        }
+    }
+
+    /// A one-line description for the user, or `None` for a clean stop.
+    pub fn message(&self) -> Option<String> {
+        Some(match self {
+            VmExit::GuestReset | VmExit::GuestPowerOff => return None,
+            VmExit::TripleFault { cpu } => format!("vCPU {cpu} triple-faulted; the guest is dead"),
+            VmExit::FailEntry { cpu, reason } => {
+                format!(
+                    "KVM could not enter vCPU {cpu} (hardware entry failure reason {reason:#x})"
+                )
+            }
+            VmExit::InternalError { cpu } => {
+                format!("KVM internal error on vCPU {cpu} (emulation failure or similar)")
+            }
+            VmExit::GuestCrash => "the guest reported a crash".to_string(),
+            VmExit::Unexpected { cpu, exit } => format!("vCPU {cpu}: unhandled KVM exit {exit}"),
+            VmExit::KvmError { cpu, error } => format!("KVM_RUN failed on vCPU {cpu}: {error}"),
+            VmExit::Signal(signo) => format!("stopped by signal {signo}"),
+        })
+    }
+}
+
+/// The first reason any thread gives for stopping, plus an eventfd that
+/// wakes the event loop.
+pub struct ExitSignal {
+    reason: Mutex<Option<VmExit>>,
+    event: EventFd,
+}
+
+impl ExitSignal {
+    /// A signal with no reason yet.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            reason: Mutex::new(None),
+            event: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Records `exit` unless a reason was already recorded, and wakes the
+    /// event loop.
+    pub fn raise(&self, exit: VmExit) {
+        let mut reason = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        if reason.is_none() {
+            *reason = Some(exit);
+        }
+        drop(reason);
+        let _ = self.event.write(1);
+    }
+
+    /// The recorded reason, if any.
+    pub fn reason(&self) -> Option<VmExit> {
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The eventfd the event loop watches.
+    pub fn event(&self) -> &EventFd {
+        &self.event
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_reason_wins() {
+        let signal = ExitSignal::new().unwrap();
+        assert_eq!(signal.reason(), None);
+        signal.raise(VmExit::TripleFault { cpu: 1 });
+        signal.raise(VmExit::GuestReset);
+        assert_eq!(signal.reason(), Some(VmExit::TripleFault { cpu: 1 }));
+        assert_eq!(signal.event().read().unwrap(), 2);
+    }
+
+    #[test]
+    fn clean_exits_are_zero_and_silent() {
+        assert_eq!(VmExit::GuestReset.exit_code(), 0);
+        assert_eq!(VmExit::GuestPowerOff.message(), None);
+        assert_eq!(VmExit::TripleFault { cpu: 0 }.exit_code(), 1);
+        assert_eq!(VmExit::Signal(15).exit_code(), 143);
+        assert!(VmExit::InternalError { cpu: 2 }
+            .message()
+            .unwrap()
+            .contains("vCPU 2"));
+    }
+}

@@ -1,0 +1,151 @@
+//! The moat VMM: builds a KVM virtual machine from a [`config::VmConfig`]
+//! and runs it until the guest powers off.
+//!
+//! Read [`run`] first: it is the whole boot, top to bottom.
+
+#![deny(missing_docs)]
+
+pub mod bus;
+pub mod cli;
+pub mod config;
+pub mod console;
+pub mod error;
+pub mod exit;
+pub mod signals;
+pub mod terminal;
+pub mod vcpu;
+pub mod vm;
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use moat_devices::trigger::EventFdTrigger;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::Bus;
+use crate::config::VmConfig;
+use crate::console::ConsoleInput;
+use crate::error::Error;
+use crate::exit::{ExitSignal, VmExit};
+
+/// Boots the VM described by `config` and runs it to the end. Returns why
+/// it ended; errors are problems found before or while building it.
+pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
+    // Check everything the user gave before creating anything.
+    let mut kernel = vm::open_input("--kernel", &config.kernel)?;
+    let mut initramfs = config
+        .initramfs
+        .as_deref()
+        .map(|path| vm::open_input("--initramfs", path))
+        .transpose()?;
+    config::check_memory(config.memory, config::host_memory_limit())?;
+    let kvm = vm::open_kvm(&config.kvm_device)?;
+    config::check_cpus(u64::from(config.cpus), vm::max_vcpus(&kvm))?;
+
+    // The machine: VM, RAM, and the guest's kernel and boot data.
+    let vm_fd = vm::create_vm(&kvm)?;
+    let memory = vm::create_memory(&vm_fd, config.memory)?;
+    let (entry, page_table) = vm::load_guest(&memory, config, &mut kernel, initramfs.as_mut())?;
+
+    // Devices.
+    let mut pio = Bus::default();
+    let legacy = vm::attach_legacy_devices(&vm_fd, &mut pio)?;
+
+    // vCPUs, all configured before any starts.
+    let vcpu_fds = (0..config.cpus)
+        .map(|index| vcpu::create(&kvm, &vm_fd, index, config.cpus, entry, page_table))
+        .collect::<Result<Vec<_>, _>>()?;
+    let exit = Arc::new(ExitSignal::new().map_err(|e| Error::Io("create an eventfd", e))?);
+    let shared = vcpu::Shared {
+        pio: Arc::new(pio),
+        mmio: Arc::new(Bus::default()),
+        exit: exit.clone(),
+        stop: Arc::new(AtomicBool::new(false)),
+    };
+
+    // The event loop, then the console, then go.
+    let mut events =
+        EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().map_err(|e| {
+            Error::Io(
+                "create the event loop",
+                std::io::Error::other(e.to_string()),
+            )
+        })?;
+    let termination = signals::install()?;
+    events.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
+        exit: exit.clone(),
+        reset: legacy.reset,
+        termination,
+    })));
+    let raw_mode =
+        terminal::RawMode::enter().map_err(|e| Error::Io("set the terminal to raw mode", e))?;
+    events.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(
+        legacy.serial.clone(),
+        legacy.serial_input_space,
+    ))));
+
+    vcpu::install_kick_handler()?;
+    let mut threads = Vec::with_capacity(vcpu_fds.len());
+    for (index, fd) in vcpu_fds.into_iter().enumerate() {
+        match vcpu::spawn(index as u8, fd, shared.clone()) {
+            Ok(thread) => threads.push(thread),
+            Err(e) => {
+                vcpu::stop_all(threads, &shared.stop);
+                return Err(e);
+            }
+        }
+    }
+
+    let outcome = loop {
+        if let Some(reason) = exit.reason() {
+            break Ok(reason);
+        }
+        if let Err(e) = events.run() {
+            break Err(Error::Io(
+                "wait for events",
+                std::io::Error::other(e.to_string()),
+            ));
+        }
+    };
+    vcpu::stop_all(threads, &shared.stop);
+    drop(raw_mode);
+    // Guest memory must outlive the vCPUs that map it.
+    drop(memory);
+    outcome
+}
+
+/// Turns the events that end a VM into an [`ExitSignal`]: a vCPU's report,
+/// the i8042 reset line, or a termination signal.
+struct ExitWatcher {
+    exit: Arc<ExitSignal>,
+    reset: EventFdTrigger,
+    termination: EventFd,
+}
+
+impl MutEventSubscriber for ExitWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        for fd in [
+            self.exit.event().as_raw_fd(),
+            self.reset.as_raw_fd(),
+            self.termination.as_raw_fd(),
+        ] {
+            let _ = ops.add(Events::new_raw(fd, EventSet::IN));
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.reset.as_raw_fd() {
+            self.reset.drain();
+            self.exit.raise(VmExit::GuestReset);
+        } else if fd == self.termination.as_raw_fd() {
+            let _ = self.termination.read();
+            self.exit
+                .raise(VmExit::Signal(signals::received().unwrap_or(libc::SIGTERM)));
+        } else {
+            let _ = self.exit.event().read();
+        }
+    }
+}

@@ -1,0 +1,53 @@
+//! The `moat` binary: parse the command line, run the VM, exit with a
+//! status that says how it went.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+use moat_vmm::cli::{Cli, Command};
+
+fn fail(message: &str, code: u8) -> ExitCode {
+    let _ = writeln!(std::io::stderr(), "moat: {message}");
+    ExitCode::from(code)
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = write!(std::io::stderr(), "{}", e.render());
+            return ExitCode::from(2);
+        }
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // clap's first paragraph is the error; the rest is usage advice.
+            let text = e.render().to_string();
+            let first: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.is_empty())
+                .collect();
+            return fail(first.join(" ").trim_start_matches("error: "), 2);
+        }
+    };
+    let Command::Run(args) = cli.command;
+    let config = match args.into_config() {
+        Ok(config) => config,
+        Err(e) => return fail(&e.to_string(), 2),
+    };
+    match moat_vmm::run(&config) {
+        Ok(exit) => {
+            if let Some(message) = exit.message() {
+                let _ = writeln!(std::io::stderr(), "\r");
+                return fail(&message, exit.exit_code().clamp(0, 255) as u8);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e.to_string(), e.exit_code() as u8),
+    }
+}

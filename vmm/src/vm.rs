@@ -1,0 +1,202 @@
+//! Building a VM, in boot order: KVM, guest memory, kernel and boot data,
+//! devices, vCPUs. [`crate::run`] strings these together.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use linux_loader::cmdline::Cmdline;
+use moat_boot::cpu::EntryPoint;
+use moat_boot::{gdt, layout, loader, mptable, paging, GuestMemoryMmap};
+use moat_devices::legacy::{Serial, I8042};
+use moat_devices::trigger::EventFdTrigger;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::bus::Bus;
+use crate::config::{self, ConfigError, VmConfig};
+use crate::console::ConsoleSerial;
+use crate::error::{Error, KvmOp};
+
+/// The KVM API version every kernel since 2.6.22 reports.
+const KVM_API_VERSION: i32 = 12;
+/// COM1.
+const COM1_PORT: u64 = 0x3f8;
+/// COM1's ISA interrupt.
+const COM1_IRQ: u32 = 4;
+/// The i8042's data port; its command port is 4 above.
+const I8042_PORT: u64 = 0x60;
+
+/// Opens a file the user named, with a message that names the option.
+pub fn open_input(option: &'static str, path: &Path) -> Result<File, ConfigError> {
+    let error = |reason: String| ConfigError::File {
+        option,
+        path: path.to_path_buf(),
+        reason,
+    };
+    let file = File::open(path).map_err(|e| error(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| error(e.to_string()))?;
+    if meta.is_dir() {
+        return Err(error("it is a directory".into()));
+    }
+    Ok(file)
+}
+
+/// Opens the KVM device and checks its API version.
+pub fn open_kvm(path: &Path) -> Result<Kvm, Error> {
+    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(|_| Error::NotKvm {
+        path: path.to_path_buf(),
+        reason: "the path contains a NUL byte".into(),
+    })?;
+    let kvm = Kvm::new_with_path(&c_path).map_err(|source| Error::KvmUnavailable {
+        path: path.to_path_buf(),
+        hint: match source.errno() {
+            libc::ENOENT => " (is KVM enabled? load kvm_intel or kvm_amd)",
+            libc::EACCES | libc::EPERM => " (run as root or add your user to the kvm group)",
+            _ => "",
+        },
+        source,
+    })?;
+    match kvm.get_api_version() {
+        KVM_API_VERSION => Ok(kvm),
+        v if v < 0 => Err(Error::NotKvm {
+            path: path.to_path_buf(),
+            reason: std::io::Error::from_raw_os_error(-v).to_string(),
+        }),
+        v => Err(Error::NotKvm {
+            path: path.to_path_buf(),
+            reason: format!("KVM API version {v}, moat needs {KVM_API_VERSION}"),
+        }),
+    }
+}
+
+/// The most vCPUs this host can give one VM.
+pub fn max_vcpus(kvm: &Kvm) -> u64 {
+    (kvm.get_max_vcpus() as u64).min(u64::from(mptable::MAX_CPUS))
+}
+
+/// Creates the VM with its in-kernel interrupt controllers and timer.
+pub fn create_vm(kvm: &Kvm) -> Result<VmFd, Error> {
+    let vm = kvm.create_vm().map_err(KvmOp::CreateVm.err())?;
+    // Intel VMX needs three pages for the real-mode TSS and one for the
+    // identity map; they go in the hole below 4 GiB, away from RAM.
+    vm.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+        .map_err(KvmOp::SetTss.err())?;
+    vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
+        .map_err(KvmOp::SetTss.err())?;
+    vm.create_irq_chip().map_err(KvmOp::CreateIrqchip.err())?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(KvmOp::CreatePit.err())?;
+    Ok(vm)
+}
+
+/// Maps guest RAM in moat and registers it with KVM.
+pub fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, Error> {
+    let memory = GuestMemoryMmap::from_ranges(&layout::ram_regions(size)).map_err(|e| {
+        Error::GuestMemory {
+            size: config::format_size(size),
+            reason: e.to_string(),
+        }
+    })?;
+    for (slot, region) in memory.iter().enumerate() {
+        let region_desc = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the mapping belongs to `memory`, which the caller keeps
+        // alive for as long as the VM runs (it is dropped after the vCPUs
+        // have stopped), and the guest ranges do not overlap.
+        unsafe { vm.set_user_memory_region(region_desc) }.map_err(KvmOp::SetMemory.err())?;
+    }
+    Ok(memory)
+}
+
+/// Loads the kernel, initramfs and command line, and writes the boot data
+/// the chosen entry point needs. Returns the entry and CR3.
+pub fn load_guest(
+    memory: &GuestMemoryMmap,
+    config: &VmConfig,
+    kernel: &mut File,
+    initramfs: Option<&mut File>,
+) -> Result<(EntryPoint, u64), Error> {
+    let kernel_info = loader::load_kernel(memory, kernel)?;
+    let entry = loader::entry_point(&kernel_info, config.boot_protocol)?;
+    let initramfs = initramfs
+        .map(|file| loader::load_initramfs(memory, file, &kernel_info, config.memory))
+        .transpose()?;
+
+    let cmdline = Cmdline::try_from(&config.cmdline, layout::CMDLINE_MAX_SIZE).map_err(|e| {
+        Error::Config(ConfigError::Syntax {
+            option: "--cmdline",
+            problem: e.to_string(),
+        })
+    })?;
+    let cmdline_len = loader::write_cmdline(memory, &cmdline)?;
+    let info = loader::BootInfo {
+        mem_size: config.memory,
+        cmdline_len,
+        initramfs,
+    };
+
+    let internal = |what: &str, e: &dyn std::fmt::Display| Error::Internal(format!("{what}: {e}"));
+    mptable::write_mptable(memory, config.cpus).map_err(|e| internal("MP table", &e))?;
+    gdt::write_gdt(memory, moat_boot::cpu::boot_gdt(entry)).map_err(|e| internal("GDT", &e))?;
+    let cr3 = paging::write_identity_map(memory).map_err(|e| internal("page tables", &e))?;
+    match entry {
+        EntryPoint::Linux64 { .. } => loader::write_zero_page(memory, &kernel_info, &info)?,
+        EntryPoint::Pvh { .. } => loader::write_pvh_start_info(memory, &info)?,
+    }
+    Ok((entry, cr3))
+}
+
+/// The legacy devices and the eventfds the event loop needs from them.
+pub struct LegacyDevices {
+    /// COM1, shared with the console input pump.
+    pub serial: Arc<Mutex<ConsoleSerial>>,
+    /// Signalled when the guest drains COM1's receive FIFO.
+    pub serial_input_space: EventFdTrigger,
+    /// Signalled when the guest resets through the i8042.
+    pub reset: EventFdTrigger,
+}
+
+/// Places COM1 and the i8042 on the port-I/O bus; COM1's interrupt goes to
+/// KVM through an irqfd.
+pub fn attach_legacy_devices(vm: &VmFd, pio: &mut Bus) -> Result<LegacyDevices, Error> {
+    let eventfd = || EventFdTrigger::new().map_err(|e| Error::Io("create an eventfd", e));
+    let serial_irq = eventfd()?;
+    vm.register_irqfd(serial_irq.event_fd(), COM1_IRQ)
+        .map_err(KvmOp::Irqfd.err())?;
+    let serial_input_space = eventfd()?;
+    let serial = Arc::new(Mutex::new(Serial::new(
+        serial_irq,
+        serial_input_space
+            .try_clone()
+            .map_err(|e| Error::Io("clone an eventfd", e))?,
+        std::io::stdout(),
+    )));
+    let reset = eventfd()?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(
+        reset
+            .try_clone()
+            .map_err(|e| Error::Io("clone an eventfd", e))?,
+    )));
+    let overlap = |e: crate::bus::OverlapError| Error::Internal(e.to_string());
+    pio.insert(COM1_PORT, ConsoleSerial::WINDOW, serial.clone())
+        .map_err(overlap)?;
+    pio.insert(I8042_PORT, I8042::WINDOW, i8042)
+        .map_err(overlap)?;
+    Ok(LegacyDevices {
+        serial,
+        serial_input_space,
+        reset,
+    })
+}
