@@ -35,6 +35,7 @@ use crate::exit::{ExitSignal, VmExit};
 pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
     // Check everything the user gave before creating anything.
     let mut kernel = vm::open_input("--kernel", &config.kernel)?;
+    moat_boot::loader::detect_format(&mut kernel)?;
     let mut initramfs = config
         .initramfs
         .as_deref()

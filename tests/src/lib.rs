@@ -1,0 +1,441 @@
+//! The guest-test harness: boots real Linux guests under moat and returns
+//! what the guest printed.
+//!
+//! The same test code runs on any host. With hardware KVM, moat runs
+//! directly. Without it (no /dev/kvm, or the nested software KVM "PVM" our
+//! build machines have, on which Linux cannot reach userspace) moat runs in
+//! the test rig: a QEMU TCG virtual machine with KVM inside it
+//! (`resources/rig.sh`). `MOAT_TEST_BACKEND=direct|rig` forces either.
+//!
+//! A test gives a shell script; the harness appends it to the guest
+//! initramfs as `/test.sh`, the guest's `/init` runs it between
+//! `MOAT-TEST-BEGIN` and `MOAT-TEST-END rc=N` and reboots, and moat exits.
+
+#![deny(missing_docs)]
+
+pub mod cpio;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Where moat runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// On this host's /dev/kvm.
+    Direct,
+    /// Inside the QEMU rig.
+    Rig,
+}
+
+impl Backend {
+    /// The backend for this host, or the one `MOAT_TEST_BACKEND` names.
+    pub fn detect() -> Backend {
+        match std::env::var("MOAT_TEST_BACKEND").as_deref() {
+            Ok("direct") => return Backend::Direct,
+            Ok("rig") => return Backend::Rig,
+            _ => {}
+        }
+        let pvm = Path::new("/sys/module/kvm_pvm").exists();
+        if Path::new("/dev/kvm").exists() && !pvm {
+            Backend::Direct
+        } else {
+            Backend::Rig
+        }
+    }
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// The moat binary under test: `MOAT_BIN`, else the release build, else the
+/// debug build.
+pub fn moat_bin() -> PathBuf {
+    if let Ok(path) = std::env::var("MOAT_BIN") {
+        return PathBuf::from(path);
+    }
+    let target = repo_root().join("target");
+    let release = target.join("release/moat");
+    if release.exists() {
+        release
+    } else {
+        target.join("debug/moat")
+    }
+}
+
+/// Paths of the guest images, from `resources/build-images.sh` (built or
+/// cached on first use, once per test process).
+pub fn images() -> &'static HashMap<String, PathBuf> {
+    static IMAGES: OnceLock<HashMap<String, PathBuf>> = OnceLock::new();
+    IMAGES.get_or_init(|| {
+        let script = repo_root().join("resources/build-images.sh");
+        let out = Command::new(&script)
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+        assert!(
+            out.status.success(),
+            "{} failed: {}",
+            script.display(),
+            out.status
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), PathBuf::from(v)))
+            .collect()
+    })
+}
+
+/// One image path, e.g. `image("VMLINUX")`.
+pub fn image(key: &str) -> PathBuf {
+    images()
+        .get(key)
+        .cloned()
+        .unwrap_or_else(|| panic!("build-images.sh did not report {key}"))
+}
+
+/// A scratch directory for one test, removed when dropped.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    /// A new empty directory under the target directory.
+    pub fn new(name: &str) -> Scratch {
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let dir = repo_root()
+            .join("target/test-scratch")
+            .join(format!("{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        Scratch(dir)
+    }
+
+    /// A path inside the directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What a guest run produced.
+#[derive(Debug)]
+pub struct Outcome {
+    /// moat's exit status (through the rig: moat's status inside L1).
+    pub status: i32,
+    /// Everything on the console (guest output and moat's messages), with
+    /// carriage returns removed.
+    pub console: String,
+    /// The test script's exit code, if the guest got that far.
+    pub test_rc: Option<i32>,
+    /// What the test script printed, between the markers.
+    pub test_output: String,
+    /// Wall time of the run.
+    pub elapsed: Duration,
+}
+
+impl Outcome {
+    /// The last `n` lines of the console, for failure messages.
+    pub fn tail(&self, n: usize) -> String {
+        tail(&self.console, n)
+    }
+
+    /// Asserts moat exited 0 and the script exited 0.
+    pub fn assert_success(&self) {
+        assert!(
+            self.status == 0 && self.test_rc == Some(0),
+            "guest run failed: moat status {}, script rc {:?}\n--- console tail ---\n{}",
+            self.status,
+            self.test_rc,
+            self.tail(40)
+        );
+    }
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A guest run being described.
+pub struct Guest {
+    kernel: PathBuf,
+    initramfs: Option<PathBuf>,
+    script: Option<String>,
+    moat_args: Vec<String>,
+    typed: Vec<(String, Vec<u8>)>,
+    timeout: Duration,
+    backend: Backend,
+}
+
+impl Guest {
+    /// A guest booting `kernel` with the test initramfs.
+    pub fn new(kernel: impl Into<PathBuf>) -> Guest {
+        Guest {
+            kernel: kernel.into(),
+            initramfs: Some(image("INITRAMFS")),
+            script: None,
+            moat_args: Vec::new(),
+            typed: Vec::new(),
+            timeout: Duration::from_secs(240),
+            backend: Backend::detect(),
+        }
+    }
+
+    /// The default guest: the ELF vmlinux.
+    pub fn vmlinux() -> Guest {
+        Guest::new(image("VMLINUX"))
+    }
+
+    /// The shell script the guest runs as `/test.sh`.
+    pub fn script(mut self, script: &str) -> Guest {
+        self.script = Some(script.to_string());
+        self
+    }
+
+    /// Extra arguments to `moat run`.
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Guest {
+        self.moat_args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Types `input` on moat's stdin once the console shows `marker`.
+    pub fn type_after(mut self, marker: &str, input: &[u8]) -> Guest {
+        self.typed.push((marker.to_string(), input.to_vec()));
+        self
+    }
+
+    /// How long the whole run may take.
+    pub fn timeout(mut self, timeout: Duration) -> Guest {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Boots the guest and waits for moat to exit. A run that does not end
+    /// within the timeout is killed and reported as an error, with the
+    /// console tail.
+    pub fn run(self) -> Result<Outcome, String> {
+        let scratch = Scratch::new("guest");
+        let mut files = vec![self.kernel.clone()];
+        let mut args: Vec<String> = vec!["run".into(), "--kernel".into(), path_str(&self.kernel)];
+        if let Some(base) = &self.initramfs {
+            let initramfs = match &self.script {
+                Some(script) => {
+                    let path = scratch.path("initramfs.cpio");
+                    let mut bytes =
+                        std::fs::read(base).map_err(|e| format!("read {}: {e}", base.display()))?;
+                    bytes.extend(cpio::archive(&[cpio::Entry {
+                        name: "test.sh",
+                        mode: 0o755,
+                        data: script.as_bytes(),
+                    }]));
+                    std::fs::write(&path, bytes)
+                        .map_err(|e| format!("write {}: {e}", path.display()))?;
+                    path
+                }
+                None => base.clone(),
+            };
+            files.push(initramfs.clone());
+            args.extend(["--initramfs".into(), path_str(&initramfs)]);
+        }
+        args.extend(self.moat_args.iter().cloned());
+        let command = moat_command(self.backend, &args, &files, self.timeout);
+        run_command(command, &self.typed, self.timeout)
+    }
+}
+
+fn path_str(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+/// The command that runs `moat ARGS` on `backend`, with `files` available
+/// at the same paths (the rig copies them into its VM).
+pub fn moat_command(
+    backend: Backend,
+    args: &[String],
+    files: &[PathBuf],
+    timeout: Duration,
+) -> Command {
+    match backend {
+        Backend::Direct => {
+            let mut cmd = Command::new(moat_bin());
+            cmd.args(args);
+            cmd
+        }
+        Backend::Rig => {
+            let mut cmd = Command::new(repo_root().join("resources/rig.sh"));
+            // The rig's own timeout is a backstop behind the harness's.
+            cmd.arg("--timeout")
+                .arg((timeout.as_secs() + 30).to_string());
+            for file in files {
+                cmd.arg("--file").arg(file);
+            }
+            cmd.arg("--").arg(moat_bin()).args(args);
+            cmd
+        }
+    }
+}
+
+/// Runs moat with `args` without booting a guest, for checking how it
+/// handles bad input. Any /dev/kvm can answer the ioctls moat makes before
+/// the first KVM_RUN, so this runs directly wherever /dev/kvm exists and in
+/// the rig elsewhere.
+pub fn run_moat(args: &[&str], files: &[PathBuf]) -> Result<Outcome, String> {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let timeout = Duration::from_secs(120);
+    let backend = match std::env::var("MOAT_TEST_BACKEND").as_deref() {
+        Ok("rig") => Backend::Rig,
+        _ if Path::new("/dev/kvm").exists() => Backend::Direct,
+        _ => Backend::Rig,
+    };
+    run_command(moat_command(backend, &args, files, timeout), &[], timeout)
+}
+
+/// Output collected from a child, with a condition variable to wait on.
+#[derive(Default)]
+struct Collected {
+    bytes: Mutex<Vec<u8>>,
+    changed: Condvar,
+}
+
+fn collect(
+    mut source: impl Read + Send + 'static,
+    into: Arc<Collected>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = source.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            into.bytes.lock().unwrap().extend_from_slice(&buf[..n]);
+            into.changed.notify_all();
+        }
+    })
+}
+
+fn console_text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).replace('\r', "")
+}
+
+fn run_command(
+    mut command: Command,
+    typed: &[(String, Vec<u8>)],
+    timeout: Duration,
+) -> Result<Outcome, String> {
+    let start = Instant::now();
+    command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command
+        .spawn()
+        .map_err(|e| format!("cannot start {command:?}: {e}"))?;
+    let output = Arc::new(Collected::default());
+    let readers = [
+        collect(child.stdout.take().ok_or("no stdout")?, output.clone()),
+        collect(child.stderr.take().ok_or("no stderr")?, output.clone()),
+    ];
+    // Keep stdin open for the whole run: QEMU spins on a closed stdin.
+    let mut stdin = child.stdin.take();
+    let deadline = start + timeout;
+    let mut pending = typed.iter();
+    let mut next = pending.next();
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            kill(&mut child);
+            let text = console_text(&output.bytes.lock().unwrap());
+            return Err(format!(
+                "guest run timed out after {} s\n--- console tail ---\n{}",
+                timeout.as_secs(),
+                tail(&text, 40)
+            ));
+        }
+        let guard = output.bytes.lock().unwrap();
+        if let Some((marker, input)) = next {
+            if console_text(&guard).contains(marker.as_str()) {
+                drop(guard);
+                if let Some(stdin) = stdin.as_mut() {
+                    let _ = stdin.write_all(input);
+                    let _ = stdin.flush();
+                }
+                next = pending.next();
+                continue;
+            }
+        }
+        let _ = output
+            .changed
+            .wait_timeout(guard, Duration::from_millis(100))
+            .unwrap();
+    };
+    drop(stdin);
+    for reader in readers {
+        let _ = reader.join();
+    }
+    let console = console_text(&output.bytes.lock().unwrap());
+    let (test_rc, test_output) = parse_test_result(&console);
+    Ok(Outcome {
+        status: status.code().unwrap_or(-1),
+        console,
+        test_rc,
+        test_output,
+        elapsed: start.elapsed(),
+    })
+}
+
+fn kill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Finds the script's output and exit code between the guest's markers.
+pub fn parse_test_result(console: &str) -> (Option<i32>, String) {
+    let Some(begin) = console.find("MOAT-TEST-BEGIN\n") else {
+        return (None, String::new());
+    };
+    let body = &console[begin + "MOAT-TEST-BEGIN\n".len()..];
+    let Some(end) = body.find("MOAT-TEST-END rc=") else {
+        return (None, body.to_string());
+    };
+    let rc = body[end + "MOAT-TEST-END rc=".len()..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok());
+    (rc, body[..end].to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_markers_and_rc() {
+        let console =
+            "boot\nMOAT-GUEST-INIT\nMOAT-TEST-BEGIN\nhello\nworld\nMOAT-TEST-END rc=3\nreboot\n";
+        let (rc, out) = parse_test_result(console);
+        assert_eq!(rc, Some(3));
+        assert_eq!(out, "hello\nworld\n");
+    }
+
+    #[test]
+    fn missing_end_marker_means_no_rc() {
+        assert_eq!(parse_test_result("MOAT-TEST-BEGIN\npartial").0, None);
+        assert_eq!(parse_test_result("nothing").0, None);
+    }
+}

@@ -1,0 +1,240 @@
+//! Bad input: each mistake gets a one-line error naming the problem and
+//! exit status 2, never a panic.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+
+use moat_tests::{image, run_moat, Outcome, Scratch};
+
+/// Runs moat and checks it failed with status 2 and one line containing
+/// `expected`.
+fn assert_rejected(args: &[&str], files: &[PathBuf], expected: &str) -> Outcome {
+    let out = run_moat(args, files).unwrap();
+    let lines: Vec<&str> = out
+        .console
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert_eq!(out.status, 2, "args {args:?}: {}", out.console);
+    assert_eq!(lines.len(), 1, "one line expected: {}", out.console);
+    assert!(lines[0].starts_with("moat: "), "{}", lines[0]);
+    assert!(
+        lines[0].contains(expected),
+        "expected {expected:?} in {:?}",
+        lines[0]
+    );
+    assert!(!out.console.contains("panicked"));
+    out
+}
+
+fn kernel() -> String {
+    image("VMLINUX").to_string_lossy().into_owned()
+}
+
+#[test]
+fn missing_kernel_is_rejected() {
+    assert_rejected(
+        &["run", "--kernel", "/nonexistent/vmlinux"],
+        &[],
+        "--kernel: cannot open /nonexistent/vmlinux: No such file or directory",
+    );
+}
+
+#[test]
+fn kernel_that_is_a_directory_is_rejected() {
+    assert_rejected(
+        &["run", "--kernel", "/tmp"],
+        &[],
+        "--kernel: cannot open /tmp: it is a directory",
+    );
+}
+
+#[test]
+fn unreadable_kernel_is_rejected() {
+    let scratch = Scratch::new("unreadable");
+    let path = scratch.path("vmlinux");
+    std::fs::copy(image("VMLINUX"), &path).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o000)).unwrap();
+    std::fs::set_permissions(scratch.path(""), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // root reads anything, so check as an unprivileged user when we are root.
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(moat_tests::moat_bin())
+        .args(["run", "--kernel"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--kernel: cannot open") && stderr.contains("Permission denied"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}
+
+#[test]
+fn kernel_that_is_neither_elf_nor_bzimage_is_rejected() {
+    let scratch = Scratch::new("notkernel");
+    let path = scratch.path("kernel");
+    std::fs::write(&path, b"#!/bin/sh\necho I am not a kernel\n").unwrap();
+    assert_rejected(
+        &["run", "--kernel", &path.to_string_lossy()],
+        std::slice::from_ref(&path),
+        "neither an ELF vmlinux nor a bzImage",
+    );
+}
+
+#[test]
+fn initramfs_too_large_for_guest_memory_is_rejected() {
+    let scratch = Scratch::new("bigcpio");
+    let path = scratch.path("big.cpio");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(60 << 20)
+        .unwrap();
+    let k = kernel();
+    assert_rejected(
+        &[
+            "run",
+            "--kernel",
+            &k,
+            "--initramfs",
+            &path.to_string_lossy(),
+            "--memory",
+            "size=64M",
+        ],
+        &[image("VMLINUX"), path.clone()],
+        "the initramfs (62914560 bytes) does not fit in guest memory",
+    );
+}
+
+#[test]
+fn missing_initramfs_is_rejected() {
+    let k = kernel();
+    assert_rejected(
+        &["run", "--kernel", &k, "--initramfs", "/nonexistent.cpio"],
+        &[],
+        "--initramfs: cannot open /nonexistent.cpio",
+    );
+}
+
+#[test]
+fn zero_memory_is_rejected() {
+    let k = kernel();
+    assert_rejected(
+        &["run", "--kernel", &k, "--memory", "size=0"],
+        &[],
+        "--memory: size must be greater than 0",
+    );
+}
+
+#[test]
+fn more_memory_than_the_host_has_is_rejected() {
+    let k = kernel();
+    assert_rejected(
+        &["run", "--kernel", &k, "--memory", "size=64T"],
+        &[],
+        "--memory: 64 TiB is more than this host's",
+    );
+}
+
+#[test]
+fn zero_cpus_are_rejected() {
+    let k = kernel();
+    assert_rejected(
+        &["run", "--kernel", &k, "--cpus", "boot=0"],
+        &[],
+        "--cpus: boot must be at least 1",
+    );
+}
+
+#[test]
+fn too_many_cpus_are_rejected() {
+    let k = kernel();
+    assert_rejected(
+        &["run", "--kernel", &k, "--cpus", "boot=4096"],
+        &[],
+        "--cpus: boot=4096 is above the maximum of",
+    );
+}
+
+#[test]
+fn missing_kvm_device_is_rejected() {
+    let k = kernel();
+    assert_rejected(
+        &["run", "--kernel", &k, "--kvm", "/nonexistent/kvm"],
+        &[],
+        "cannot open /nonexistent/kvm: No such file or directory",
+    );
+}
+
+#[test]
+fn kvm_device_without_permission_is_rejected() {
+    let scratch = Scratch::new("kvmperm");
+    let fake = scratch.path("kvm");
+    std::fs::write(&fake, b"").unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(scratch.path(""), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let kernel_copy = scratch.path("vmlinux");
+    std::fs::copy(image("VMLINUX"), &kernel_copy).unwrap();
+    std::fs::set_permissions(&kernel_copy, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(moat_tests::moat_bin())
+        .args(["run", "--kernel"])
+        .arg(&kernel_copy)
+        .arg("--kvm")
+        .arg(&fake)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("Permission denied") && stderr.contains("kvm group"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_file_that_is_not_kvm_is_rejected() {
+    let k = kernel();
+    assert_rejected(
+        &["run", "--kernel", &k, "--kvm", "/dev/null"],
+        &[],
+        "/dev/null is not a usable KVM device",
+    );
+}
+
+#[test]
+fn unknown_flag_is_rejected() {
+    assert_rejected(
+        &["run", "--kernel", "/x", "--frobnicate"],
+        &[],
+        "unexpected argument '--frobnicate'",
+    );
+}
+
+#[test]
+fn malformed_key_value_is_rejected() {
+    assert_rejected(
+        &["run", "--kernel", "/x", "--cpus", "2"],
+        &[],
+        "--cpus: expected key=value, got '2'",
+    );
+    assert_rejected(
+        &["run", "--kernel", "/x", "--memory", "size=lots"],
+        &[],
+        "--memory: 'lots' is not a size",
+    );
+    assert_rejected(
+        &["run", "--kernel", "/x", "--memory", "bytes=1G"],
+        &[],
+        "--memory: unknown key 'bytes'",
+    );
+}
+
+#[test]
+fn missing_kernel_option_is_rejected() {
+    assert_rejected(&["run"], &[], "--kernel <PATH>");
+}
