@@ -1,0 +1,204 @@
+#!/usr/bin/env bash
+# moat test rig: run COMMAND inside a small Linux VM ("L1") that has a working
+# /dev/kvm, under QEMU microvm with TCG and emulated SVM (this host's own
+# /dev/kvm cannot run a Linux guest to userspace).
+#
+#   rig.sh [--timeout SECS] [--file PATH]... [--mem MiB] -- COMMAND [ARGS...]
+#
+# COMMAND (with the shared libraries and loader that ldd lists, if it is a
+# dynamic ELF) and each --file PATH are copied into L1 at their absolute host
+# paths; L1 starts COMMAND in the host's current directory, on the console
+# as its controlling terminal. The console is QEMU's stdio, passed through
+# untouched (signal=off: Ctrl-C goes to L1).
+#
+# Exit status: COMMAND's exit status in L1; 124 on timeout (default 300 s);
+# 125 if the rig itself failed (images, QEMU, L1 crash/panic).
+# RIG_VERBOSE=1 prints timings (time to /rig/cmd start) on stderr.
+set -euo pipefail
+
+start=$EPOCHREALTIME
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+verbose=${RIG_VERBOSE:-0}
+[[ $verbose == 0 ]] && verbose=
+
+die() { echo "rig: $*" >&2; exit 125; }
+usage() { sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 125; }
+elapsed() { printf '%.2f' "$(bc <<<"$EPOCHREALTIME - $start")"; }
+
+timeout_s=300
+mem=2048
+files=()
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --timeout) [[ $# -ge 2 ]] || usage; timeout_s=$2; shift 2 ;;
+        --timeout=*) timeout_s=${1#*=}; shift ;;
+        --file) [[ $# -ge 2 ]] || usage; files+=("$2"); shift 2 ;;
+        --file=*) files+=("${1#*=}"); shift ;;
+        --mem) [[ $# -ge 2 ]] || usage; mem=$2; shift 2 ;;
+        --mem=*) mem=${1#*=}; shift ;;
+        --) shift; break ;;
+        -h|--help) usage ;;
+        *) echo "rig: unexpected argument: $1 (COMMAND goes after --)" >&2; usage ;;
+    esac
+done
+[[ $# -ge 1 ]] || usage
+[[ $timeout_s =~ ^[0-9]+$ && $timeout_s -gt 0 ]] || die "--timeout wants a positive number of seconds"
+[[ $mem =~ ^[0-9]+$ ]] || die "--mem wants MiB"
+
+if [[ -n $verbose ]]; then quiet_cached=0; else quiet_cached=1; fi
+images=$(MOAT_QUIET_CACHED=$quiet_cached "$here/build-images.sh") || die "build-images.sh failed"
+RIG_KERNEL='' RIG_INITRAMFS=''
+while IFS='=' read -r k v; do
+    case $k in
+        RIG_KERNEL) RIG_KERNEL=$v ;;
+        RIG_INITRAMFS) RIG_INITRAMFS=$v ;;
+    esac
+done <<<"$images"
+[[ -f $RIG_KERNEL && -f $RIG_INITRAMFS ]] || die "build-images.sh gave no RIG_KERNEL/RIG_INITRAMFS"
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/moat-rig.XXXXXX")
+feeder='' watcher='' saved_tty=''
+# shellcheck disable=SC2317  # called from the EXIT trap
+cleanup() {
+    if [[ -n $watcher ]]; then kill "$watcher" 2>/dev/null || true; fi
+    # The feeder runs in its own process group (setsid): end all of it.
+    if [[ -n $feeder ]]; then kill -- "-$feeder" 2>/dev/null || true; fi
+    if [[ -n $saved_tty ]]; then stty "$saved_tty" 2>/dev/null || true; fi
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+stage=$tmp/stage
+mkdir -p "$stage/rig"
+
+is_elf() { [[ -f $1 && "$(head -c 4 "$1" | tr -d '\0')" == $'\x7fELF' ]]; }
+
+# add_path ABSPATH: copy a host file (following symlinks) or directory into
+# the overlay at the same path; for a dynamic ELF also its libraries + loader.
+add_path() {
+    local p=$1 dst=$stage$1
+    [[ -e $p ]] || die "no such file: $p"
+    mkdir -p "$(dirname "$dst")"
+    if [[ -d $p ]]; then
+        mkdir -p "$dst"
+        cp -rL "$p/." "$dst/"
+    else
+        cp -L --preserve=mode "$p" "$dst"
+        is_elf "$p" && add_elf_deps "$p"
+    fi
+    return 0
+}
+add_elf_deps() {
+    local out lib
+    out=$(ldd "$1" 2>/dev/null) || return 0   # static, or not for this host
+    while read -r lib; do
+        [[ -n $lib && ! -e $stage$lib ]] || continue
+        mkdir -p "$stage$(dirname "$lib")"
+        cp -L --preserve=mode "$lib" "$stage$lib"
+    done < <(awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }' <<<"$out")
+}
+abspath() { if [[ $1 == /* ]]; then echo "$1"; else echo "$PWD/$1"; fi; }
+
+# The command: a path (absolute or relative) or a name looked up in PATH.
+cmd=("$@")
+if [[ ${cmd[0]} == */* ]]; then
+    add_path "$(abspath "${cmd[0]}")"
+elif p=$(type -P "${cmd[0]}"); then
+    add_path "$p"
+fi
+for f in "${files[@]}"; do
+    add_path "$(abspath "$f")"
+done
+mkdir -p "$stage$PWD"
+
+# POSIX single-quoting (safe for busybox sh).
+q() { local s=${1//\'/\'\\\'\'}; printf "'%s'" "$s"; }
+{
+    echo '#!/bin/busybox sh'
+    echo "cd $(q "$PWD") 2>/dev/null || cd /"
+    while IFS='=' read -r k _; do
+        [[ $k =~ ^(TERM|COLORTERM|RUST_[A-Z_]+|MOAT_[A-Z_]+)$ ]] || continue
+        [[ $k == MOAT_CACHE ]] && continue
+        echo "export $k=$(q "${!k}")"
+    done < <(env)
+    if [[ -t 0 ]] && size=$(stty size 2>/dev/null) && [[ $size =~ ^([0-9]+)\ ([0-9]+)$ ]]; then
+        echo "stty rows ${BASH_REMATCH[1]} cols ${BASH_REMATCH[2]} 2>/dev/null"
+    fi
+    printf 'exec'
+    for a in "${cmd[@]}"; do printf ' %s' "$(q "$a")"; done
+    echo
+} >"$stage/rig/cmd"
+chmod 0755 "$stage/rig/cmd"
+
+initrd=$tmp/initrd.cpio
+cp "$RIG_INITRAMFS" "$initrd"
+(cd "$stage" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) >>"$initrd"
+
+append="console=ttyS1 reboot=t panic=-1 8250.nr_uarts=2 i8042.noaux i8042.nokbd tsc=reliable no_timer_check"
+rcfile=$tmp/rc
+: >"$rcfile"
+# shellcheck disable=SC2054  # commas belong to QEMU options
+qemu=(
+    qemu-system-x86_64
+    -M microvm,x-option-roms=off,rtc=off -accel tcg -cpu max -m "$mem" -smp 1
+    -nodefaults -no-user-config -display none -monitor none -no-reboot
+    -kernel "$RIG_KERNEL" -initrd "$initrd" -append "$append"
+    -chardev stdio,id=con,signal=off -serial chardev:con
+    # microvm creates only one ISA serial port itself; add COM2 by hand.
+    -chardev "file,id=rc,path=$rcfile" -device isa-serial,chardev=rc,iobase=0x2f8,irq=3
+)
+
+if [[ -n $verbose ]]; then
+    echo "rig: starting QEMU after $(elapsed) s" >&2
+    (
+        while ! grep -q RIG-START "$rcfile" 2>/dev/null; do sleep 0.05; done
+        echo "rig: /rig/cmd started $(elapsed) s after rig.sh start ($(grep -ao -m1 'RIG-START.*' "$rcfile" | tr -d '\r') of L1)" >&2
+    ) &
+    watcher=$!
+fi
+
+[[ -t 0 ]] && saved_tty=$(stty -g 2>/dev/null || true)
+set +e
+if [[ -t 0 ]]; then
+    timeout --foreground -k 5 "$timeout_s" "${qemu[@]}"
+    qrc=$?
+else
+    # QEMU's stdio chardev spins at 100% CPU once stdin hits EOF: feed it our
+    # stdin, then keep the pipe open. Input is held back until L1's init has
+    # the console open (the "start" line), as a UART drops what nobody reads.
+    # (A background job's stdin is /dev/null: hand ours over as fd 3.)
+    mkfifo "$tmp/stdin"
+    exec 3<&0
+    # shellcheck disable=SC2016  # $1 expands in the child shell
+    setsid bash -c 'until grep -q RIG-START "$1" 2>/dev/null; do sleep 0.05; done
+                    cat <&3 2>/dev/null; exec 3<&- sleep infinity' feeder "$rcfile" >"$tmp/stdin" &
+    feeder=$!
+    exec 3<&-
+    timeout --foreground -k 5 "$timeout_s" "${qemu[@]}" <"$tmp/stdin"
+    qrc=$?
+fi
+set -e
+
+if [[ $qrc == 124 || $qrc == 137 ]] && ! grep -q RIG-RC= "$rcfile"; then
+    echo "rig: timed out after $timeout_s s" >&2
+    exit 124
+fi
+if [[ -n $verbose ]]; then
+    echo "rig: ---- L1 kernel console ----" >&2
+    tr -d '\r' <"$rcfile" >&2
+    echo "rig: ----" >&2
+fi
+rc=$(grep -aoE 'RIG-RC=[0-9]+' "$rcfile" | tail -n1 | cut -d= -f2 || true)
+if [[ -z $rc ]]; then
+    [[ -n $verbose ]] || tail -n 30 "$rcfile" | tr -d '\r' | sed 's/^/rig: L1: /' >&2
+    if grep -q RIG-START "$rcfile"; then
+        echo "rig: L1 ended without reporting the command's exit status (L1 crash/panic? qemu exit $qrc)" >&2
+    else
+        echo "rig: L1 never started /rig/cmd (qemu exit $qrc)" >&2
+    fi
+    exit 125
+fi
+[[ -n $verbose ]] && echo "rig: done after $(elapsed) s, command exit status $rc" >&2
+exit "$rc"

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Build the rig's L1 base initramfs into OUTDIR/rig-initramfs.cpio:
+# busybox tree + rig/init as /init. rig.sh appends a per-call cpio with the
+# command, its libraries, --file paths and /rig/cmd.
+set -euo pipefail
+
+out=$1
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+stage=$(mktemp -d "${out%/}.stage.XXXXXX")
+trap 'rm -rf "$stage"' EXIT
+
+"$here/../lib/busybox-tree.sh" "$stage/root"
+install -m 0755 "$here/init" "$stage/root/init"
+mkdir -p "$stage/root/rig" "$out"
+(cd "$stage/root" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) >"$out/rig-initramfs.cpio"
