@@ -181,14 +181,14 @@ else
 fi
 set -e
 
-if [[ $qrc == 124 || $qrc == 137 ]] && ! grep -q RIG-RC= "$rcfile"; then
-    echo "rig: timed out after $timeout_s s" >&2
-    exit 124
-fi
 if [[ -n $verbose ]]; then
     echo "rig: ---- L1 kernel console ----" >&2
     tr -d '\r' <"$rcfile" >&2
     echo "rig: ----" >&2
+fi
+if [[ $qrc == 124 || $qrc == 137 ]] && ! grep -q RIG-RC= "$rcfile"; then
+    echo "rig: timed out after $timeout_s s" >&2
+    exit 124
 fi
 rc=$(grep -aoE 'RIG-RC=[0-9]+' "$rcfile" | tail -n1 | cut -d= -f2 || true)
 if [[ -z $rc ]]; then
