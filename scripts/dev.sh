@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# moat's one entry point for people and CI.
+#
+#   scripts/dev.sh boot [MOAT-RUN-OPTIONS...]   set up, build, boot the default guest
+#   scripts/dev.sh test [CARGO-TEST-ARGS...]    set up, build, run every test
+#   scripts/dev.sh build                        set up and build moat + guest images
+#
+# "Set up" installs the Debian packages the guest images and the test rig
+# need (resources/install-deps.sh). A Rust toolchain (rustup) must already
+# be installed. On a host with hardware KVM moat runs directly; on a host
+# without it (no /dev/kvm, or a nested software KVM such as PVM) it runs
+# inside the QEMU test rig (resources/rig.sh). MOAT_BACKEND=direct|rig
+# forces either.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+
+die() { echo "dev.sh: $*" >&2; exit 2; }
+
+need_rust() {
+    if ! command -v cargo >/dev/null; then
+        [[ -x $HOME/.cargo/bin/cargo ]] && export PATH=$HOME/.cargo/bin:$PATH
+    fi
+    command -v cargo >/dev/null ||
+        die "cargo not found: install Rust first (https://rustup.rs), then run this again"
+}
+
+setup() {
+    need_rust
+    "$root/resources/install-deps.sh"
+}
+
+build_moat() {
+    cargo build --release --locked -p moat-vmm --bin moat >&2
+    export MOAT_BIN=$root/target/release/moat
+}
+
+# Reads KEY=PATH lines from build-images.sh into IMG_KEY variables.
+build_images() {
+    local line
+    while IFS= read -r line; do
+        [[ $line == *=* ]] && printf -v "IMG_${line%%=*}" '%s' "${line#*=}"
+    done < <("$root/resources/build-images.sh")
+    [[ -n ${IMG_VMLINUX:-} && -n ${IMG_INITRAMFS:-} ]] || die "build-images.sh reported no images"
+}
+
+backend() {
+    case ${MOAT_BACKEND:-} in
+        direct|rig) echo "$MOAT_BACKEND"; return ;;
+        "") ;;
+        *) die "MOAT_BACKEND must be direct or rig" ;;
+    esac
+    if [[ -e /dev/kvm && ! -e /sys/module/kvm_pvm ]]; then echo direct; else echo rig; fi
+}
+
+cmd=${1:-}
+[[ $# -gt 0 ]] && shift
+case $cmd in
+    build)
+        setup
+        build_moat
+        build_images
+        ;;
+    boot)
+        setup
+        build_moat
+        build_images
+        args=(run --kernel "$IMG_VMLINUX" --initramfs "$IMG_INITRAMFS" "$@")
+        if [[ $(backend) == direct ]]; then
+            exec "$MOAT_BIN" "${args[@]}"
+        fi
+        echo "dev.sh: no hardware KVM here; running moat inside the QEMU test rig" >&2
+        exec "$root/resources/rig.sh" --timeout 0 \
+            --file "$IMG_VMLINUX" --file "$IMG_INITRAMFS" -- "$MOAT_BIN" "${args[@]}"
+        ;;
+    test)
+        setup
+        cargo fmt --all -- --check
+        cargo clippy --locked --workspace --all-targets -- -D warnings
+        build_moat
+        build_images
+        [[ -n ${MOAT_BACKEND:-} ]] && export MOAT_TEST_BACKEND=$MOAT_BACKEND
+        echo "dev.sh: guest tests run on the $(backend) backend" >&2
+        cargo test --locked --workspace "$@"
+        ;;
+    *)
+        sed -n '2,13p' "${BASH_SOURCE[0]}" >&2
+        exit 2
+        ;;
+esac
