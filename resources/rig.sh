@@ -172,8 +172,11 @@ else
     mkfifo "$tmp/stdin"
     exec 3<&0
     # shellcheck disable=SC2016  # $1 expands in the child shell
-    setsid bash -c 'until grep -q RIG-START "$1" 2>/dev/null; do sleep 0.05; done
-                    cat <&3 2>/dev/null; exec 3<&- sleep infinity' feeder "$rcfile" >"$tmp/stdin" &
+    # It also ends by itself once rig.sh is gone, even if rig.sh was SIGKILLed.
+    setsid bash -c 'until grep -q RIG-START "$1" 2>/dev/null; do
+                        kill -0 "$2" 2>/dev/null || exit 0; sleep 0.05; done
+                    cat <&3 2>/dev/null; exec 3<&-
+                    while kill -0 "$2" 2>/dev/null; do sleep 1; done' feeder "$rcfile" "$$" >"$tmp/stdin" &
     feeder=$!
     exec 3<&-
     timeout --foreground -k 5 "$timeout_s" "${qemu[@]}" <"$tmp/stdin"
