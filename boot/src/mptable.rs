@@ -46,6 +46,19 @@ pub enum Error {
     Memory(#[from] GuestMemoryError),
 }
 
+/// The IOAPIC pin an ISA/GSI interrupt line arrives on, as on PC hardware:
+/// the PIT's IRQ 0 is wired to pin 2, and nothing else uses pin 2 (IRQ 2 is
+/// the PIC cascade). The MP table tells the guest this wiring and the VMM
+/// programs KVM's GSI routing to match, so both come from here.
+pub fn ioapic_pin(irq: u8) -> Option<u8> {
+    match irq {
+        0 => Some(2),
+        2 => None,
+        irq if irq < IOAPIC_PINS => Some(irq),
+        _ => None,
+    }
+}
+
 /// Two's complement of the byte sum, so the whole structure sums to zero.
 fn checksum(bytes: &[u8]) -> u8 {
     bytes
@@ -74,10 +87,7 @@ fn config_table(cpus: u8) -> Vec<u8> {
     entries.extend_from_slice(&[ENTRY_IOAPIC, ioapic_id, IOAPIC_VERSION, 1]);
     entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
     count += 1;
-    // KVM's default routing sends GSI 0 (the PIT) to IOAPIC pin 2, as wired
-    // on PC hardware; every other GSI goes to the pin of the same number.
-    for irq in (0..IOAPIC_PINS).filter(|irq| *irq != 2) {
-        let pin = if irq == 0 { 2 } else { irq };
+    for (irq, pin) in (0..IOAPIC_PINS).filter_map(|irq| Some((irq, ioapic_pin(irq)?))) {
         entries.extend_from_slice(&[
             ENTRY_IO_INTERRUPT,
             INT_TYPE_INT,
@@ -232,6 +242,17 @@ mod tests {
             .map(|(_, e)| (e[1], e[7]))
             .collect();
         assert_eq!(lint, vec![(INT_TYPE_EXTINT, 0), (INT_TYPE_NMI, 1)]);
+    }
+
+    #[test]
+    fn pin_2_belongs_to_the_timer_alone() {
+        assert_eq!(ioapic_pin(0), Some(2));
+        assert_eq!(ioapic_pin(2), None);
+        assert_eq!(ioapic_pin(5), Some(5));
+        assert_eq!(ioapic_pin(23), Some(23));
+        assert_eq!(ioapic_pin(24), None);
+        let pins: Vec<u8> = (0..IOAPIC_PINS).filter_map(ioapic_pin).collect();
+        assert_eq!(pins.iter().filter(|p| **p == 2).count(), 1);
     }
 
     #[test]

@@ -15,6 +15,8 @@ pub enum KvmOp {
     CreateIrqchip,
     /// KVM_CREATE_PIT2.
     CreatePit,
+    /// KVM_SET_GSI_ROUTING.
+    GsiRouting,
     /// KVM_SET_USER_MEMORY_REGION.
     SetMemory,
     /// KVM_IRQFD.
@@ -51,6 +53,7 @@ impl std::fmt::Display for KvmOp {
             KvmOp::SetTss => "KVM_SET_TSS_ADDR",
             KvmOp::CreateIrqchip => "KVM_CREATE_IRQCHIP",
             KvmOp::CreatePit => "KVM_CREATE_PIT2",
+            KvmOp::GsiRouting => "KVM_SET_GSI_ROUTING",
             KvmOp::SetMemory => "KVM_SET_USER_MEMORY_REGION",
             KvmOp::Irqfd => "KVM_IRQFD",
             KvmOp::CreateVcpu => "KVM_CREATE_VCPU",

@@ -7,7 +7,11 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_irq_routing_entry, kvm_pit_config, kvm_userspace_memory_region, KvmIrqRouting,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
+    KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use linux_loader::cmdline::Cmdline;
 use moat_boot::cpu::EntryPoint;
@@ -88,12 +92,60 @@ pub fn create_vm(kvm: &Kvm) -> Result<VmFd, Error> {
     vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
         .map_err(KvmOp::SetTss.err())?;
     vm.create_irq_chip().map_err(KvmOp::CreateIrqchip.err())?;
+    set_gsi_routing(&vm)?;
     let pit = kvm_pit_config {
         flags: KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()
     };
     vm.create_pit2(pit).map_err(KvmOp::CreatePit.err())?;
     Ok(vm)
+}
+
+/// KVM's irqchip routes for GSIs 0-23: the 8259 pair takes 0-15, the IOAPIC
+/// takes every GSI on the pin [`mptable::ioapic_pin`] gives.
+///
+/// KVM's default table also routes GSI 2 to IOAPIC pin 2, next to GSI 0 (the
+/// PIT). An EOI on pin 2 then acknowledges GSI 2 instead of the PIT's GSI 0,
+/// the in-kernel PIT waits forever for the ack of its first interrupt, and
+/// the guest's timer stops after two ticks. Leaving GSI 2 off the IOAPIC
+/// (as QEMU does) keeps the acks with the PIT.
+pub fn gsi_routes() -> Vec<(u32, u32, u32)> {
+    let pic = (0..16u32).map(|gsi| {
+        let chip = if gsi < 8 {
+            KVM_IRQCHIP_PIC_MASTER
+        } else {
+            KVM_IRQCHIP_PIC_SLAVE
+        };
+        (gsi, chip, gsi % 8)
+    });
+    let ioapic = (0..mptable::IOAPIC_PINS).filter_map(|irq| {
+        Some((
+            u32::from(irq),
+            KVM_IRQCHIP_IOAPIC,
+            u32::from(mptable::ioapic_pin(irq)?),
+        ))
+    });
+    pic.chain(ioapic).collect()
+}
+
+fn set_gsi_routing(vm: &VmFd) -> Result<(), Error> {
+    let entries: Vec<kvm_irq_routing_entry> = gsi_routes()
+        .into_iter()
+        .map(|(gsi, irqchip, pin)| {
+            let mut entry = kvm_irq_routing_entry {
+                gsi,
+                type_: KVM_IRQ_ROUTING_IRQCHIP,
+                ..Default::default()
+            };
+            entry.u.irqchip.irqchip = irqchip;
+            entry.u.irqchip.pin = pin;
+            entry
+        })
+        .collect();
+    let routing = KvmIrqRouting::from_entries(&entries)
+        .map_err(|_| Error::Internal("too many GSI routes".into()))?;
+    vm.set_gsi_routing(&routing)
+        .map_err(KvmOp::GsiRouting.err())
 }
 
 /// Maps guest RAM in moat and registers it with KVM.
@@ -199,4 +251,30 @@ pub fn attach_legacy_devices(vm: &VmFd, pio: &mut Bus) -> Result<LegacyDevices, 
         serial_input_space,
         reset,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_pit_reaches_ioapic_pin_2() {
+        let routes = gsi_routes();
+        let pin2: Vec<u32> = routes
+            .iter()
+            .filter(|(_, chip, pin)| *chip == KVM_IRQCHIP_IOAPIC && *pin == 2)
+            .map(|(gsi, _, _)| *gsi)
+            .collect();
+        assert_eq!(pin2, vec![0]);
+    }
+
+    #[test]
+    fn legacy_gsis_reach_both_pics_and_the_ioapic() {
+        let routes = gsi_routes();
+        assert!(routes.contains(&(4, KVM_IRQCHIP_PIC_MASTER, 4)));
+        assert!(routes.contains(&(4, KVM_IRQCHIP_IOAPIC, 4)));
+        assert!(routes.contains(&(12, KVM_IRQCHIP_PIC_SLAVE, 4)));
+        assert!(routes.contains(&(23, KVM_IRQCHIP_IOAPIC, 23)));
+        assert_eq!(routes.len(), 16 + 23);
+    }
 }
