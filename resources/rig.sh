@@ -11,7 +11,8 @@
 # as its controlling terminal. The console is QEMU's stdio, passed through
 # untouched (signal=off: Ctrl-C goes to L1).
 #
-# Exit status: COMMAND's exit status in L1; 124 on timeout (default 300 s);
+# Exit status: COMMAND's exit status in L1; 124 on timeout (default 300 s,
+# 0 for none);
 # 125 if the rig itself failed (images, QEMU, L1 crash/panic).
 # RIG_VERBOSE=1 prints timings (time to /rig/cmd start) on stderr.
 set -euo pipefail
@@ -42,7 +43,8 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 [[ $# -ge 1 ]] || usage
-[[ $timeout_s =~ ^[0-9]+$ && $timeout_s -gt 0 ]] || die "--timeout wants a positive number of seconds"
+# timeout(1) treats 0 as "no time limit", which interactive use wants.
+[[ $timeout_s =~ ^[0-9]+$ ]] || die "--timeout wants a number of seconds (0: no limit)"
 [[ $mem =~ ^[0-9]+$ ]] || die "--mem wants MiB"
 
 if [[ -n $verbose ]]; then quiet_cached=0; else quiet_cached=1; fi
