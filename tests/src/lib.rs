@@ -14,6 +14,7 @@
 #![deny(missing_docs)]
 
 pub mod cpio;
+pub mod elf;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -179,6 +180,7 @@ pub struct Guest {
     typed: Vec<(String, Vec<u8>)>,
     timeout: Duration,
     backend: Backend,
+    rig_memory_mib: Option<u32>,
 }
 
 impl Guest {
@@ -192,6 +194,7 @@ impl Guest {
             typed: Vec::new(),
             timeout: Duration::from_secs(240),
             backend: Backend::detect(),
+            rig_memory_mib: None,
         }
     }
 
@@ -215,6 +218,19 @@ impl Guest {
     /// Types `input` on moat's stdin once the console shows `marker`.
     pub fn type_after(mut self, marker: &str, input: &[u8]) -> Guest {
         self.typed.push((marker.to_string(), input.to_vec()));
+        self
+    }
+
+    /// Boots without an initramfs.
+    pub fn no_initramfs(mut self) -> Guest {
+        self.initramfs = None;
+        self
+    }
+
+    /// Memory for the rig's VM, for guests larger than its default 2 GiB
+    /// (ignored when moat runs directly).
+    pub fn rig_memory_mib(mut self, mib: u32) -> Guest {
+        self.rig_memory_mib = Some(mib);
         self
     }
 
@@ -252,7 +268,15 @@ impl Guest {
             args.extend(["--initramfs".into(), path_str(&initramfs)]);
         }
         args.extend(self.moat_args.iter().cloned());
-        let command = moat_command(self.backend, &args, &files, self.timeout);
+        let mut command = moat_command(self.backend, &args, &files, self.timeout);
+        if let (Backend::Rig, Some(mib)) = (self.backend, self.rig_memory_mib) {
+            // rig.sh options go before its "--".
+            let mut rig = Command::new(command.get_program());
+            rig.arg("--mem")
+                .arg(mib.to_string())
+                .args(command.get_args());
+            command = rig;
+        }
         run_command(command, &self.typed, self.timeout)
     }
 }

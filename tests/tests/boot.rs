@@ -105,3 +105,69 @@ fn a_hung_guest_fails_after_its_timeout_with_the_console_tail() {
     assert!(err.contains("timed out after 60 s"), "{err}");
     assert!(err.contains("about-to-hang"), "{err}");
 }
+
+#[test]
+fn ctrl_c_goes_to_the_guest_not_to_moat() {
+    // setsid -c makes the console the script's controlling terminal, so the
+    // guest's tty turns the ^C byte into SIGINT for the foreground job.
+    let script = "setsid -c sh -c 'trap \"echo guest-got-sigint; exit 0\" INT; \
+                  echo ready-for-ctrl-c; while :; do sleep 1; done' </dev/console >/dev/console 2>&1";
+    let out = Guest::vmlinux()
+        .script(script)
+        .type_after("ready-for-ctrl-c", b"\x03")
+        .run()
+        .unwrap();
+    out.assert_success();
+    assert!(
+        out.test_output.contains("guest-got-sigint"),
+        "{}",
+        out.test_output
+    );
+}
+
+#[test]
+fn guest_larger_than_3_gib_gets_ram_above_4_gib() {
+    let out = Guest::vmlinux()
+        .args(["--memory", "size=3584M"])
+        .rig_memory_mib(5120)
+        .script("grep MemTotal /proc/meminfo; grep -i 'system ram' /proc/iomem")
+        .run()
+        .unwrap();
+    out.assert_success();
+    assert!(
+        out.test_output.contains("100000000-11fffffff : System RAM"),
+        "{}",
+        out.test_output
+    );
+    let kib: u64 = out
+        .test_output
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no MemTotal in {}", out.test_output));
+    assert!(kib > 3300 * 1024, "MemTotal {kib} KiB");
+}
+
+#[test]
+fn a_triple_fault_is_an_error_with_a_message() {
+    let scratch = moat_tests::Scratch::new("triplefault");
+    let kernel = scratch.path("ud2.elf");
+    // ud2 with an empty IDT: #UD, then #GP, then #DF, then shutdown.
+    std::fs::write(
+        &kernel,
+        moat_tests::elf::tiny_elf(0x100_0000, &[0x0f, 0x0b], None),
+    )
+    .unwrap();
+    let out = Guest::new(&kernel)
+        .no_initramfs()
+        .args(["--boot-protocol", "linux"])
+        .timeout(Duration::from_secs(120))
+        .run()
+        .unwrap();
+    assert_eq!(out.status, 1, "{}", out.tail(10));
+    assert!(
+        out.console.contains("moat: vCPU 0 triple-faulted"),
+        "{}",
+        out.tail(10)
+    );
+}
