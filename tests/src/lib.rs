@@ -423,7 +423,12 @@ fn run_command(
     })
 }
 
+/// Kills the child's whole process group (the rig's QEMU included).
 fn kill(child: &mut Child) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        // SAFETY: kill(2) on our own child's process group; no memory is touched.
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
+    }
     let _ = child.kill();
     let _ = child.wait();
 }
