@@ -10,5 +10,6 @@
 pub mod bus;
 pub mod legacy;
 pub mod trigger;
+pub mod virtio;
 
 pub use bus::BusDevice;

@@ -1,0 +1,140 @@
+//! virtio-blk (virtio 1.2, 5.2) backed by a host file or block device.
+//!
+//! One request queue served on the event loop. Requests: IN, OUT, FLUSH
+//! (fdatasync) and GET_ID. Every value in a request is the guest's and is
+//! checked before use: see [`request`].
+
+mod request;
+
+use std::fs::File;
+
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_ID_BYTES,
+};
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+
+use super::{DeviceError, GuestMemoryMmap, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+
+/// Sector size of the virtio-blk protocol.
+pub const SECTOR_SIZE: u64 = 512;
+/// Queue size offered to the driver.
+pub const QUEUE_SIZE: u16 = 256;
+/// Most data segments in one request (the SEG_MAX config field).
+pub const SEG_MAX: u32 = 128;
+
+/// A virtio-blk device.
+pub struct Block {
+    disk: request::Disk,
+    queue: Option<Queue>,
+}
+
+impl Block {
+    /// A device for `file` of `size` bytes (the last partial sector, if any,
+    /// is not exposed). `id` is the serial the guest reads with GET_ID, at
+    /// most 20 bytes (longer ids are cut).
+    pub fn new(file: File, size: u64, read_only: bool, id: &str) -> Self {
+        let mut serial = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+        let len = id.len().min(serial.len());
+        serial[..len].copy_from_slice(&id.as_bytes()[..len]);
+        Self {
+            disk: request::Disk {
+                file,
+                sectors: size / SECTOR_SIZE,
+                read_only,
+                serial,
+            },
+            queue: None,
+        }
+    }
+
+    /// The config space (virtio 1.2, 5.2.4): capacity, size_max (unused),
+    /// seg_max, geometry (unused), blk_size.
+    fn config(&self) -> [u8; 24] {
+        let mut config = [0u8; 24];
+        config[0..8].copy_from_slice(&self.disk.sectors.to_le_bytes());
+        config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        config
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        let mut features = VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_BLK_SIZE
+            | 1 << VIRTIO_BLK_F_FLUSH;
+        if self.disk.read_only {
+            features |= 1 << VIRTIO_BLK_F_RO;
+        }
+        features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let config = self.config();
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = offset
+                .checked_add(i as u64)
+                .and_then(|at| config.get(usize::try_from(at).ok()?))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn activate(&mut self, _acked_features: u64, queues: Vec<Queue>) -> Result<(), DeviceError> {
+        self.queue = Some(
+            queues
+                .into_iter()
+                .next()
+                .ok_or_else(|| DeviceError("no request queue".into()))?,
+        );
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.queue = None;
+    }
+
+    fn process_queue(
+        &mut self,
+        _index: usize,
+        mem: &GuestMemoryMmap,
+        interrupt: &Interrupt,
+    ) -> Result<(), DeviceError> {
+        let queue = self
+            .queue
+            .as_mut()
+            .ok_or_else(|| DeviceError("queue not set up".into()))?;
+        let mut completed = false;
+        loop {
+            let chain = queue
+                .iter(mem)
+                .map_err(|e| DeviceError(format!("bad available ring: {e}")))?
+                .next();
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            let used_len = self.disk.handle(mem, chain)?;
+            queue
+                .add_used(mem, head, used_len)
+                .map_err(|e| DeviceError(format!("bad used ring: {e}")))?;
+            completed = true;
+        }
+        if completed && queue.needs_notification(mem).unwrap_or(true) {
+            interrupt.signal_used_queue();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

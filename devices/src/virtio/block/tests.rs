@@ -1,0 +1,428 @@
+//! virtio-blk driven through the mmio transport by the test driver, on a
+//! temporary file, with plain guest memory.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use vm_memory::{Bytes, GuestAddress};
+
+use super::*;
+use crate::bus::BusDevice;
+use crate::virtio::mmio::MmioTransport;
+use crate::virtio::test_driver::{read32, Desc, Driver, DESC_NEXT, DESC_WRITE};
+
+const HEADER: u64 = 0x8_0000;
+const DATA: u64 = 0x9_0000;
+const STATUS: u64 = 0xf_0000;
+const DISK_SIZE: u64 = 64 * 1024;
+
+struct Rig {
+    transport: MmioTransport,
+    driver: Driver,
+    mem: GuestMemoryMmap,
+    disk: std::path::PathBuf,
+    irq: Arc<Interrupt>,
+}
+
+fn temp_disk(name: &str, contents: &[u8]) -> (std::path::PathBuf, File) {
+    let path = std::env::temp_dir().join(format!("moat-blk-{}-{name}", std::process::id()));
+    let mut f = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    f.write_all(contents).unwrap();
+    (path, f)
+}
+
+fn rig(name: &str, read_only: bool) -> Rig {
+    let pattern: Vec<u8> = (0..DISK_SIZE).map(|i| (i / 512) as u8).collect();
+    let (disk, file) = temp_disk(name, &pattern);
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+    let irq = Arc::new(Interrupt::new().unwrap());
+    let block = Block::new(file, DISK_SIZE, read_only, "disk-serial-1");
+    let mut transport = MmioTransport::new(Box::new(block), mem.clone(), irq.clone()).unwrap();
+    let features = transport_features(&mut transport);
+    let driver = Driver::init(&mut transport, &mem, features, &[QUEUE_SIZE]).unwrap();
+    Rig {
+        transport,
+        driver,
+        mem,
+        disk,
+        irq,
+    }
+}
+
+fn transport_features(t: &mut MmioTransport) -> u64 {
+    crate::virtio::test_driver::write32(t, 0x014, 0);
+    let low = read32(t, 0x010);
+    crate::virtio::test_driver::write32(t, 0x014, 1);
+    u64::from(low) | u64::from(read32(t, 0x010)) << 32
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.disk);
+    }
+}
+
+impl Rig {
+    fn header(&self, kind: u32, sector: u64) {
+        self.mem.write_obj(kind, GuestAddress(HEADER)).unwrap();
+        self.mem.write_obj(0u32, GuestAddress(HEADER + 4)).unwrap();
+        self.mem
+            .write_obj(sector, GuestAddress(HEADER + 8))
+            .unwrap();
+        self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    }
+
+    /// Submits a chain and runs the device; returns (status byte, used len).
+    fn submit(&mut self, buffers: &[(u64, u32, bool)]) -> (u8, u32) {
+        self.driver.queues[0].add_chain(&self.mem, buffers);
+        self.run()
+    }
+
+    fn submit_raw(&mut self, descs: &[Desc]) -> (u8, u32) {
+        self.driver.queues[0].add_raw(&self.mem, descs);
+        self.run()
+    }
+
+    fn run(&mut self) -> (u8, u32) {
+        self.transport.process_queue(0);
+        let used = self.driver.queues[0].take_used(&self.mem);
+        let status: u8 = self.mem.read_obj(GuestAddress(STATUS)).unwrap();
+        (status, used.last().map_or(u32::MAX, |u| u.1))
+    }
+
+    fn request(&mut self, kind: u32, sector: u64, data_len: u32, device_writes: bool) -> (u8, u32) {
+        self.header(kind, sector);
+        let mut chain = vec![(HEADER, 16, false)];
+        if data_len > 0 {
+            chain.push((DATA, data_len, device_writes));
+        }
+        chain.push((STATUS, 1, true));
+        self.submit(&chain)
+    }
+
+    fn disk_bytes(&self) -> Vec<u8> {
+        std::fs::read(&self.disk).unwrap()
+    }
+
+    fn needs_reset(&mut self) -> bool {
+        self.transport.status() & 0x40 != 0
+    }
+}
+
+const OK: u8 = 0;
+const IOERR: u8 = 1;
+const UNSUPP: u8 = 2;
+
+#[test]
+fn features_cover_version_1_seg_max_blk_size_and_flush() {
+    let mut r = rig("features", false);
+    let f = transport_features(&mut r.transport);
+    assert_eq!(f, 1 << 32 | 1 << 2 | 1 << 6 | 1 << 9);
+    let mut ro = rig("features-ro", true);
+    assert_eq!(transport_features(&mut ro.transport), f | 1 << 5);
+}
+
+#[test]
+fn config_space_reports_capacity_seg_max_and_block_size() {
+    let mut r = rig("config", false);
+    let mut cap = [0u8; 8];
+    r.transport.read(0x100, &mut cap);
+    assert_eq!(u64::from_le_bytes(cap), DISK_SIZE / 512);
+    assert_eq!(read32(&mut r.transport, 0x100 + 12), SEG_MAX);
+    assert_eq!(read32(&mut r.transport, 0x100 + 20), 512);
+    assert_eq!(read32(&mut r.transport, 0x100 + 0x400), 0);
+}
+
+#[test]
+fn a_partial_last_sector_is_not_exposed() {
+    let (path, file) = temp_disk("partial", &[0u8; 1000]);
+    let block = Block::new(file, 1000, false, "");
+    let mut cap = [0u8; 8];
+    block.read_config(0, &mut cap);
+    assert_eq!(u64::from_le_bytes(cap), 1);
+    std::fs::remove_file(path).unwrap();
+}
+
+#[test]
+fn read_returns_the_disk_contents_and_interrupts() {
+    let mut r = rig("read", false);
+    assert_eq!(r.request(0, 3, 1024, true), (OK, 1025));
+    let mut got = vec![0u8; 1024];
+    r.mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+    assert!(got[..512].iter().all(|b| *b == 3));
+    assert!(got[512..].iter().all(|b| *b == 4));
+    assert_eq!(r.irq.status() & 1, 1);
+}
+
+#[test]
+fn write_lands_at_the_requested_sector_only() {
+    let mut r = rig("write", false);
+    let before = r.disk_bytes();
+    r.mem
+        .write_slice(&[0xab; 1024], GuestAddress(DATA))
+        .unwrap();
+    assert_eq!(r.request(1, 10, 1024, false), (OK, 1));
+    let after = r.disk_bytes();
+    assert_eq!(after.len(), before.len());
+    assert!(after[5120..6144].iter().all(|b| *b == 0xab));
+    assert_eq!(after[..5120], before[..5120]);
+    assert_eq!(after[6144..], before[6144..]);
+}
+
+#[test]
+fn requests_may_split_header_and_data_across_descriptors() {
+    let mut r = rig("split", false);
+    r.header(0, 1);
+    // Header in two pieces, data in two pieces, status alone.
+    let (status, len) = r.submit(&[
+        (HEADER, 8, false),
+        (HEADER + 8, 8, false),
+        (DATA, 256, true),
+        (DATA + 256, 256, true),
+        (STATUS, 1, true),
+    ]);
+    assert_eq!((status, len), (OK, 513));
+    let mut got = vec![0u8; 512];
+    r.mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+    assert!(got.iter().all(|b| *b == 1));
+}
+
+#[test]
+fn the_last_sector_can_be_written_but_not_one_past_it() {
+    let mut r = rig("edge", false);
+    let last = DISK_SIZE / 512 - 1;
+    assert_eq!(r.request(1, last, 512, false).0, OK);
+    let before = r.disk_bytes();
+    assert_eq!(r.request(1, last, 1024, false).0, IOERR);
+    assert_eq!(r.request(1, last + 1, 512, false).0, IOERR);
+    assert_eq!(r.request(0, u64::MAX, 512, true).0, IOERR);
+    assert_eq!(r.request(1, u64::MAX / 512, 512, false).0, IOERR);
+    assert_eq!(r.disk_bytes(), before);
+}
+
+#[test]
+fn lengths_that_are_not_whole_sectors_fail() {
+    let mut r = rig("partial-len", false);
+    let before = r.disk_bytes();
+    assert_eq!(r.request(1, 0, 100, false).0, IOERR);
+    assert_eq!(r.request(0, 0, 100, true).0, IOERR);
+    assert_eq!(r.disk_bytes(), before);
+}
+
+#[test]
+fn flush_succeeds() {
+    let mut r = rig("flush", false);
+    assert_eq!(r.request(4, 0, 0, false), (OK, 1));
+}
+
+#[test]
+fn get_id_returns_the_serial_nul_padded() {
+    let mut r = rig("getid", false);
+    r.mem.write_slice(&[0xee; 20], GuestAddress(DATA)).unwrap();
+    assert_eq!(r.request(8, 0, 20, true), (OK, 21));
+    let mut id = [0u8; 20];
+    r.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+    assert_eq!(&id[..13], b"disk-serial-1");
+    assert!(id[13..].iter().all(|b| *b == 0));
+}
+
+#[test]
+fn unknown_request_types_are_unsupported() {
+    let mut r = rig("unsupp", false);
+    assert_eq!(r.request(11, 0, 0, false), (UNSUPP, 1));
+    assert_eq!(r.request(0xdead, 0, 512, true), (UNSUPP, 1));
+}
+
+#[test]
+fn read_only_disk_refuses_writes_but_reads() {
+    let mut r = rig("ro", true);
+    let before = r.disk_bytes();
+    r.mem.write_slice(&[0xab; 512], GuestAddress(DATA)).unwrap();
+    assert_eq!(r.request(1, 0, 512, false).0, IOERR);
+    assert_eq!(r.disk_bytes(), before);
+    assert_eq!(r.request(0, 2, 512, true).0, OK);
+    assert_eq!(r.request(4, 0, 0, false).0, OK);
+}
+
+#[test]
+fn data_outside_guest_memory_fails_the_request_without_touching_the_disk() {
+    let mut r = rig("outside", false);
+    let before = r.disk_bytes();
+    r.header(1, 0);
+    assert_eq!(
+        r.submit(&[
+            (HEADER, 16, false),
+            (0x7fff_0000, 512, false),
+            (STATUS, 1, true)
+        ])
+        .0,
+        IOERR
+    );
+    r.header(0, 0);
+    assert_eq!(
+        r.submit(&[
+            (HEADER, 16, false),
+            (0xf_ff00, 512, true),
+            (STATUS, 1, true)
+        ])
+        .0,
+        IOERR
+    );
+    assert_eq!(r.disk_bytes(), before);
+    assert!(!r.needs_reset());
+}
+
+#[test]
+fn header_outside_guest_memory_or_short_fails_the_request() {
+    let mut r = rig("badheader", false);
+    r.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    assert_eq!(
+        r.submit(&[(u64::MAX - 8, 16, false), (STATUS, 1, true)]).0,
+        IOERR
+    );
+    r.header(0, 0);
+    assert_eq!(r.submit(&[(HEADER, 8, false), (STATUS, 1, true)]).0, IOERR);
+}
+
+#[test]
+fn wrong_direction_fails_the_request() {
+    let mut r = rig("direction", false);
+    let before = r.disk_bytes();
+    // Header marked device-writable.
+    r.header(1, 0);
+    assert_eq!(
+        r.submit(&[(HEADER, 16, true), (DATA, 512, true), (STATUS, 1, true)])
+            .0,
+        IOERR
+    );
+    // Readable data after a writable buffer.
+    r.header(1, 0);
+    assert_eq!(
+        r.submit(&[
+            (HEADER, 16, false),
+            (DATA, 512, true),
+            (DATA, 512, false),
+            (STATUS, 1, true)
+        ])
+        .0,
+        IOERR
+    );
+    assert_eq!(r.disk_bytes(), before);
+}
+
+#[test]
+fn too_many_descriptors_fail_the_request() {
+    let mut r = rig("toolong", false);
+    r.header(0, 0);
+    let mut chain = vec![(HEADER, 16, false)];
+    for i in 0..(SEG_MAX as u64 + 1) {
+        chain.push((DATA + i * 512, 512, true));
+    }
+    chain.push((STATUS, 1, true));
+    assert_eq!(r.submit(&chain).0, IOERR);
+    assert!(!r.needs_reset());
+}
+
+#[test]
+fn a_missing_status_byte_needs_reset() {
+    let mut r = rig("nostatus", false);
+    r.header(0, 0);
+    r.submit(&[(HEADER, 16, false), (DATA, 512, false)]);
+    assert!(r.needs_reset());
+    assert!(!r.transport.is_active());
+}
+
+#[test]
+fn a_zero_length_status_buffer_needs_reset() {
+    let mut r = rig("zerostatus", false);
+    r.header(0, 0);
+    r.submit(&[(HEADER, 16, false), (STATUS, 0, true)]);
+    assert!(r.needs_reset());
+}
+
+#[test]
+fn a_descriptor_loop_needs_reset_and_does_not_hang() {
+    let mut r = rig("loop", false);
+    r.header(0, 0);
+    // Slots 0 and 1 point at each other.
+    r.submit_raw(&[
+        Desc {
+            addr: HEADER,
+            len: 16,
+            flags: DESC_NEXT,
+            next: 1,
+        },
+        Desc {
+            addr: DATA,
+            len: 512,
+            flags: DESC_NEXT | DESC_WRITE,
+            next: 0,
+        },
+    ]);
+    assert!(r.needs_reset());
+}
+
+#[test]
+fn a_status_byte_outside_guest_memory_needs_reset() {
+    let mut r = rig("statusoutside", false);
+    r.header(0, 0);
+    r.submit(&[(HEADER, 16, false), (0x7fff_0000, 1, true)]);
+    assert!(r.needs_reset());
+}
+
+#[test]
+fn a_bogus_available_index_needs_reset() {
+    let mut r = rig("availidx", false);
+    // Claim 1000 new buffers in a 256-entry ring.
+    let avail = r.driver.queues[0].desc_table() + 16 * u64::from(QUEUE_SIZE);
+    r.mem.write_obj(1000u16, GuestAddress(avail + 2)).unwrap();
+    r.run();
+    assert!(r.needs_reset());
+}
+
+#[test]
+fn device_works_again_after_reset_and_reinitialisation() {
+    let mut r = rig("reinit", false);
+    r.header(0, 0);
+    r.submit(&[(HEADER, 16, false), (DATA, 512, false)]);
+    assert!(r.needs_reset());
+    let features = transport_features(&mut r.transport);
+    r.driver = Driver::init(&mut r.transport, &r.mem, features, &[QUEUE_SIZE]).unwrap();
+    assert_eq!(r.request(0, 5, 512, true).0, OK);
+}
+
+#[test]
+fn many_requests_in_one_notification_complete_in_order() {
+    let mut r = rig("batch", false);
+    for i in 0..8u64 {
+        r.mem
+            .write_obj(0u32, GuestAddress(HEADER + 16 * i))
+            .unwrap();
+        r.mem
+            .write_obj(i, GuestAddress(HEADER + 16 * i + 8))
+            .unwrap();
+        r.driver.queues[0].add_chain(
+            &r.mem,
+            &[
+                (HEADER + 16 * i, 16, false),
+                (DATA + 512 * i, 512, true),
+                (STATUS + i, 1, true),
+            ],
+        );
+    }
+    r.transport.process_queue(0);
+    let used = r.driver.queues[0].take_used(&r.mem);
+    assert_eq!(used.len(), 8);
+    for i in 0..8u64 {
+        let b: u8 = r.mem.read_obj(GuestAddress(DATA + 512 * i)).unwrap();
+        assert_eq!(b, i as u8);
+        let s: u8 = r.mem.read_obj(GuestAddress(STATUS + i)).unwrap();
+        assert_eq!(s, OK);
+    }
+}

@@ -1,0 +1,586 @@
+//! The virtio-mmio transport, version 2 (virtio 1.2, 4.2).
+//!
+//! One 4 KiB window of registers per device: identification, feature
+//! negotiation, queue setup, interrupt status and acknowledge, device status,
+//! and the device's config space at 0x100. Queue notifications arrive on
+//! eventfds (the VMM registers them with KVM as ioeventfds on QueueNotify,
+//! so a kick costs no exit to moat), and interrupts leave through
+//! [`Interrupt`]'s irqfd.
+
+use std::sync::Arc;
+
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED,
+    VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+};
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{GuestMemoryMmap, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::bus::BusDevice;
+
+/// Size of a device's register window.
+pub const MMIO_WINDOW: u64 = 0x1000;
+/// Offset of QueueNotify, where the VMM places the ioeventfds.
+pub const QUEUE_NOTIFY: u64 = 0x050;
+
+const MAGIC_VALUE: u64 = 0x000;
+const VERSION: u64 = 0x004;
+const DEVICE_ID: u64 = 0x008;
+const VENDOR_ID: u64 = 0x00c;
+const DEVICE_FEATURES: u64 = 0x010;
+const DEVICE_FEATURES_SEL: u64 = 0x014;
+const DRIVER_FEATURES: u64 = 0x020;
+const DRIVER_FEATURES_SEL: u64 = 0x024;
+const QUEUE_SEL: u64 = 0x030;
+const QUEUE_NUM_MAX: u64 = 0x034;
+const QUEUE_NUM: u64 = 0x038;
+const QUEUE_READY: u64 = 0x044;
+const INTERRUPT_STATUS: u64 = 0x060;
+const INTERRUPT_ACK: u64 = 0x064;
+const STATUS: u64 = 0x070;
+const QUEUE_DESC_LOW: u64 = 0x080;
+const QUEUE_DESC_HIGH: u64 = 0x084;
+const QUEUE_DRIVER_LOW: u64 = 0x090;
+const QUEUE_DRIVER_HIGH: u64 = 0x094;
+const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+const CONFIG_GENERATION: u64 = 0x0fc;
+const CONFIG: u64 = 0x100;
+
+/// "virt", little-endian.
+const MAGIC: u32 = 0x7472_6976;
+/// virtio-mmio version 2: the non-legacy interface.
+const MMIO_VERSION: u32 = 2;
+/// Vendor ID reported to the guest ("MOAT" would not fit the usual
+/// PCI-style IDs; virtio only requires consistency).
+const VENDOR: u32 = 0x4d4f_4154;
+
+/// What the driver has written for one queue so far.
+#[derive(Clone, Copy, Debug, Default)]
+struct QueueConfig {
+    max_size: u16,
+    size: u16,
+    ready: bool,
+    desc: u64,
+    driver: u64,
+    device: u64,
+}
+
+impl QueueConfig {
+    fn new(max_size: u16) -> Self {
+        Self {
+            max_size,
+            size: max_size,
+            ..Default::default()
+        }
+    }
+
+    /// A virtio-queue `Queue` with these settings, if they describe a queue
+    /// that lies in guest memory.
+    fn build(&self, mem: &GuestMemoryMmap) -> Option<Queue> {
+        let mut queue = Queue::new(self.max_size).ok()?;
+        queue.set_size(self.size);
+        let split = |addr: u64| (Some(addr as u32), Some((addr >> 32) as u32));
+        let (lo, hi) = split(self.desc);
+        queue.set_desc_table_address(lo, hi);
+        let (lo, hi) = split(self.driver);
+        queue.set_avail_ring_address(lo, hi);
+        let (lo, hi) = split(self.device);
+        queue.set_used_ring_address(lo, hi);
+        queue.set_ready(true);
+        (queue.size() == self.size && queue.is_valid(mem)).then_some(queue)
+    }
+}
+
+fn set_low(value: &mut u64, low: u32) {
+    *value = (*value & !0xffff_ffff) | u64::from(low);
+}
+
+fn set_high(value: &mut u64, high: u32) {
+    *value = (*value & 0xffff_ffff) | (u64::from(high) << 32);
+}
+
+/// A virtio device behind virtio-mmio registers.
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    queue_events: Vec<EventFd>,
+    queues: Vec<QueueConfig>,
+    queue_sel: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    status: u32,
+    active: bool,
+}
+
+impl MmioTransport {
+    /// Wraps `device`; `interrupt` is its interrupt line.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+    ) -> std::io::Result<Self> {
+        let queues: Vec<QueueConfig> = device
+            .queue_max_sizes()
+            .iter()
+            .map(|max| QueueConfig::new(*max))
+            .collect();
+        let queue_events = queues
+            .iter()
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(Self {
+            device,
+            mem,
+            interrupt,
+            queue_events,
+            queues,
+            queue_sel: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            status: 0,
+            active: false,
+        })
+    }
+
+    /// One eventfd per queue, signalled when the driver notifies it.
+    pub fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    /// The device status register.
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    /// Whether the driver brought the device up and it is running.
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+
+    /// The driver notified queue `index` (its eventfd fired): let the device
+    /// process it. Notifications before DRIVER_OK or after a failure are
+    /// dropped, as the spec allows.
+    pub fn process_queue(&mut self, index: usize) {
+        if !self.active || index >= self.queues.len() {
+            return;
+        }
+        if let Err(e) = self.device.process_queue(index, &self.mem, &self.interrupt) {
+            self.fail(&e.0);
+        }
+    }
+
+    /// The device hit an error the driver caused: stop it and ask for a
+    /// reset (virtio 1.2, 2.1.2).
+    fn fail(&mut self, _reason: &str) {
+        self.active = false;
+        self.device.reset();
+        self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+        self.interrupt.signal_config_change();
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut QueueConfig> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn reset(&mut self) {
+        if self.active {
+            self.device.reset();
+        }
+        self.active = false;
+        self.status = 0;
+        self.driver_features = 0;
+        self.queue_sel = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        for queue in &mut self.queues {
+            *queue = QueueConfig::new(queue.max_size);
+        }
+        self.interrupt.clear();
+    }
+
+    /// Features the driver may accept: those offered, VERSION_1 included.
+    fn features_acceptable(&self) -> bool {
+        let offered = self.device.features();
+        self.driver_features & !offered == 0 && self.driver_features & VIRTIO_F_VERSION_1 != 0
+    }
+
+    fn set_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        // The driver only adds bits (virtio 1.2, 3.1.1); anything else,
+        // other than FAILED, is ignored.
+        if value & self.status != self.status {
+            return;
+        }
+        let added = value & !self.status;
+        if added & VIRTIO_CONFIG_S_FEATURES_OK != 0 && !self.features_acceptable() {
+            // Leaving FEATURES_OK clear tells the driver we refuse.
+            self.status = value & !VIRTIO_CONFIG_S_FEATURES_OK;
+            return;
+        }
+        self.status = value;
+        if added & VIRTIO_CONFIG_S_DRIVER_OK != 0 && self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0
+        {
+            self.activate();
+        }
+        if added & VIRTIO_CONFIG_S_FAILED != 0 && self.active {
+            self.active = false;
+            self.device.reset();
+        }
+    }
+
+    fn activate(&mut self) {
+        let queues: Option<Vec<Queue>> = self
+            .queues
+            .iter()
+            .map(|q| q.ready.then(|| q.build(&self.mem)).flatten())
+            .collect();
+        let result = match queues {
+            Some(queues) => self.device.activate(self.driver_features, queues),
+            None => Err(super::DeviceError(
+                "a queue is not ready or lies outside guest memory".into(),
+            )),
+        };
+        match result {
+            Ok(()) => self.active = true,
+            Err(e) => self.fail(&e.0),
+        }
+    }
+
+    fn read_register(&self, offset: u64) -> u32 {
+        let queue = self.queues.get(self.queue_sel as usize);
+        match offset {
+            MAGIC_VALUE => MAGIC,
+            VERSION => MMIO_VERSION,
+            DEVICE_ID => self.device.device_type(),
+            VENDOR_ID => VENDOR,
+            DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.device.features() as u32,
+                1 => (self.device.features() >> 32) as u32,
+                _ => 0,
+            },
+            QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max_size)),
+            QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready)),
+            INTERRUPT_STATUS => self.interrupt.status(),
+            STATUS => self.status,
+            CONFIG_GENERATION => 0,
+            _ => 0,
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, value: u32) {
+        // Feature and queue setup is only allowed during initialisation.
+        let negotiating = self.status & VIRTIO_CONFIG_S_DRIVER != 0
+            && self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0;
+        let configuring = self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0
+            && self.status & VIRTIO_CONFIG_S_DRIVER_OK == 0;
+        match offset {
+            DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            DRIVER_FEATURES if negotiating => match self.driver_features_sel {
+                0 => set_low(&mut self.driver_features, value),
+                1 => set_high(&mut self.driver_features, value),
+                _ => {}
+            },
+            QUEUE_SEL => self.queue_sel = value,
+            QUEUE_NOTIFY => {
+                // Normally KVM's ioeventfd catches this write; without one,
+                // forward it the same way.
+                if let Some(event) = self.queue_events.get(value as usize) {
+                    let _ = event.write(1);
+                }
+            }
+            INTERRUPT_ACK => self.interrupt.ack(value),
+            STATUS => self.set_status(value),
+            QUEUE_NUM | QUEUE_READY | QUEUE_DESC_LOW | QUEUE_DESC_HIGH | QUEUE_DRIVER_LOW
+            | QUEUE_DRIVER_HIGH | QUEUE_DEVICE_LOW | QUEUE_DEVICE_HIGH
+                if configuring =>
+            {
+                if let Some(queue) = self.selected_queue() {
+                    match offset {
+                        QUEUE_NUM => queue.size = value as u16,
+                        QUEUE_READY => queue.ready = value == 1,
+                        QUEUE_DESC_LOW => set_low(&mut queue.desc, value),
+                        QUEUE_DESC_HIGH => set_high(&mut queue.desc, value),
+                        QUEUE_DRIVER_LOW => set_low(&mut queue.driver, value),
+                        QUEUE_DRIVER_HIGH => set_high(&mut queue.driver, value),
+                        QUEUE_DEVICE_LOW => set_low(&mut queue.device, value),
+                        _ => set_high(&mut queue.device, value),
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG {
+            self.device.read_config(offset - CONFIG, data);
+        } else if data.len() == 4 && offset.is_multiple_of(4) {
+            data.copy_from_slice(&self.read_register(offset).to_le_bytes());
+        } else {
+            // Registers are 32 bits wide and aligned (4.2.2.2).
+            data.fill(0);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG {
+            self.device.write_config(offset - CONFIG, data);
+        } else if let (Ok(bytes), 0) = (<[u8; 4]>::try_from(data), offset % 4) {
+            self.write_register(offset, u32::from_le_bytes(bytes));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::test_driver::{self, Driver};
+    use crate::virtio::DeviceError;
+    use std::sync::Mutex;
+    use vm_memory::GuestAddress;
+
+    /// A device that records what the transport does to it.
+    #[derive(Default)]
+    struct Recorder {
+        log: Arc<Mutex<Vec<String>>>,
+        fail_activate: bool,
+        fail_process: bool,
+    }
+
+    impl VirtioDevice for Recorder {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16, 8]
+        }
+        fn features(&self) -> u64 {
+            VIRTIO_F_VERSION_1 | 1 << 5
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            data.fill(offset as u8);
+        }
+        fn activate(&mut self, features: u64, queues: Vec<Queue>) -> Result<(), DeviceError> {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("activate {features:#x} {}", queues.len()));
+            if self.fail_activate {
+                return Err(DeviceError("no".into()));
+            }
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.log.lock().unwrap().push("reset".into());
+        }
+        fn process_queue(
+            &mut self,
+            index: usize,
+            _: &GuestMemoryMmap,
+            irq: &Interrupt,
+        ) -> Result<(), DeviceError> {
+            self.log.lock().unwrap().push(format!("process {index}"));
+            if self.fail_process {
+                return Err(DeviceError("bad chain".into()));
+            }
+            irq.signal_used_queue();
+            Ok(())
+        }
+    }
+
+    fn setup(dev: Recorder) -> (MmioTransport, Arc<Mutex<Vec<String>>>, GuestMemoryMmap) {
+        let log = dev.log.clone();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let irq = Arc::new(Interrupt::new().unwrap());
+        (
+            MmioTransport::new(Box::new(dev), mem.clone(), irq).unwrap(),
+            log,
+            mem,
+        )
+    }
+
+    fn read(t: &mut MmioTransport, offset: u64) -> u32 {
+        test_driver::read32(t, offset)
+    }
+
+    #[test]
+    fn identifies_as_a_version_2_virtio_mmio_device() {
+        let (mut t, _, _) = setup(Recorder::default());
+        assert_eq!(read(&mut t, MAGIC_VALUE), 0x7472_6976);
+        assert_eq!(read(&mut t, VERSION), 2);
+        assert_eq!(read(&mut t, DEVICE_ID), 42);
+        assert_eq!(read(&mut t, VENDOR_ID), VENDOR);
+    }
+
+    #[test]
+    fn offers_features_in_two_halves() {
+        let (mut t, _, _) = setup(Recorder::default());
+        test_driver::write32(&mut t, DEVICE_FEATURES_SEL, 0);
+        assert_eq!(read(&mut t, DEVICE_FEATURES), 1 << 5);
+        test_driver::write32(&mut t, DEVICE_FEATURES_SEL, 1);
+        assert_eq!(read(&mut t, DEVICE_FEATURES), 1);
+        test_driver::write32(&mut t, DEVICE_FEATURES_SEL, 2);
+        assert_eq!(read(&mut t, DEVICE_FEATURES), 0);
+    }
+
+    #[test]
+    fn full_initialisation_activates_the_device_with_the_accepted_features() {
+        let (mut t, log, mem) = setup(Recorder::default());
+        let driver = Driver::init(&mut t, &mem, VIRTIO_F_VERSION_1, &[16, 8]).unwrap();
+        assert!(t.is_active());
+        assert_eq!(t.status(), 0xf);
+        assert_eq!(log.lock().unwrap().as_slice(), ["activate 0x100000000 2"]);
+        drop(driver);
+    }
+
+    #[test]
+    fn features_not_offered_are_refused_at_features_ok() {
+        let (mut t, _, mem) = setup(Recorder::default());
+        let err = Driver::init(&mut t, &mem, VIRTIO_F_VERSION_1 | 1 << 7, &[16, 8]).unwrap_err();
+        assert!(err.contains("FEATURES_OK"), "{err}");
+        assert!(!t.is_active());
+    }
+
+    #[test]
+    fn a_driver_without_version_1_is_refused() {
+        let (mut t, _, mem) = setup(Recorder::default());
+        assert!(Driver::init(&mut t, &mem, 1 << 5, &[16, 8]).is_err());
+    }
+
+    #[test]
+    fn a_queue_outside_guest_memory_fails_activation_with_needs_reset() {
+        let (mut t, log, mem) = setup(Recorder::default());
+        test_driver::write32(&mut t, STATUS, 1);
+        test_driver::write32(&mut t, STATUS, 3);
+        test_driver::write32(&mut t, DRIVER_FEATURES_SEL, 1);
+        test_driver::write32(&mut t, DRIVER_FEATURES, 1);
+        test_driver::write32(&mut t, STATUS, 0xb);
+        for q in 0..2 {
+            test_driver::write32(&mut t, QUEUE_SEL, q);
+            test_driver::write32(&mut t, QUEUE_NUM, 8);
+            test_driver::write32(&mut t, QUEUE_DESC_LOW, 0xffff_0000);
+            test_driver::write32(&mut t, QUEUE_DESC_HIGH, 0x10);
+            test_driver::write32(&mut t, QUEUE_READY, 1);
+        }
+        test_driver::write32(&mut t, STATUS, 0xf);
+        assert!(!t.is_active());
+        assert_ne!(t.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+        assert!(
+            !log.lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.starts_with("activate")),
+            "device never activated"
+        );
+        assert_ne!(
+            read(&mut t, INTERRUPT_STATUS) & super::super::interrupt::INT_CONFIG,
+            0
+        );
+        drop(mem);
+    }
+
+    #[test]
+    fn a_failed_activation_sets_needs_reset_and_reset_recovers() {
+        let (mut t, log, mem) = setup(Recorder {
+            fail_activate: true,
+            ..Default::default()
+        });
+        assert!(Driver::init(&mut t, &mem, VIRTIO_F_VERSION_1, &[16, 8]).is_err());
+        assert_ne!(t.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+        test_driver::write32(&mut t, STATUS, 0);
+        assert_eq!(t.status(), 0);
+        assert_eq!(read(&mut t, INTERRUPT_STATUS), 0);
+        assert!(log.lock().unwrap().contains(&"reset".to_string()));
+    }
+
+    #[test]
+    fn queue_errors_put_the_device_in_needs_reset() {
+        let (mut t, log, mem) = setup(Recorder {
+            fail_process: true,
+            ..Default::default()
+        });
+        Driver::init(&mut t, &mem, VIRTIO_F_VERSION_1, &[16, 8]).unwrap();
+        t.process_queue(0);
+        assert!(!t.is_active());
+        assert_ne!(t.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+        t.process_queue(0);
+        assert_eq!(
+            log.lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.starts_with("process"))
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn notifications_before_driver_ok_are_ignored() {
+        let (mut t, log, _) = setup(Recorder::default());
+        t.process_queue(0);
+        t.process_queue(99);
+        assert!(log.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn interrupt_status_is_read_and_acknowledged() {
+        let (mut t, _, mem) = setup(Recorder::default());
+        Driver::init(&mut t, &mem, VIRTIO_F_VERSION_1, &[16, 8]).unwrap();
+        t.process_queue(1);
+        assert_eq!(read(&mut t, INTERRUPT_STATUS), 1);
+        test_driver::write32(&mut t, INTERRUPT_ACK, 1);
+        assert_eq!(read(&mut t, INTERRUPT_STATUS), 0);
+    }
+
+    #[test]
+    fn queue_notify_writes_reach_the_queue_eventfd() {
+        let (mut t, _, _) = setup(Recorder::default());
+        test_driver::write32(&mut t, QUEUE_NOTIFY, 1);
+        assert_eq!(t.queue_events()[1].read().unwrap(), 1);
+        test_driver::write32(&mut t, QUEUE_NOTIFY, 7);
+    }
+
+    #[test]
+    fn queue_setup_is_ignored_outside_initialisation() {
+        let (mut t, _, _) = setup(Recorder::default());
+        test_driver::write32(&mut t, QUEUE_SEL, 0);
+        test_driver::write32(&mut t, QUEUE_READY, 1);
+        assert_eq!(read(&mut t, QUEUE_READY), 0);
+        test_driver::write32(&mut t, QUEUE_SEL, 9);
+        assert_eq!(read(&mut t, QUEUE_NUM_MAX), 0);
+    }
+
+    #[test]
+    fn status_bits_cannot_be_cleared_except_by_reset() {
+        let (mut t, _, _) = setup(Recorder::default());
+        test_driver::write32(&mut t, STATUS, 3);
+        test_driver::write32(&mut t, STATUS, 1);
+        assert_eq!(t.status(), 3);
+    }
+
+    #[test]
+    fn config_space_and_odd_accesses() {
+        let (mut t, _, _) = setup(Recorder::default());
+        let mut b = [0u8; 1];
+        t.read(CONFIG + 3, &mut b);
+        assert_eq!(b, [3]);
+        let mut two = [0xffu8; 2];
+        t.read(STATUS, &mut two);
+        assert_eq!(two, [0, 0]);
+        t.write(STATUS + 1, &[1, 2, 3, 4]);
+        t.write(STATUS, &[1]);
+        assert_eq!(t.status(), 0);
+        t.read(0xfff, &mut b);
+    }
+}

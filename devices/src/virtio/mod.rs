@@ -1,0 +1,71 @@
+//! Virtio devices (virtio 1.2) and their virtio-mmio transport.
+//!
+//! A [`VirtioDevice`] is the device-specific part: features, config space,
+//! and what to do with its queues. [`mmio::MmioTransport`] is the register
+//! interface the guest's `virtio_mmio` driver talks to; it negotiates
+//! features, tracks the device status, sets up the queues and hands them to
+//! the device when the driver is ready.
+
+pub mod block;
+mod interrupt;
+pub mod mmio;
+#[cfg(any(test, feature = "test-driver"))]
+pub mod test_driver;
+
+use std::fmt;
+
+pub use interrupt::Interrupt;
+use virtio_queue::Queue;
+
+/// Guest memory as devices see it.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+
+/// VIRTIO_F_VERSION_1 (virtio 1.2, 6): the device follows the 1.x spec.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+
+/// A device failure the guest caused: the device stops, reports
+/// NEEDS_RESET, and waits for the driver to reset it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct DeviceError(pub String);
+
+impl fmt::Display for DeviceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The device-specific half of a virtio device.
+pub trait VirtioDevice: Send {
+    /// Virtio device ID (virtio 1.2, 5).
+    fn device_type(&self) -> u32;
+
+    /// The largest size each queue may have; the length is the queue count.
+    fn queue_max_sizes(&self) -> &[u16];
+
+    /// Feature bits the device offers.
+    fn features(&self) -> u64;
+
+    /// Reads device config space at `offset`. Out-of-range bytes read 0.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+
+    /// Writes device config space. Most devices have nothing writable.
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    /// The driver finished initialisation: start using `queues` (one per
+    /// entry of `queue_max_sizes`, set up by the driver) with the features
+    /// it accepted.
+    fn activate(&mut self, acked_features: u64, queues: Vec<Queue>) -> Result<(), DeviceError>;
+
+    /// Forget the queues and any in-flight state (device reset).
+    fn reset(&mut self);
+
+    /// The driver notified queue `index`: process what it made available
+    /// and raise `interrupt` as needed. An error puts the device in
+    /// NEEDS_RESET.
+    fn process_queue(
+        &mut self,
+        index: usize,
+        mem: &GuestMemoryMmap,
+        interrupt: &Interrupt,
+    ) -> Result<(), DeviceError>;
+}
