@@ -3,18 +3,24 @@
 # /dev/kvm, under QEMU microvm with TCG and emulated SVM (this host's own
 # /dev/kvm cannot run a Linux guest to userspace).
 #
-#   rig.sh [--timeout SECS] [--file PATH]... [--mem MiB] -- COMMAND [ARGS...]
+#   rig.sh [--timeout SECS] [--file PATH]... [--disk PATH]... [--mem MiB]
+#          -- COMMAND [ARGS...]
 #
 # COMMAND (with the shared libraries and loader that ldd lists, if it is a
 # dynamic ELF) and each --file PATH are copied into L1 at their absolute host
 # paths; L1 starts COMMAND in the host's current directory, on the console
 # as its controlling terminal. The console is QEMU's stdio, passed through
 # untouched (signal=off: Ctrl-C goes to L1).
+# Each --disk PATH (an existing, writable regular file) is NOT copied: it is
+# L1's virtio-blk disk /dev/vda, vdb, ... (in --disk order), and PATH in L1 is
+# a symlink to that device, so writes reach the host file (in it when rig.sh
+# returns; not on timeout). COMMAND sees a block device: get the size with
+# lseek(SEEK_END) or BLKGETSIZE64, not st_size.
 #
 # Exit status: COMMAND's exit status in L1; 124 on timeout (default 300 s,
 # 0 for none);
 # 125 if the rig itself failed (images, QEMU, L1 crash/panic).
-# RIG_VERBOSE=1 prints timings (time to /rig/cmd start) on stderr.
+# RIG_VERBOSE=1 prints timings (time to /rig/cmd start) and disks on stderr.
 set -euo pipefail
 
 start=$EPOCHREALTIME
@@ -23,18 +29,21 @@ verbose=${RIG_VERBOSE:-0}
 [[ $verbose == 0 ]] && verbose=
 
 die() { echo "rig: $*" >&2; exit 125; }
-usage() { sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 125; }
+usage() { sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 125; }
 elapsed() { printf '%.2f' "$(bc <<<"$EPOCHREALTIME - $start")"; }
 
 timeout_s=300
 mem=2048
 files=()
+disks=()
 while [[ $# -gt 0 ]]; do
     case $1 in
         --timeout) [[ $# -ge 2 ]] || usage; timeout_s=$2; shift 2 ;;
         --timeout=*) timeout_s=${1#*=}; shift ;;
         --file) [[ $# -ge 2 ]] || usage; files+=("$2"); shift 2 ;;
         --file=*) files+=("${1#*=}"); shift ;;
+        --disk) [[ $# -ge 2 ]] || usage; disks+=("$2"); shift 2 ;;
+        --disk=*) disks+=("${1#*=}"); shift ;;
         --mem) [[ $# -ge 2 ]] || usage; mem=$2; shift 2 ;;
         --mem=*) mem=${1#*=}; shift ;;
         --) shift; break ;;
@@ -46,6 +55,38 @@ done
 # timeout(1) treats 0 as "no time limit", which interactive use wants.
 [[ $timeout_s =~ ^[0-9]+$ ]] || die "--timeout wants a number of seconds (0: no limit)"
 [[ $mem =~ ^[0-9]+$ ]] || die "--mem wants MiB"
+
+abspath() { if [[ $1 == /* ]]; then echo "$1"; else echo "$PWD/$1"; fi; }
+ident() { stat -L -c '%d:%i' -- "$1"; }
+
+# --disk PATH: L1's /dev/vda, vdb, ... in order; PATH (made absolute, "."
+# and ".." removed without resolving symlinks) becomes a symlink to it in L1.
+disk_paths=() disk_ids=() disk_devs=()
+for d in "${disks[@]}"; do
+    p=$(realpath -s -m -- "$(abspath "$d")")
+    [[ $p != *$'\n'* ]] || die "--disk: newline in path: $p"
+    [[ -e $p ]] || die "--disk: no such file: $p (create the image first)"
+    [[ -f $p ]] || die "--disk: not a regular file: $p"
+    [[ -r $p && -w $p ]] || die "--disk: not readable and writable: $p"
+    id=$(ident "$p")
+    for i in "${!disk_ids[@]}"; do
+        [[ ${disk_ids[i]} != "$id" ]] || die "--disk given twice for one file: ${disk_paths[i]} and $p"
+    done
+    (( ${#disk_paths[@]} < 26 )) || die "--disk: at most 26 disks (vda..vdz)"
+    letters=abcdefghijklmnopqrstuvwxyz
+    disk_devs+=("vd${letters:${#disk_paths[@]}:1}")
+    disk_paths+=("$p")
+    disk_ids+=("$id")
+done
+for f in "${files[@]}"; do
+    fp=$(abspath "$f")
+    [[ -f $fp ]] || continue
+    id=$(ident "$fp")
+    for i in "${!disk_ids[@]}"; do
+        [[ ${disk_ids[i]} != "$id" ]] ||
+            die "$f is given as both --file and --disk (${disk_paths[i]}): a disk is not copied, L1 writes to it; drop the --file"
+    done
+done
 
 if [[ -n $verbose ]]; then quiet_cached=0; else quiet_cached=1; fi
 images=$(MOAT_QUIET_CACHED=$quiet_cached "$here/build-images.sh") || die "build-images.sh failed"
@@ -101,7 +142,6 @@ add_elf_deps() {
         cp -L --preserve=mode "$lib" "$stage$lib"
     done < <(awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }' <<<"$out")
 }
-abspath() { if [[ $1 == /* ]]; then echo "$1"; else echo "$PWD/$1"; fi; }
 
 # The command: a path (absolute or relative) or a name looked up in PATH.
 cmd=("$@")
@@ -114,6 +154,11 @@ for f in "${files[@]}"; do
     add_path "$(abspath "$f")"
 done
 mkdir -p "$stage$PWD"
+# A --file directory may hold a --disk image: the disk's symlink replaces it.
+for i in "${!disk_paths[@]}"; do
+    rm -rf "${stage:?}${disk_paths[i]}"
+    printf '%s %s\n' "${disk_devs[i]}" "${disk_paths[i]}" >>"$stage/rig/disks"
+done
 
 # POSIX single-quoting (safe for busybox sh).
 q() { local s=${1//\'/\'\\\'\'}; printf "'%s'" "$s"; }
@@ -144,13 +189,25 @@ rcfile=$tmp/rc
 # shellcheck disable=SC2054  # commas belong to QEMU options
 qemu=(
     qemu-system-x86_64
-    -M microvm,x-option-roms=off,rtc=off -accel tcg -cpu max -m "$mem" -smp 1
+    -M microvm,acpi=off,x-option-roms=off,rtc=off -accel tcg -cpu max -m "$mem" -smp 1
     -nodefaults -no-user-config -display none -monitor none -no-reboot
     -kernel "$RIG_KERNEL" -initrd "$initrd" -append "$append"
     -chardev stdio,id=con,signal=off -serial chardev:con
     # microvm creates only one ISA serial port itself; add COM2 by hand.
     -chardev "file,id=rc,path=$rcfile" -device isa-serial,chardev=rc,iobase=0x2f8,irq=3
 )
+# Disks: virtio-blk over virtio-mmio. The kernel learns of virtio-mmio devices
+# only from the command line (virtio_mmio.device=, which QEMU adds with
+# acpi=off). cache=writeback: QEMU pwrite()s each guest write into the host
+# file (the guest's sync, run by L1's init before `reboot -f`, also makes QEMU
+# fdatasync) and flushes on exit.
+for i in "${!disk_paths[@]}"; do
+    qemu+=(-drive "file=${disk_paths[i]//,/,,},if=none,id=disk$i,format=raw,cache=writeback"
+           -device "virtio-blk-device,drive=disk$i")
+    if [[ -n $verbose ]]; then
+        echo "rig: disk /dev/${disk_devs[i]} = ${disk_paths[i]} ($(stat -L -c %s -- "${disk_paths[i]}") bytes)" >&2
+    fi
+done
 
 if [[ -n $verbose ]]; then
     echo "rig: starting QEMU after $(elapsed) s" >&2
@@ -195,6 +252,7 @@ if [[ $qrc == 124 || $qrc == 137 ]] && ! grep -q RIG-RC= "$rcfile"; then
     echo "rig: timed out after $timeout_s s" >&2
     exit 124
 fi
+grep -a '^RIG-ERROR' "$rcfile" | tr -d '\r' | sed 's/^RIG-ERROR:* */rig: L1: /' >&2 || true
 rc=$(grep -aoE 'RIG-RC=[0-9]+' "$rcfile" | tail -n1 | cut -d= -f2 || true)
 if [[ -z $rc ]]; then
     [[ -n $verbose ]] || tail -n 30 "$rcfile" | tr -d '\r' | sed 's/^/rig: L1: /' >&2
