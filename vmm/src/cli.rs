@@ -63,6 +63,11 @@ pub struct RunArgs {
     #[arg(long, value_enum, value_name = "PROTOCOL", default_value_t = BootProtocolArg::Auto)]
     pub boot_protocol: BootProtocolArg,
 
+    /// A virtio-blk disk: path=FILE[,readonly=on][,id=NAME]. Repeat for
+    /// more disks; the guest sees them as vda, vdb, ... in this order.
+    #[arg(long, value_name = "path=FILE[,readonly=on][,id=NAME]")]
+    pub disk: Vec<String>,
+
     /// KVM device node.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
     pub kvm: PathBuf,
@@ -111,6 +116,11 @@ impl RunArgs {
         let cpus = config::check_cpus(cpus, u64::from(moat_boot::mptable::MAX_CPUS))?;
         let memory =
             config::parse_size("--memory", &single_value("--memory", &self.memory, "size")?)?;
+        let disks = self
+            .disk
+            .iter()
+            .map(|d| config::parse_disk(d))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(VmConfig {
             kvm_device: self.kvm,
             kernel: self.kernel,
@@ -119,6 +129,7 @@ impl RunArgs {
             cpus,
             memory,
             boot_protocol: self.boot_protocol.into(),
+            disks,
         })
     }
 }
@@ -180,6 +191,14 @@ mod tests {
         assert!(parse(&["--memory", "size=lots"])
             .unwrap_err()
             .starts_with("--memory: 'lots' is not a size"));
+    }
+
+    #[test]
+    fn disks_are_repeatable_and_keep_their_order() {
+        let cfg = parse(&["--disk", "path=/a", "--disk", "path=/b,readonly=on"]).unwrap();
+        let paths: Vec<_> = cfg.disks.iter().map(|d| d.path.to_str().unwrap()).collect();
+        assert_eq!(paths, ["/a", "/b"]);
+        assert!(cfg.disks[1].read_only);
     }
 
     #[test]

@@ -62,6 +62,57 @@ pub enum ConfigError {
     },
 }
 
+/// A virtio-blk disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Backing file or block device.
+    pub path: PathBuf,
+    /// Open read-only and offer VIRTIO_BLK_F_RO.
+    pub read_only: bool,
+    /// Serial number the guest reads (GET_ID), up to 20 bytes.
+    pub id: Option<String>,
+}
+
+/// Longest disk id virtio-blk can report (VIRTIO_BLK_ID_BYTES).
+pub const DISK_ID_MAX: usize = 20;
+
+/// Parses `path=FILE[,readonly=on|off][,id=NAME]`.
+pub fn parse_disk(text: &str) -> Result<DiskConfig, ConfigError> {
+    let syntax = |problem: String| ConfigError::Syntax {
+        option: "--disk",
+        problem,
+    };
+    let mut disk = DiskConfig {
+        path: PathBuf::new(),
+        read_only: false,
+        id: None,
+    };
+    for (key, value) in parse_key_values("--disk", text, &["path", "readonly", "id"])? {
+        match key.as_str() {
+            "path" => disk.path = PathBuf::from(value),
+            "readonly" => {
+                disk.read_only = match value.as_str() {
+                    "on" | "true" => true,
+                    "off" | "false" => false,
+                    _ => return Err(syntax(format!("readonly={value}: expected on or off"))),
+                }
+            }
+            _ => {
+                if value.len() > DISK_ID_MAX || !value.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err(syntax(format!(
+                        "id={value}: expected up to {DISK_ID_MAX} printable ASCII characters"
+                    )));
+                }
+                disk.id = Some(value);
+            }
+        }
+    }
+    if disk.path.as_os_str().is_empty() {
+        return Err(syntax("path=FILE is required".into()));
+    }
+    Ok(disk)
+}
+
 /// Everything needed to build and boot one VM.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -79,6 +130,8 @@ pub struct VmConfig {
     pub memory: u64,
     /// Entry protocol.
     pub boot_protocol: BootProtocol,
+    /// virtio-blk disks, in order (the guest sees vda, vdb, ...).
+    pub disks: Vec<DiskConfig>,
 }
 
 /// Parses a `key=value[,key=value]` list where only `allowed` keys may
@@ -284,6 +337,47 @@ mod tests {
             "--cpus: boot=9 is above the maximum of 8 vCPUs on this host"
         );
         assert_eq!(check_cpus(8, 8).unwrap(), 8);
+    }
+
+    #[test]
+    fn disks_parse_with_defaults_and_options() {
+        assert_eq!(
+            parse_disk("path=/img").unwrap(),
+            DiskConfig {
+                path: "/img".into(),
+                read_only: false,
+                id: None
+            }
+        );
+        assert_eq!(
+            parse_disk("path=/img,readonly=on,id=data-1").unwrap(),
+            DiskConfig {
+                path: "/img".into(),
+                read_only: true,
+                id: Some("data-1".into())
+            }
+        );
+    }
+
+    #[test]
+    fn malformed_disks_name_the_problem() {
+        for (text, problem) in [
+            ("readonly=on", "path=FILE is required"),
+            ("path=/img,readonly=yes", "expected on or off"),
+            (
+                "path=/img,id=this-id-is-far-too-long-for-virtio",
+                "up to 20",
+            ),
+            ("path=/img,id=has space", "printable ASCII"),
+            ("path=/img,cache=none", "unknown key 'cache'"),
+            ("/img", "expected key=value"),
+        ] {
+            let err = parse_disk(text).unwrap_err().to_string();
+            assert!(
+                err.starts_with("--disk: ") && err.contains(problem),
+                "{text}: {err}"
+            );
+        }
     }
 
     #[test]

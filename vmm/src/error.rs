@@ -21,6 +21,8 @@ pub enum KvmOp {
     SetMemory,
     /// KVM_IRQFD.
     Irqfd,
+    /// KVM_IOEVENTFD.
+    Ioeventfd,
     /// KVM_CREATE_VCPU.
     CreateVcpu,
     /// KVM_GET_SUPPORTED_CPUID.
@@ -56,6 +58,7 @@ impl std::fmt::Display for KvmOp {
             KvmOp::GsiRouting => "KVM_SET_GSI_ROUTING",
             KvmOp::SetMemory => "KVM_SET_USER_MEMORY_REGION",
             KvmOp::Irqfd => "KVM_IRQFD",
+            KvmOp::Ioeventfd => "KVM_IOEVENTFD",
             KvmOp::CreateVcpu => "KVM_CREATE_VCPU",
             KvmOp::GetSupportedCpuid => "KVM_GET_SUPPORTED_CPUID",
             KvmOp::SetCpuid => "KVM_SET_CPUID2",

@@ -14,6 +14,7 @@ pub mod exit;
 pub mod signals;
 pub mod terminal;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;
 
 use std::os::fd::AsRawFd;
@@ -41,18 +42,25 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
         .as_deref()
         .map(|path| vm::open_input("--initramfs", path))
         .transpose()?;
+    let disks = virtio::block_devices(&config.disks)?;
     config::check_memory(config.memory, config::host_memory_limit())?;
     let kvm = vm::open_kvm(&config.kvm_device)?;
     config::check_cpus(u64::from(config.cpus), vm::max_vcpus(&kvm))?;
 
-    // The machine: VM, RAM, and the guest's kernel and boot data.
+    // The machine: VM and RAM.
     let vm_fd = vm::create_vm(&kvm)?;
     let memory = vm::create_memory(&vm_fd, config.memory)?;
-    let (entry, page_table) = vm::load_guest(&memory, config, &mut kernel, initramfs.as_mut())?;
 
     // Devices.
     let mut pio = Bus::default();
     let legacy = vm::attach_legacy_devices(&vm_fd, &mut pio)?;
+    let mut mmio = Bus::default();
+    let virtio_devices = virtio::attach(&vm_fd, &memory, &mut mmio, disks)?;
+
+    // The guest's kernel and boot data, which name the devices' slots.
+    let slots: Vec<_> = virtio_devices.iter().map(|d| d.slot).collect();
+    let (entry, page_table) =
+        vm::load_guest(&memory, config, &mut kernel, initramfs.as_mut(), &slots)?;
 
     // vCPUs, all configured before any starts.
     let vcpu_fds = (0..config.cpus)
@@ -61,7 +69,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
     let exit = Arc::new(ExitSignal::new().map_err(|e| Error::Io("create an eventfd", e))?);
     let shared = vcpu::Shared {
         pio: Arc::new(pio),
-        mmio: Arc::new(Bus::default()),
+        mmio: Arc::new(mmio),
         exit: exit.clone(),
         stop: Arc::new(AtomicBool::new(false)),
     };
@@ -80,6 +88,9 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
         reset: legacy.reset,
         termination,
     })));
+    for device in virtio_devices {
+        events.add_subscriber(Arc::new(Mutex::new(device.handler)));
+    }
     let raw_mode =
         terminal::RawMode::enter().map_err(|e| Error::Io("set the terminal to raw mode", e))?;
     events.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(

@@ -18,6 +18,7 @@ use moat_boot::cpu::EntryPoint;
 use moat_boot::{gdt, layout, loader, mptable, paging, GuestMemoryMmap};
 use moat_devices::legacy::{Serial, I8042};
 use moat_devices::trigger::EventFdTrigger;
+use moat_devices::virtio::mmio::MMIO_WINDOW;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::bus::Bus;
@@ -179,6 +180,7 @@ pub fn load_guest(
     config: &VmConfig,
     kernel: &mut File,
     initramfs: Option<&mut File>,
+    virtio_slots: &[crate::virtio::MmioSlot],
 ) -> Result<(EntryPoint, u64), Error> {
     let kernel_info = loader::load_kernel(memory, kernel)?;
     let entry = loader::entry_point(&kernel_info, config.boot_protocol)?;
@@ -186,12 +188,22 @@ pub fn load_guest(
         .map(|file| loader::load_initramfs(memory, file, &kernel_info, config.memory))
         .transpose()?;
 
-    let cmdline = Cmdline::try_from(&config.cmdline, layout::CMDLINE_MAX_SIZE).map_err(|e| {
+    let cmdline_error = |e: linux_loader::cmdline::Error| {
         Error::Config(ConfigError::Syntax {
             option: "--cmdline",
             problem: e.to_string(),
         })
-    })?;
+    };
+    let mut cmdline =
+        Cmdline::try_from(&config.cmdline, layout::CMDLINE_MAX_SIZE).map_err(cmdline_error)?;
+    // The guest finds virtio-mmio devices only through the command line
+    // (there is no ACPI or device tree): virtio_mmio.device=4K@BASE:IRQ.
+    for slot in virtio_slots {
+        let base = vm_memory::GuestAddress(slot.base);
+        cmdline
+            .add_virtio_mmio_device(MMIO_WINDOW, base, slot.irq, None)
+            .map_err(cmdline_error)?;
+    }
     let cmdline_len = loader::write_cmdline(memory, &cmdline)?;
     let info = loader::BootInfo {
         mem_size: config.memory,

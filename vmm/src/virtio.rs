@@ -1,0 +1,235 @@
+//! Placing virtio devices: each gets a 4 KiB virtio-mmio window in the MMIO
+//! hole, an interrupt line, ioeventfds for its queues, a kernel command-line
+//! entry so the guest finds it, and an event-loop handler for its queues.
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use kvm_ioctls::{IoEventAddress, VmFd};
+use moat_boot::{layout, GuestMemoryMmap};
+use moat_devices::virtio::block::Block;
+use moat_devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY};
+use moat_devices::virtio::{Interrupt, VirtioDevice};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::Bus;
+use crate::config::{ConfigError, DiskConfig};
+use crate::error::{Error, KvmOp};
+
+/// The first interrupt line for virtio devices (COM1 has 4).
+const FIRST_IRQ: u32 = 5;
+/// IRQs 5-23 are free on the IOAPIC: at most this many virtio devices.
+pub const MAX_DEVICES: usize = 19;
+
+/// Where the guest finds one virtio-mmio device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MmioSlot {
+    /// Base of the register window.
+    pub base: u64,
+    /// Interrupt line.
+    pub irq: u32,
+}
+
+/// The slot of the `index`th virtio device.
+pub fn slot(index: usize) -> MmioSlot {
+    MmioSlot {
+        base: layout::MMIO_DEVICES_START + index as u64 * MMIO_WINDOW,
+        irq: FIRST_IRQ + index as u32,
+    }
+}
+
+/// Opens a disk image as the user asked: read-only or read-write, with an
+/// advisory lock (shared for read-only, exclusive otherwise) so two moats
+/// cannot write one image. Returns the file and its size.
+pub fn open_disk(disk: &DiskConfig) -> Result<(File, u64), ConfigError> {
+    let error = |reason: String| ConfigError::File {
+        option: "--disk",
+        path: disk.path.clone(),
+        reason,
+    };
+    let mut file = File::options()
+        .read(true)
+        .write(!disk.read_only)
+        .open(&disk.path)
+        .map_err(|e| error(e.to_string()))?;
+    if file.metadata().map_err(|e| error(e.to_string()))?.is_dir() {
+        return Err(error("it is a directory".into()));
+    }
+    let lock = if disk.read_only {
+        libc::LOCK_SH
+    } else {
+        libc::LOCK_EX
+    };
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    if unsafe { libc::flock(file.as_raw_fd(), lock | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(error(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            "it is locked by another process (is another moat using it?)".into()
+        } else {
+            format!("cannot lock it: {e}")
+        }));
+    }
+    // st_size is 0 for block devices; the end offset is right for both.
+    let size = file
+        .seek(SeekFrom::End(0))
+        .map_err(|e| error(e.to_string()))?;
+    Ok((file, size))
+}
+
+/// The block devices for `disks`, opened and locked.
+pub fn block_devices(disks: &[DiskConfig]) -> Result<Vec<Box<dyn VirtioDevice>>, ConfigError> {
+    if disks.len() > MAX_DEVICES {
+        return Err(ConfigError::Syntax {
+            option: "--disk",
+            problem: format!("at most {MAX_DEVICES} virtio devices, not {}", disks.len()),
+        });
+    }
+    disks
+        .iter()
+        .map(|disk| {
+            let (file, size) = open_disk(disk)?;
+            let id = disk.id.as_deref().unwrap_or("");
+            Ok(Box::new(Block::new(file, size, disk.read_only, id)) as Box<dyn VirtioDevice>)
+        })
+        .collect()
+}
+
+/// A virtio device placed on the MMIO bus, with the handler that serves its
+/// queues from the event loop.
+pub struct Attached {
+    /// Where the guest finds it.
+    pub slot: MmioSlot,
+    /// Its event-loop handler.
+    pub handler: QueueHandler,
+}
+
+/// Puts each device behind a virtio-mmio transport on `mmio`, wires its
+/// interrupt (irqfd) and queue notifications (ioeventfds) into KVM.
+pub fn attach(
+    vm: &VmFd,
+    memory: &GuestMemoryMmap,
+    mmio: &mut Bus,
+    devices: Vec<Box<dyn VirtioDevice>>,
+) -> Result<Vec<Attached>, Error> {
+    let io = |what| move |e| Error::Io(what, e);
+    let mut attached = Vec::with_capacity(devices.len());
+    for (index, device) in devices.into_iter().enumerate() {
+        let slot = slot(index);
+        let interrupt = Arc::new(Interrupt::new().map_err(io("create an eventfd"))?);
+        vm.register_irqfd(interrupt.irq_fd(), slot.irq)
+            .map_err(KvmOp::Irqfd.err())?;
+        let transport = MmioTransport::new(device, memory.clone(), interrupt)
+            .map_err(io("create an eventfd"))?;
+        let mut events = Vec::new();
+        for (queue, event) in transport.queue_events().iter().enumerate() {
+            let addr = IoEventAddress::Mmio(slot.base + QUEUE_NOTIFY);
+            vm.register_ioevent(event, &addr, queue as u32)
+                .map_err(KvmOp::Ioeventfd.err())?;
+            events.push(event.try_clone().map_err(io("clone an eventfd"))?);
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        mmio.insert(slot.base, MMIO_WINDOW, transport.clone())
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        attached.push(Attached {
+            slot,
+            handler: QueueHandler { transport, events },
+        });
+    }
+    Ok(attached)
+}
+
+/// Serves a device's queues when the guest notifies them.
+pub struct QueueHandler {
+    transport: Arc<Mutex<MmioTransport>>,
+    events: Vec<EventFd>,
+}
+
+impl MutEventSubscriber for QueueHandler {
+    fn init(&mut self, ops: &mut EventOps) {
+        for (index, event) in self.events.iter().enumerate() {
+            let _ = ops.add(Events::with_data(event, index as u32, EventSet::IN));
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let index = events.data() as usize;
+        if let Some(event) = self.events.get(index) {
+            let _ = event.read();
+        }
+        self.transport
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .process_queue(index);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn scratch(name: &str) -> PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("moat-vmm-disk-{}-{name}", std::process::id()));
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        path
+    }
+
+    fn disk(path: &std::path::Path, read_only: bool) -> DiskConfig {
+        DiskConfig {
+            path: path.to_path_buf(),
+            read_only,
+            id: None,
+        }
+    }
+
+    #[test]
+    fn slots_are_4k_apart_from_irq_5() {
+        assert_eq!(
+            slot(0),
+            MmioSlot {
+                base: 0xc000_0000,
+                irq: 5
+            }
+        );
+        assert_eq!(
+            slot(2),
+            MmioSlot {
+                base: 0xc000_2000,
+                irq: 7
+            }
+        );
+        assert_eq!(slot(MAX_DEVICES - 1).irq, 23);
+    }
+
+    #[test]
+    fn a_locked_disk_is_refused() {
+        let path = scratch("locked");
+        let _first = open_disk(&disk(&path, false)).unwrap();
+        let err = open_disk(&disk(&path, false)).unwrap_err().to_string();
+        assert!(err.contains("locked by another process"), "{err}");
+        let err = open_disk(&disk(&path, true)).unwrap_err().to_string();
+        assert!(err.contains("locked by another process"), "{err}");
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn read_only_disks_can_be_shared() {
+        let path = scratch("shared");
+        let (_a, size) = open_disk(&disk(&path, true)).unwrap();
+        let _b = open_disk(&disk(&path, true)).unwrap();
+        assert_eq!(size, 4096);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn missing_and_directory_disks_are_refused() {
+        let err = open_disk(&disk(std::path::Path::new("/nonexistent.img"), false)).unwrap_err();
+        assert!(err.to_string().contains("No such file"), "{err}");
+        let err = open_disk(&disk(&std::env::temp_dir(), true)).unwrap_err();
+        assert!(err.to_string().contains("directory"), "{err}");
+    }
+}
