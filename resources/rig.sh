@@ -184,6 +184,13 @@ cp "$RIG_INITRAMFS" "$initrd"
 (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) >>"$initrd"
 
 append="console=ttyS1 reboot=t panic=-1 8250.nr_uarts=2 i8042.noaux i8042.nokbd tsc=reliable no_timer_check"
+# TCG's TSC runs at the host's rate. L1 calibrates it against the PIT, which
+# under TCG fails about one boot in six; L1 then marks its TSC unstable and
+# its KVM gives L2 a clock that stalls L2's boot. Tell L1 the rate instead.
+host_mhz=$(awk -F: '/^cpu MHz/ { print $2; exit }' /proc/cpuinfo 2>/dev/null || true)
+if [[ $host_mhz =~ ^[[:space:]]*[0-9]+(\.[0-9]+)?$ ]]; then
+    append+=" tsc_early_khz=$(awk -v m="$host_mhz" 'BEGIN { printf "%d", m * 1000 }')"
+fi
 rcfile=$tmp/rc
 : >"$rcfile"
 # shellcheck disable=SC2054  # commas belong to QEMU options

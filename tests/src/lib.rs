@@ -181,6 +181,8 @@ pub struct Guest {
     timeout: Duration,
     backend: Backend,
     rig_memory_mib: Option<u32>,
+    disks: Vec<PathBuf>,
+    kill_after: Option<String>,
 }
 
 impl Guest {
@@ -195,6 +197,8 @@ impl Guest {
             timeout: Duration::from_secs(240),
             backend: Backend::detect(),
             rig_memory_mib: None,
+            disks: Vec::new(),
+            kill_after: None,
         }
     }
 
@@ -234,6 +238,26 @@ impl Guest {
         self
     }
 
+    /// Gives the guest a virtio-blk disk: `--disk path=PATH[,OPTIONS]`.
+    /// Through the rig, the image is passed to the rig's VM as a disk, so
+    /// the guest's writes reach this file.
+    pub fn disk(mut self, path: &Path, options: &str) -> Guest {
+        let mut arg = format!("path={}", path.display());
+        if !options.is_empty() {
+            arg.push(',');
+            arg.push_str(options);
+        }
+        self.moat_args.extend(["--disk".to_string(), arg]);
+        self.disks.push(path.to_path_buf());
+        self
+    }
+
+    /// Kills moat with SIGKILL as soon as the console shows `marker`.
+    pub fn kill_after(mut self, marker: &str) -> Guest {
+        self.kill_after = Some(marker.to_string());
+        self
+    }
+
     /// How long the whole run may take.
     pub fn timeout(mut self, timeout: Duration) -> Guest {
         self.timeout = timeout;
@@ -268,7 +292,12 @@ impl Guest {
             args.extend(["--initramfs".into(), path_str(&initramfs)]);
         }
         args.extend(self.moat_args.iter().cloned());
-        let mut command = moat_command(self.backend, &args, &files, self.timeout);
+        let mut command = match (&self.kill_after, self.backend) {
+            (Some(marker), Backend::Rig) => {
+                kill_in_rig(marker, &args, &files, &self.disks, self.timeout)
+            }
+            _ => moat_command(self.backend, &args, &files, &self.disks, self.timeout),
+        };
         if let (Backend::Rig, Some(mib)) = (self.backend, self.rig_memory_mib) {
             // rig.sh options go before its "--".
             let mut rig = Command::new(command.get_program());
@@ -277,8 +306,97 @@ impl Guest {
                 .args(command.get_args());
             command = rig;
         }
-        run_command(command, &self.typed, self.timeout)
+        let kill = match (&self.kill_after, self.backend) {
+            (Some(marker), Backend::Direct) => Some(marker.as_str()),
+            _ => None,
+        };
+        run_command(command, &self.typed, kill, self.timeout)
     }
+}
+
+/// Runs moat in the rig under a shell that SIGKILLs it once its output
+/// shows `marker`, then prints that output and exits with moat's status.
+fn kill_in_rig(
+    marker: &str,
+    args: &[String],
+    files: &[PathBuf],
+    disks: &[PathBuf],
+    timeout: Duration,
+) -> Command {
+    let script = r#"log=/tmp/moat-kill.log; marker=$1; shift
+"$@" >"$log" 2>&1 </dev/null & pid=$!
+while kill -0 "$pid" 2>/dev/null && ! grep -q "$marker" "$log"; do sleep 0.1; done
+kill -9 "$pid" 2>/dev/null; wait "$pid"; rc=$?
+cat "$log"; exit "$rc""#;
+    let mut files = files.to_vec();
+    files.push(moat_bin());
+    let mut cmd = moat_command(Backend::Rig, &[], &files, disks, timeout);
+    // Replace "-- moat" with "-- busybox sh -c SCRIPT sh MARKER moat ARGS".
+    let mut rig_args: Vec<std::ffi::OsString> = cmd.get_args().map(|a| a.to_os_string()).collect();
+    rig_args.truncate(rig_args.len() - 1);
+    cmd = Command::new(repo_root().join("resources/rig.sh"));
+    cmd.args(rig_args)
+        .args(["/bin/busybox", "sh", "-c", script, "sh", marker])
+        .arg(moat_bin())
+        .args(args);
+    cmd
+}
+
+/// A copy of the ext4 root filesystem image at `path`, with `script` as
+/// its `/test.sh` (written with debugfs: no mount needed).
+pub fn rootfs_with_script(path: &Path, script: &str) -> PathBuf {
+    std::fs::copy(image("ROOTFS"), path).unwrap_or_else(|e| panic!("copy rootfs: {e}"));
+    let script_file = path.with_extension("test.sh");
+    std::fs::write(&script_file, script).unwrap();
+    debugfs(
+        path,
+        true,
+        &format!("write {} test.sh", script_file.display()),
+    );
+    path.to_path_buf()
+}
+
+/// Runs one debugfs request on an ext4 image; returns stdout.
+fn debugfs(image: &Path, write: bool, request: &str) -> Vec<u8> {
+    let mut cmd = Command::new("debugfs");
+    if write {
+        cmd.arg("-w");
+    }
+    let out = cmd
+        .arg("-R")
+        .arg(request)
+        .arg(image)
+        .output()
+        .unwrap_or_else(|e| panic!("debugfs: {e}"));
+    assert!(
+        out.status.success(),
+        "debugfs {request}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// Checks and repairs an ext4 image (replaying its journal), as the next
+/// mount would; panics if it is beyond repair.
+pub fn fsck(image: &Path) {
+    let out = Command::new("e2fsck")
+        .arg("-fy")
+        .arg(image)
+        .output()
+        .unwrap_or_else(|e| panic!("e2fsck: {e}"));
+    // 0: clean, 1: errors corrected (such as a journal replay).
+    assert!(
+        matches!(out.status.code(), Some(0 | 1)),
+        "e2fsck {}: {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The contents of `path` inside an ext4 image, read with debugfs.
+pub fn debugfs_cat(image: &Path, path: &str) -> Vec<u8> {
+    debugfs(image, false, &format!("cat {path}"))
 }
 
 fn path_str(path: &Path) -> String {
@@ -291,6 +409,7 @@ pub fn moat_command(
     backend: Backend,
     args: &[String],
     files: &[PathBuf],
+    disks: &[PathBuf],
     timeout: Duration,
 ) -> Command {
     match backend {
@@ -306,6 +425,9 @@ pub fn moat_command(
                 .arg((timeout.as_secs() + 30).to_string());
             for file in files {
                 cmd.arg("--file").arg(file);
+            }
+            for disk in disks {
+                cmd.arg("--disk").arg(disk);
             }
             cmd.arg("--").arg(moat_bin()).args(args);
             cmd
@@ -325,7 +447,12 @@ pub fn run_moat(args: &[&str], files: &[PathBuf]) -> Result<Outcome, String> {
         _ if Path::new("/dev/kvm").exists() => Backend::Direct,
         _ => Backend::Rig,
     };
-    run_command(moat_command(backend, &args, files, timeout), &[], timeout)
+    run_command(
+        moat_command(backend, &args, files, &[], timeout),
+        &[],
+        None,
+        timeout,
+    )
 }
 
 /// Output collected from a child, with a condition variable to wait on.
@@ -358,6 +485,7 @@ fn console_text(bytes: &[u8]) -> String {
 fn run_command(
     mut command: Command,
     typed: &[(String, Vec<u8>)],
+    kill_after: Option<&str>,
     timeout: Duration,
 ) -> Result<Outcome, String> {
     let start = Instant::now();
@@ -365,6 +493,8 @@ fn run_command(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    // Its own process group, so a timeout can kill QEMU and helpers too.
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
     let mut child = command
         .spawn()
         .map_err(|e| format!("cannot start {command:?}: {e}"))?;
@@ -383,15 +513,22 @@ fn run_command(
             break status;
         }
         if Instant::now() >= deadline {
+            let processes = process_group_listing(child.id());
             kill(&mut child);
             let text = console_text(&output.bytes.lock().unwrap());
             return Err(format!(
-                "guest run timed out after {} s\n--- console tail ---\n{}",
+                "guest run timed out after {} s\n--- console tail ---\n{}\n--- processes ---\n{}",
                 timeout.as_secs(),
-                tail(&text, 40)
+                tail(&text, 40),
+                processes
             ));
         }
         let guard = output.bytes.lock().unwrap();
+        if kill_after.is_some_and(|marker| console_text(&guard).contains(marker)) {
+            drop(guard);
+            kill(&mut child);
+            continue;
+        }
         if let Some((marker, input)) = next {
             if console_text(&guard).contains(marker.as_str()) {
                 drop(guard);
@@ -421,6 +558,21 @@ fn run_command(
         test_output,
         elapsed: start.elapsed(),
     })
+}
+
+/// What the processes of a hung run were doing, for the failure message.
+fn process_group_listing(pgid: u32) -> String {
+    let out = match Command::new("ps")
+        .args(["-eo", "pgid,pid,stat,wchan:24,etime,args"])
+        .output()
+    {
+        Ok(out) => String::from_utf8_lossy(&out.stdout).into_owned(),
+        Err(e) => return format!("(ps failed: {e})"),
+    };
+    out.lines()
+        .filter(|line| line.split_whitespace().next() == Some(&pgid.to_string()))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Kills the child's whole process group (the rig's QEMU included).

@@ -238,3 +238,38 @@ fn malformed_key_value_is_rejected() {
 fn missing_kernel_option_is_rejected() {
     assert_rejected(&["run"], &[], "--kernel <PATH>");
 }
+
+#[test]
+fn missing_disk_is_rejected() {
+    let k = kernel();
+    assert_rejected(
+        &["run", "--kernel", &k, "--disk", "path=/nonexistent.img"],
+        &[],
+        "--disk: cannot open /nonexistent.img: No such file or directory",
+    );
+}
+
+#[test]
+fn disk_that_is_a_directory_is_rejected() {
+    let k = kernel();
+    assert_rejected(
+        &["run", "--kernel", &k, "--disk", "path=/tmp"],
+        &[],
+        "--disk: cannot open /tmp: it is a directory",
+    );
+}
+
+#[test]
+fn malformed_disk_option_is_rejected() {
+    let k = kernel();
+    assert_rejected(
+        &["run", "--kernel", &k, "--disk", "path=/x,readonly=maybe"],
+        &[],
+        "--disk: readonly=maybe: expected on or off",
+    );
+    assert_rejected(
+        &["run", "--kernel", &k, "--disk", "readonly=on"],
+        &[],
+        "--disk: path=FILE is required",
+    );
+}

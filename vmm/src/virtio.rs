@@ -50,14 +50,16 @@ pub fn open_disk(disk: &DiskConfig) -> Result<(File, u64), ConfigError> {
         path: disk.path.clone(),
         reason,
     };
+    // Checked first: opening a directory for writing fails with a less
+    // helpful error.
+    if std::fs::metadata(&disk.path).is_ok_and(|m| m.is_dir()) {
+        return Err(error("it is a directory".into()));
+    }
     let mut file = File::options()
         .read(true)
         .write(!disk.read_only)
         .open(&disk.path)
         .map_err(|e| error(e.to_string()))?;
-    if file.metadata().map_err(|e| error(e.to_string()))?.is_dir() {
-        return Err(error("it is a directory".into()));
-    }
     let lock = if disk.read_only {
         libc::LOCK_SH
     } else {
