@@ -4,6 +4,16 @@ use std::time::Duration;
 
 use moat_tests::{image, Guest};
 
+/// The guest's MemTotal in KiB, from `grep MemTotal /proc/meminfo` output.
+fn mem_total_kib(output: &str) -> u64 {
+    output
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no MemTotal in {output}"))
+}
+
 #[test]
 fn vmlinux_boots_to_init_and_powers_off() {
     let out = Guest::vmlinux()
@@ -61,12 +71,7 @@ fn memory_size_reaches_the_guest() {
         .run()
         .unwrap();
     out.assert_success();
-    let kib: u64 = out
-        .test_output
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no MemTotal in {}", out.test_output));
+    let kib = mem_total_kib(&out.test_output);
     // The kernel keeps some for itself; MemTotal is a little under 192 MiB.
     assert!(
         (150 * 1024..192 * 1024).contains(&kib),
@@ -139,12 +144,7 @@ fn guest_larger_than_3_gib_gets_ram_above_4_gib() {
         "{}",
         out.test_output
     );
-    let kib: u64 = out
-        .test_output
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no MemTotal in {}", out.test_output));
+    let kib = mem_total_kib(&out.test_output);
     assert!(kib > 3300 * 1024, "MemTotal {kib} KiB");
 }
 
