@@ -174,6 +174,26 @@ impl MmioTransport {
         }
     }
 
+    /// The device's backend descriptor, if it has one.
+    pub fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.device.backend_fd()
+    }
+
+    /// Whether the event loop should poll the backend descriptor now.
+    pub fn backend_wanted(&self) -> bool {
+        self.active && self.device.backend_wanted()
+    }
+
+    /// The backend descriptor is ready: let the device serve it.
+    pub fn process_backend(&mut self) {
+        if !self.active {
+            return;
+        }
+        if let Err(e) = self.device.process_backend(&self.mem, &self.interrupt) {
+            self.fail(&e.0);
+        }
+    }
+
     /// The device hit an error the driver caused: stop it and ask for a
     /// reset (virtio 1.2, 2.1.2).
     fn fail(&mut self, _reason: &str) {

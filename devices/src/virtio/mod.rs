@@ -9,10 +9,12 @@
 pub mod block;
 mod interrupt;
 pub mod mmio;
+pub mod net;
 #[cfg(any(test, feature = "test-driver"))]
 pub mod test_driver;
 
 use std::fmt;
+use std::os::fd::RawFd;
 
 pub use interrupt::Interrupt;
 use virtio_queue::Queue;
@@ -58,6 +60,27 @@ pub trait VirtioDevice: Send {
 
     /// Forget the queues and any in-flight state (device reset).
     fn reset(&mut self);
+
+    /// A host descriptor whose readiness this device serves (a TAP), if any.
+    fn backend_fd(&self) -> Option<RawFd> {
+        None
+    }
+
+    /// Whether the device can use events on [`VirtioDevice::backend_fd`]
+    /// now. A device with nowhere to put more input says no, so the event
+    /// loop stops polling the descriptor instead of spinning on it.
+    fn backend_wanted(&self) -> bool {
+        false
+    }
+
+    /// The backend descriptor is ready.
+    fn process_backend(
+        &mut self,
+        _mem: &GuestMemoryMmap,
+        _interrupt: &Interrupt,
+    ) -> Result<(), DeviceError> {
+        Ok(())
+    }
 
     /// The driver notified queue `index`: process what it made available
     /// and raise `interrupt` as needed. An error puts the device in

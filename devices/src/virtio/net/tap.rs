@@ -1,0 +1,222 @@
+//! TAP devices: the host end of a guest's network card.
+//!
+//! A TAP is opened through /dev/net/tun with IFF_TAP | IFF_NO_PI |
+//! IFF_VNET_HDR, so each read or write is one Ethernet frame preceded by a
+//! 12-byte virtio-net header, exactly what the guest's queues carry.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+
+use super::{NetBackend, NET_HDR_LEN};
+
+const IFF_TAP: u16 = 0x0002;
+const IFF_NO_PI: u16 = 0x1000;
+const IFF_VNET_HDR: u16 = 0x4000;
+// _IOW('T', 202, int), _IOR('T', 210, unsigned int), _IOW('T', 216, int).
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+/// IFNAMSIZ, including the NUL.
+const IFNAMSIZ: usize = 16;
+
+/// Why a TAP could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TapError {
+    /// The name does not fit an interface name.
+    #[error("TAP name '{0}' is empty or longer than 15 bytes")]
+    Name(String),
+    /// /dev/net/tun could not be opened.
+    #[error("cannot open /dev/net/tun: {0}")]
+    OpenTun(#[source] io::Error),
+    /// The kernel refused to attach to or create the TAP.
+    #[error("cannot open TAP {name}: {source}")]
+    Attach {
+        /// The interface name.
+        name: String,
+        /// The error from TUNSETIFF.
+        source: io::Error,
+    },
+    /// A file descriptor handed over is not a usable TAP.
+    #[error("fd {fd} is not a usable TAP: {reason}")]
+    Fd {
+        /// The descriptor.
+        fd: RawFd,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Setting up the opened TAP failed.
+    #[error("cannot set up TAP {name}: {source}")]
+    Setup {
+        /// The interface name.
+        name: String,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+/// An open TAP.
+#[derive(Debug)]
+pub struct Tap {
+    file: File,
+    name: String,
+}
+
+/// An `ifreq` holding a name and flags, the argument of the TUN ioctls.
+#[repr(C)]
+struct IfReq {
+    name: [u8; IFNAMSIZ],
+    flags: u16,
+    _pad: [u8; 22],
+}
+
+impl IfReq {
+    fn name(&self) -> String {
+        let end = self.name.iter().position(|b| *b == 0).unwrap_or(IFNAMSIZ);
+        String::from_utf8_lossy(&self.name[..end]).into_owned()
+    }
+}
+
+fn ioctl(file: &File, request: libc::c_ulong, arg: *mut libc::c_void) -> io::Result<()> {
+    // SAFETY: the TUN ioctls used here read or write at most the object
+    // `arg` points to (an IfReq or a c_int), which the caller owns.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), request, arg) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn set_nonblocking(file: &File) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor we own; no memory is involved.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl Tap {
+    /// Opens the TAP called `name`, creating it if it does not exist and
+    /// moat is allowed to (CAP_NET_ADMIN).
+    pub fn open(name: &str) -> Result<Tap, TapError> {
+        if name.is_empty() || name.len() >= IFNAMSIZ || name.contains('\0') {
+            return Err(TapError::Name(name.to_string()));
+        }
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .map_err(TapError::OpenTun)?;
+        let mut req = IfReq {
+            name: [0; IFNAMSIZ],
+            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+            _pad: [0; 22],
+        };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        ioctl(&file, TUNSETIFF, (&mut req as *mut IfReq).cast()).map_err(|source| {
+            TapError::Attach {
+                name: name.to_string(),
+                source,
+            }
+        })?;
+        Self::finish(file, req.name())
+    }
+
+    /// Takes over `fd`, a TAP a parent process opened with IFF_VNET_HDR.
+    pub fn from_fd(fd: RawFd) -> Result<Tap, TapError> {
+        let bad = |reason: String| TapError::Fd { fd, reason };
+        // SAFETY: F_GETFD only checks that the descriptor is open.
+        if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(bad("it is not an open file descriptor".into()));
+        }
+        // SAFETY: the descriptor is open and the user handed it to moat to
+        // own; nothing else in moat uses it.
+        let file = unsafe { File::from_raw_fd(fd) };
+        let mut req = IfReq {
+            name: [0; IFNAMSIZ],
+            flags: 0,
+            _pad: [0; 22],
+        };
+        ioctl(&file, TUNGETIFF, (&mut req as *mut IfReq).cast())
+            .map_err(|e| bad(format!("TUNGETIFF failed: {e}")))?;
+        if req.flags & IFF_TAP == 0 || req.flags & IFF_VNET_HDR == 0 {
+            return Err(bad(
+                "it must be a TAP opened with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR".into(),
+            ));
+        }
+        Self::finish(file, req.name())
+    }
+
+    fn finish(file: File, name: String) -> Result<Tap, TapError> {
+        let setup = |source| TapError::Setup {
+            name: name.clone(),
+            source,
+        };
+        let mut hdr_len = NET_HDR_LEN as libc::c_int;
+        ioctl(
+            &file,
+            TUNSETVNETHDRSZ,
+            (&mut hdr_len as *mut libc::c_int).cast(),
+        )
+        .map_err(setup)?;
+        set_nonblocking(&file).map_err(setup)?;
+        Ok(Tap { file, name })
+    }
+
+    /// The interface name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl AsRawFd for Tap {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+impl NetBackend for Tap {
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.file.read(buf)
+    }
+
+    fn send(&mut self, frame: &[u8]) -> io::Result<usize> {
+        self.file.write(frame)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_must_fit_an_interface_name() {
+        assert!(matches!(Tap::open(""), Err(TapError::Name(_))));
+        assert!(matches!(
+            Tap::open("a-name-longer-than-15"),
+            Err(TapError::Name(_))
+        ));
+    }
+
+    #[test]
+    fn a_descriptor_that_is_not_a_tap_is_refused() {
+        let err = Tap::from_fd(-1).unwrap_err().to_string();
+        assert!(err.contains("not an open file descriptor"), "{err}");
+        let file = File::open("/dev/null").unwrap();
+        let fd = std::os::fd::IntoRawFd::into_raw_fd(file);
+        let err = Tap::from_fd(fd).unwrap_err().to_string();
+        assert!(err.contains("TUNGETIFF failed"), "{err}");
+    }
+
+    #[test]
+    fn ifreq_has_the_kernel_layout() {
+        assert_eq!(std::mem::size_of::<IfReq>(), 40);
+    }
+}

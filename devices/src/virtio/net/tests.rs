@@ -1,0 +1,286 @@
+//! virtio-net driven through the mmio transport by the test driver, with a
+//! fake TAP.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::*;
+use crate::virtio::mmio::MmioTransport;
+use crate::virtio::test_driver::{Desc, Driver, DESC_WRITE};
+
+#[derive(Default)]
+struct Wire {
+    to_guest: VecDeque<Vec<u8>>,
+    from_guest: Vec<Vec<u8>>,
+    refuse_sends: bool,
+}
+
+struct FakeTap {
+    wire: Arc<Mutex<Wire>>,
+    fd: EventFd,
+}
+
+impl AsRawFd for FakeTap {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl NetBackend for FakeTap {
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.wire.lock().unwrap().to_guest.pop_front() {
+            Some(frame) => {
+                buf[..frame.len()].copy_from_slice(&frame);
+                Ok(frame.len())
+            }
+            None => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+    fn send(&mut self, frame: &[u8]) -> io::Result<usize> {
+        let mut wire = self.wire.lock().unwrap();
+        if wire.refuse_sends {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        wire.from_guest.push(frame.to_vec());
+        Ok(frame.len())
+    }
+}
+
+const MAC: [u8; 6] = [0x02, 1, 2, 3, 4, 5];
+const BUFS: u64 = 0x8_0000;
+
+struct Rig {
+    transport: MmioTransport,
+    driver: Driver,
+    mem: GuestMemoryMmap,
+    wire: Arc<Mutex<Wire>>,
+    irq: Arc<Interrupt>,
+}
+
+fn rig(features: u64) -> Rig {
+    let wire = Arc::new(Mutex::new(Wire::default()));
+    let tap = FakeTap {
+        wire: wire.clone(),
+        fd: EventFd::new(0).unwrap(),
+    };
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+    let irq = Arc::new(Interrupt::new().unwrap());
+    let mut transport = MmioTransport::new(
+        Box::new(Net::new(Box::new(tap), MAC)),
+        mem.clone(),
+        irq.clone(),
+    )
+    .unwrap();
+    let driver = Driver::init(&mut transport, &mem, features, &[QUEUE_SIZE, QUEUE_SIZE]).unwrap();
+    Rig {
+        transport,
+        driver,
+        mem,
+        wire,
+        irq,
+    }
+}
+
+fn all_features() -> u64 {
+    VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_MRG_RXBUF
+}
+
+/// A frame: zeroed vnet header, then `len` payload bytes counting up.
+fn frame(len: usize) -> Vec<u8> {
+    let mut f = vec![0u8; NET_HDR_LEN];
+    f.extend((0..len).map(|i| i as u8));
+    f
+}
+
+impl Rig {
+    fn rx_buffers(&mut self, count: u64, size: u32) {
+        for i in 0..count {
+            self.driver.queues[0].add_chain(&self.mem, &[(BUFS + i * 0x1_0000, size, true)]);
+        }
+    }
+
+    fn read(&self, addr: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        self.mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+        buf
+    }
+
+    fn needs_reset(&self) -> bool {
+        self.transport.status() & 0x40 != 0
+    }
+}
+
+#[test]
+fn offers_version_1_mac_and_mergeable_buffers_and_reports_the_mac() {
+    let net = Net::new(
+        Box::new(FakeTap {
+            wire: Arc::default(),
+            fd: EventFd::new(0).unwrap(),
+        }),
+        MAC,
+    );
+    assert_eq!(net.features(), all_features());
+    let mut mac = [0u8; 8];
+    net.read_config(0, &mut mac);
+    assert_eq!(mac, [2, 1, 2, 3, 4, 5, 0, 0]);
+}
+
+#[test]
+fn transmitted_frames_reach_the_backend_whole() {
+    let mut r = rig(all_features());
+    let f = frame(100);
+    r.mem.write_slice(&f, GuestAddress(BUFS)).unwrap();
+    // Header and payload in separate descriptors, as Linux does.
+    r.driver.queues[1].add_chain(
+        &r.mem,
+        &[(BUFS, NET_HDR_LEN as u32, false), (BUFS + 12, 100, false)],
+    );
+    r.transport.process_queue(1);
+    assert_eq!(r.wire.lock().unwrap().from_guest, vec![f]);
+    assert_eq!(r.driver.queues[1].take_used(&r.mem), vec![(0, 0)]);
+    assert_eq!(r.irq.status() & 1, 1);
+}
+
+#[test]
+fn a_received_frame_fills_one_buffer_with_num_buffers_1() {
+    let mut r = rig(VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MAC);
+    r.rx_buffers(2, 2048);
+    r.wire.lock().unwrap().to_guest.push_back(frame(500));
+    r.transport.process_backend();
+    assert_eq!(r.driver.queues[0].take_used(&r.mem), vec![(0, 512)]);
+    let got = r.read(BUFS, 512);
+    assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1);
+    assert_eq!(got[12..], frame(500)[12..]);
+}
+
+#[test]
+fn mergeable_buffers_split_a_large_frame_and_count_them() {
+    let mut r = rig(all_features());
+    r.rx_buffers(4, 1024);
+    r.wire.lock().unwrap().to_guest.push_back(frame(3000 - 12));
+    r.transport.process_backend();
+    let used = r.driver.queues[0].take_used(&r.mem);
+    assert_eq!(used, vec![(0, 1024), (1, 1024), (2, 952)]);
+    let first = r.read(BUFS, 1024);
+    assert_eq!(u16::from_le_bytes([first[10], first[11]]), 3);
+    let mut whole = first;
+    whole.extend(r.read(BUFS + 0x1_0000, 1024));
+    whole.extend(r.read(BUFS + 0x2_0000, 952));
+    assert_eq!(whole[12..], frame(3000 - 12)[12..]);
+}
+
+#[test]
+fn frames_wait_for_buffers_instead_of_being_dropped() {
+    let mut r = rig(all_features());
+    r.wire
+        .lock()
+        .unwrap()
+        .to_guest
+        .extend([frame(100), frame(200)]);
+    r.transport.process_backend();
+    assert!(!r.transport.backend_wanted(), "stop polling the TAP");
+    assert!(r.driver.queues[0].take_used(&r.mem).is_empty());
+    // A frame larger than the one buffer offered waits too (mergeable).
+    r.rx_buffers(1, 64);
+    r.transport.process_queue(0);
+    assert!(r.driver.queues[0].take_used(&r.mem).is_empty());
+    r.rx_buffers(3, 2048);
+    r.transport.process_queue(0);
+    assert_eq!(
+        r.driver.queues[0].take_used(&r.mem).len(),
+        3,
+        "64+48 split, then 212"
+    );
+    assert!(r.transport.backend_wanted(), "poll the TAP again");
+    assert_eq!(r.wire.lock().unwrap().to_guest.len(), 0);
+}
+
+#[test]
+fn a_frame_too_big_for_a_non_mergeable_buffer_is_dropped_and_counted() {
+    let mut r = rig(VIRTIO_F_VERSION_1);
+    r.rx_buffers(2, 100);
+    r.wire
+        .lock()
+        .unwrap()
+        .to_guest
+        .extend([frame(500), frame(50)]);
+    r.transport.process_backend();
+    assert_eq!(r.driver.queues[0].take_used(&r.mem), vec![(0, 0), (1, 62)]);
+}
+
+#[test]
+fn hostile_transmit_chains_drop_the_frame_not_the_device() {
+    let mut r = rig(all_features());
+    // Outside guest memory; device-writable only; far too long; too short.
+    r.driver.queues[1].add_chain(&r.mem, &[(0x7fff_0000, 100, false)]);
+    r.driver.queues[1].add_chain(&r.mem, &[(BUFS, 100, true)]);
+    r.driver.queues[1].add_chain(&r.mem, &[(BUFS, 0x2_0000, false)]);
+    r.driver.queues[1].add_chain(&r.mem, &[(BUFS, 4, false)]);
+    r.transport.process_queue(1);
+    assert_eq!(r.driver.queues[1].take_used(&r.mem).len(), 4);
+    assert!(r.wire.lock().unwrap().from_guest.is_empty());
+    assert!(!r.needs_reset());
+}
+
+#[test]
+fn a_backend_that_refuses_a_frame_costs_that_frame_only() {
+    let mut r = rig(all_features());
+    r.wire.lock().unwrap().refuse_sends = true;
+    r.mem.write_slice(&frame(60), GuestAddress(BUFS)).unwrap();
+    r.driver.queues[1].add_chain(&r.mem, &[(BUFS, 72, false)]);
+    r.transport.process_queue(1);
+    assert_eq!(r.driver.queues[1].take_used(&r.mem), vec![(0, 0)]);
+    assert!(!r.needs_reset());
+}
+
+#[test]
+fn a_receive_buffer_the_device_cannot_write_drops_the_frame() {
+    let mut r = rig(all_features());
+    r.driver.queues[0].add_raw(
+        &r.mem,
+        &[Desc {
+            addr: BUFS,
+            len: 2048,
+            flags: 0,
+            next: 0,
+        }],
+    );
+    r.driver.queues[0].add_raw(
+        &r.mem,
+        &[Desc {
+            addr: 0x7fff_0000,
+            len: 2048,
+            flags: DESC_WRITE,
+            next: 0,
+        }],
+    );
+    r.wire
+        .lock()
+        .unwrap()
+        .to_guest
+        .extend([frame(100), frame(100)]);
+    r.transport.process_backend();
+    assert_eq!(r.driver.queues[0].take_used(&r.mem).len(), 2);
+    assert!(!r.needs_reset());
+}
+
+#[test]
+fn a_bogus_available_index_needs_reset() {
+    let mut r = rig(all_features());
+    let avail = r.driver.queues[1].desc_table() + 16 * u64::from(QUEUE_SIZE);
+    r.mem.write_obj(999u16, GuestAddress(avail + 2)).unwrap();
+    r.transport.process_queue(1);
+    assert!(r.needs_reset());
+}
+
+#[test]
+fn default_macs_are_local_unicast_and_stable() {
+    let a = default_mac("tap0", 0);
+    assert_eq!(a[0], 0x02);
+    assert_eq!(a, default_mac("tap0", 0));
+    assert_ne!(a, default_mac("tap1", 0));
+    assert_ne!(a, default_mac("tap0", 1));
+}
