@@ -183,6 +183,7 @@ pub struct Guest {
     rig_memory_mib: Option<u32>,
     disks: Vec<PathBuf>,
     kill_after: Option<String>,
+    host_script: Option<String>,
 }
 
 impl Guest {
@@ -199,6 +200,7 @@ impl Guest {
             rig_memory_mib: None,
             disks: Vec::new(),
             kill_after: None,
+            host_script: None,
         }
     }
 
@@ -258,6 +260,16 @@ impl Guest {
         self
     }
 
+    /// Runs moat under a shell script that plays the host's part: it gets
+    /// the moat command line as `"$@"` and must start it (in the background,
+    /// if it has more to do) and `wait` for it, exiting with its status.
+    /// Through the rig it runs in the rig's VM; on a host with KVM, on the
+    /// host itself (as root).
+    pub fn host_script(mut self, script: &str) -> Guest {
+        self.host_script = Some(script.to_string());
+        self
+    }
+
     /// How long the whole run may take.
     pub fn timeout(mut self, timeout: Duration) -> Guest {
         self.timeout = timeout;
@@ -292,11 +304,21 @@ impl Guest {
             args.extend(["--initramfs".into(), path_str(&initramfs)]);
         }
         args.extend(self.moat_args.iter().cloned());
-        let mut command = match (&self.kill_after, self.backend) {
-            (Some(marker), Backend::Rig) => {
-                kill_in_rig(marker, &args, &files, &self.disks, self.timeout)
+        let (backend, disks, timeout) = (self.backend, &self.disks, self.timeout);
+        let mut command = match (&self.host_script, &self.kill_after, backend) {
+            (Some(script), _, _) => {
+                host_script_command(backend, script, &[], &args, &files, disks, timeout)
             }
-            _ => moat_command(self.backend, &args, &files, &self.disks, self.timeout),
+            (None, Some(marker), Backend::Rig) => host_script_command(
+                backend,
+                KILL_AFTER_SCRIPT,
+                std::slice::from_ref(marker),
+                &args,
+                &files,
+                disks,
+                timeout,
+            ),
+            _ => moat_command(backend, &args, &files, disks, timeout),
         };
         if let (Backend::Rig, Some(mib)) = (self.backend, self.rig_memory_mib) {
             // rig.sh options go before its "--".
@@ -314,29 +336,47 @@ impl Guest {
     }
 }
 
-/// Runs moat in the rig under a shell that SIGKILLs it once its output
-/// shows `marker`, then prints that output and exits with moat's status.
-fn kill_in_rig(
-    marker: &str,
+/// A host-side script that SIGKILLs moat once its output shows the
+/// marker given as `$1`, then prints that output and exits with moat's
+/// status. For the rig, where the harness cannot signal moat itself.
+const KILL_AFTER_SCRIPT: &str = r#"log=/tmp/moat-kill.log; marker=$1; shift
+"$@" >"$log" 2>&1 </dev/null & pid=$!
+while kill -0 "$pid" 2>/dev/null && ! grep -q "$marker" "$log"; do sleep 0.1; done
+kill -9 "$pid" 2>/dev/null; wait "$pid"; rc=$?
+cat "$log"; exit "$rc""#;
+
+/// Runs `sh -c SCRIPT sh SCRIPT_ARGS... MOAT ARGS...` on `backend`: the
+/// script plays the host's part (a TAP's address, the far end of a
+/// connection) and starts moat itself from `"$@"`. In the rig it runs in
+/// the rig's VM, next to moat.
+fn host_script_command(
+    backend: Backend,
+    script: &str,
+    script_args: &[String],
     args: &[String],
     files: &[PathBuf],
     disks: &[PathBuf],
     timeout: Duration,
 ) -> Command {
-    let script = r#"log=/tmp/moat-kill.log; marker=$1; shift
-"$@" >"$log" 2>&1 </dev/null & pid=$!
-while kill -0 "$pid" 2>/dev/null && ! grep -q "$marker" "$log"; do sleep 0.1; done
-kill -9 "$pid" 2>/dev/null; wait "$pid"; rc=$?
-cat "$log"; exit "$rc""#;
-    let mut files = files.to_vec();
-    files.push(moat_bin());
-    let mut cmd = moat_command(Backend::Rig, &[], &files, disks, timeout);
-    // Replace "-- moat" with "-- busybox sh -c SCRIPT sh MARKER moat ARGS".
-    let mut rig_args: Vec<std::ffi::OsString> = cmd.get_args().map(|a| a.to_os_string()).collect();
-    rig_args.truncate(rig_args.len() - 1);
-    cmd = Command::new(repo_root().join("resources/rig.sh"));
-    cmd.args(rig_args)
-        .args(["/bin/busybox", "sh", "-c", script, "sh", marker])
+    let mut cmd = match backend {
+        Backend::Direct => Command::new("sh"),
+        Backend::Rig => {
+            let mut files = files.to_vec();
+            files.push(moat_bin());
+            // moat_command ends with "-- MOAT"; the shell takes MOAT's place.
+            let rig = moat_command(Backend::Rig, &[], &files, disks, timeout);
+            let mut rig_args: Vec<std::ffi::OsString> =
+                rig.get_args().map(|a| a.to_os_string()).collect();
+            rig_args.pop();
+            let mut cmd = Command::new(rig.get_program());
+            cmd.args(rig_args).args(["/bin/busybox", "sh"]);
+            cmd
+        }
+    };
+    cmd.arg("-c")
+        .arg(script)
+        .arg("sh")
+        .args(script_args)
         .arg(moat_bin())
         .args(args);
     cmd

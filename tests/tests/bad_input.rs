@@ -49,28 +49,43 @@ fn kernel_that_is_a_directory_is_rejected() {
     );
 }
 
-#[test]
-fn unreadable_kernel_is_rejected() {
-    let scratch = Scratch::new("unreadable");
-    let path = scratch.path("vmlinux");
-    std::fs::copy(image("VMLINUX"), &path).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o000)).unwrap();
+/// A scratch directory an unprivileged user can enter, holding a world-
+/// readable copy of the guest kernel.
+fn unprivileged_scratch(name: &str) -> (Scratch, PathBuf) {
+    let scratch = Scratch::new(name);
     std::fs::set_permissions(scratch.path(""), std::fs::Permissions::from_mode(0o755)).unwrap();
-    // root reads anything, so check as an unprivileged user when we are root.
+    let kernel = scratch.path("vmlinux");
+    std::fs::copy(image("VMLINUX"), &kernel).unwrap();
+    std::fs::set_permissions(&kernel, std::fs::Permissions::from_mode(0o644)).unwrap();
+    (scratch, kernel)
+}
+
+/// Runs moat as user nobody (root can open anything, so permission errors
+/// need an unprivileged user); checks it failed with status 2 and one line
+/// containing each of `expected`.
+fn assert_rejected_unprivileged(args: &[&std::ffi::OsStr], expected: &[&str]) {
     let out = std::process::Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(moat_tests::moat_bin())
-        .args(["run", "--kernel"])
-        .arg(&path)
+        .args(args)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("--kernel: cannot open") && stderr.contains("Permission denied"),
-        "{stderr}"
-    );
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    for e in expected {
+        assert!(stderr.contains(e), "expected {e:?} in {stderr}");
+    }
+}
+
+#[test]
+fn unreadable_kernel_is_rejected() {
+    let (_scratch, kernel) = unprivileged_scratch("unreadable");
+    std::fs::set_permissions(&kernel, std::fs::Permissions::from_mode(0o000)).unwrap();
+    assert_rejected_unprivileged(
+        &["run".as_ref(), "--kernel".as_ref(), kernel.as_os_str()],
+        &["--kernel: cannot open", "Permission denied"],
+    );
 }
 
 #[test]
@@ -171,28 +186,19 @@ fn missing_kvm_device_is_rejected() {
 
 #[test]
 fn kvm_device_without_permission_is_rejected() {
-    let scratch = Scratch::new("kvmperm");
+    let (scratch, kernel) = unprivileged_scratch("kvmperm");
     let fake = scratch.path("kvm");
     std::fs::write(&fake, b"").unwrap();
     std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o600)).unwrap();
-    std::fs::set_permissions(scratch.path(""), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let kernel_copy = scratch.path("vmlinux");
-    std::fs::copy(image("VMLINUX"), &kernel_copy).unwrap();
-    std::fs::set_permissions(&kernel_copy, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let out = std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(moat_tests::moat_bin())
-        .args(["run", "--kernel"])
-        .arg(&kernel_copy)
-        .arg("--kvm")
-        .arg(&fake)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("Permission denied") && stderr.contains("kvm group"),
-        "{stderr}"
+    assert_rejected_unprivileged(
+        &[
+            "run".as_ref(),
+            "--kernel".as_ref(),
+            kernel.as_os_str(),
+            "--kvm".as_ref(),
+            fake.as_os_str(),
+        ],
+        &["Permission denied", "kvm group"],
     );
 }
 
@@ -271,5 +277,46 @@ fn malformed_disk_option_is_rejected() {
         &["run", "--kernel", &k, "--disk", "readonly=on"],
         &[],
         "--disk: path=FILE is required",
+    );
+}
+
+#[test]
+fn malformed_net_option_is_rejected() {
+    let k = kernel();
+    assert_rejected(
+        &["run", "--kernel", &k, "--net", "tap=tap0,mac=02:00"],
+        &[],
+        "--net: mac=02:00 is not a MAC address",
+    );
+    assert_rejected(
+        &["run", "--kernel", &k, "--net", "mac=02:00:00:00:00:01"],
+        &[],
+        "--net: tap=NAME or fd=N is required",
+    );
+}
+
+#[test]
+fn a_net_fd_that_is_not_a_tap_is_rejected() {
+    let k = kernel();
+    assert_rejected(
+        &["run", "--kernel", &k, "--net", "fd=987"],
+        &[],
+        "--net: fd 987 is not a usable TAP: it is not an open file descriptor",
+    );
+}
+
+#[test]
+fn a_tap_without_permission_is_rejected() {
+    // An unprivileged user may not create TAPs.
+    let (_scratch, kernel) = unprivileged_scratch("tapperm");
+    assert_rejected_unprivileged(
+        &[
+            "run".as_ref(),
+            "--kernel".as_ref(),
+            kernel.as_os_str(),
+            "--net".as_ref(),
+            "tap=moat-noperm0".as_ref(),
+        ],
+        &["moat: --net: cannot open TAP moat-noperm0: "],
     );
 }

@@ -68,6 +68,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "path=FILE[,readonly=on][,id=NAME]")]
     pub disk: Vec<String>,
 
+    /// A virtio-net card: tap=NAME[,mac=MAC] opens (or creates) the TAP
+    /// NAME; fd=N[,mac=MAC] uses a TAP descriptor inherited from the parent
+    /// (opened with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR). Repeat for more
+    /// cards (eth0, eth1, ...).
+    #[arg(long, value_name = "tap=NAME|fd=N[,mac=MAC]")]
+    pub net: Vec<String>,
+
     /// KVM device node.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
     pub kvm: PathBuf,
@@ -130,6 +137,11 @@ impl RunArgs {
             memory,
             boot_protocol: self.boot_protocol.into(),
             disks,
+            nets: self
+                .net
+                .iter()
+                .map(|n| config::parse_net(n))
+                .collect::<Result<Vec<_>, _>>()?,
         })
     }
 }

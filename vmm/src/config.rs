@@ -50,6 +50,9 @@ pub enum ConfigError {
         /// The limit.
         max: u64,
     },
+    /// A network backend cannot be used.
+    #[error("--net: {0}")]
+    Net(String),
     /// A file named in the configuration cannot be used.
     #[error("{option}: cannot open {path}: {reason}")]
     File {
@@ -113,6 +116,76 @@ pub fn parse_disk(text: &str) -> Result<DiskConfig, ConfigError> {
     Ok(disk)
 }
 
+/// Where a network card's frames go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetBackendConfig {
+    /// A TAP opened (or created) by name.
+    Tap(String),
+    /// A TAP descriptor inherited from the parent process.
+    Fd(i32),
+}
+
+/// A virtio-net card.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The host end.
+    pub backend: NetBackendConfig,
+    /// The guest's MAC address; derived from the backend and index if unset.
+    pub mac: Option<[u8; 6]>,
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = text.split(':').collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (byte, part) in mac.iter_mut().zip(parts) {
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    Some(mac)
+}
+
+/// Parses `tap=NAME[,mac=MAC]` or `fd=N[,mac=MAC]`.
+pub fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
+    let syntax = |problem: String| ConfigError::Syntax {
+        option: "--net",
+        problem,
+    };
+    let mut backend = None;
+    let mut mac = None;
+    for (key, value) in parse_key_values("--net", text, &["tap", "fd", "mac"])? {
+        match key.as_str() {
+            "tap" if backend.is_none() => backend = Some(NetBackendConfig::Tap(value)),
+            "fd" if backend.is_none() => {
+                let fd =
+                    value.parse().ok().filter(|fd| *fd >= 0).ok_or_else(|| {
+                        syntax(format!("fd={value} is not a file descriptor number"))
+                    })?;
+                backend = Some(NetBackendConfig::Fd(fd));
+            }
+            "mac" => {
+                let parsed = parse_mac(&value).ok_or_else(|| {
+                    syntax(format!(
+                        "mac={value} is not a MAC address (aa:bb:cc:dd:ee:ff)"
+                    ))
+                })?;
+                if parsed[0] & 1 != 0 {
+                    return Err(syntax(format!("mac={value} is a multicast address")));
+                }
+                mac = Some(parsed);
+            }
+            _ => return Err(syntax("give either tap=NAME or fd=N, not both".into())),
+        }
+    }
+    let backend = backend.ok_or_else(|| syntax("tap=NAME or fd=N is required".into()))?;
+    Ok(NetConfig { backend, mac })
+}
+
 /// Everything needed to build and boot one VM.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -132,6 +205,8 @@ pub struct VmConfig {
     pub boot_protocol: BootProtocol,
     /// virtio-blk disks, in order (the guest sees vda, vdb, ...).
     pub disks: Vec<DiskConfig>,
+    /// virtio-net cards, in order (eth0, eth1, ...).
+    pub nets: Vec<NetConfig>,
 }
 
 /// Parses a `key=value[,key=value]` list where only `allowed` keys may
@@ -375,6 +450,43 @@ mod tests {
             let err = parse_disk(text).unwrap_err().to_string();
             assert!(
                 err.starts_with("--disk: ") && err.contains(problem),
+                "{text}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn nets_parse_tap_fd_and_mac() {
+        assert_eq!(
+            parse_net("tap=tap0").unwrap(),
+            NetConfig {
+                backend: NetBackendConfig::Tap("tap0".into()),
+                mac: None
+            }
+        );
+        assert_eq!(
+            parse_net("fd=3,mac=02:aa:bb:cc:dd:0E").unwrap(),
+            NetConfig {
+                backend: NetBackendConfig::Fd(3),
+                mac: Some([2, 0xaa, 0xbb, 0xcc, 0xdd, 0x0e])
+            }
+        );
+    }
+
+    #[test]
+    fn malformed_nets_name_the_problem() {
+        for (text, problem) in [
+            ("mac=02:00:00:00:00:01", "tap=NAME or fd=N is required"),
+            ("tap=a,fd=3", "not both"),
+            ("tap=a,mac=02:00:00:00:00", "not a MAC address"),
+            ("tap=a,mac=zz:00:00:00:00:00", "not a MAC address"),
+            ("tap=a,mac=01:00:5e:00:00:01", "multicast"),
+            ("fd=-1", "not a file descriptor number"),
+            ("fd=x", "not a file descriptor number"),
+        ] {
+            let err = parse_net(text).unwrap_err().to_string();
+            assert!(
+                err.starts_with("--net: ") && err.contains(problem),
                 "{text}: {err}"
             );
         }

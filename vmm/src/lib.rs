@@ -42,7 +42,8 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
         .as_deref()
         .map(|path| vm::open_input("--initramfs", path))
         .transpose()?;
-    let disks = virtio::block_devices(&config.disks)?;
+    let mut virtio_devices = virtio::block_devices(&config.disks)?;
+    virtio_devices.extend(virtio::net_devices(&config.nets, virtio_devices.len())?);
     config::check_memory(config.memory, config::host_memory_limit())?;
     let kvm = vm::open_kvm(&config.kvm_device)?;
     config::check_cpus(u64::from(config.cpus), vm::max_vcpus(&kvm))?;
@@ -55,7 +56,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
     let mut pio = Bus::default();
     let legacy = vm::attach_legacy_devices(&vm_fd, &mut pio)?;
     let mut mmio = Bus::default();
-    let virtio_devices = virtio::attach(&vm_fd, &memory, &mut mmio, disks)?;
+    let virtio_devices = virtio::attach(&vm_fd, &memory, &mut mmio, virtio_devices)?;
 
     // The guest's kernel and boot data, which name the devices' slots.
     let slots: Vec<_> = virtio_devices.iter().map(|d| d.slot).collect();

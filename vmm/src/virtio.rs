@@ -12,11 +12,12 @@ use kvm_ioctls::{IoEventAddress, VmFd};
 use moat_boot::{layout, GuestMemoryMmap};
 use moat_devices::virtio::block::Block;
 use moat_devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY};
+use moat_devices::virtio::net::{default_mac, Net, Tap};
 use moat_devices::virtio::{Interrupt, VirtioDevice};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::Bus;
-use crate::config::{ConfigError, DiskConfig};
+use crate::config::{ConfigError, DiskConfig, NetBackendConfig, NetConfig};
 use crate::error::{Error, KvmOp};
 
 /// The first interrupt line for virtio devices (COM1 has 4).
@@ -99,6 +100,34 @@ pub fn block_devices(disks: &[DiskConfig]) -> Result<Vec<Box<dyn VirtioDevice>>,
         .collect()
 }
 
+/// The network cards for `nets`, with their TAPs open. `first_index` is
+/// the device index of the first card, which default MACs derive from.
+pub fn net_devices(
+    nets: &[NetConfig],
+    first_index: usize,
+) -> Result<Vec<Box<dyn VirtioDevice>>, ConfigError> {
+    if first_index + nets.len() > MAX_DEVICES {
+        return Err(ConfigError::Syntax {
+            option: "--net",
+            problem: format!("at most {MAX_DEVICES} virtio devices in all"),
+        });
+    }
+    nets.iter()
+        .enumerate()
+        .map(|(i, net)| {
+            let tap = match &net.backend {
+                NetBackendConfig::Tap(name) => Tap::open(name),
+                NetBackendConfig::Fd(fd) => Tap::from_fd(*fd),
+            }
+            .map_err(|e| ConfigError::Net(e.to_string()))?;
+            let mac = net
+                .mac
+                .unwrap_or_else(|| default_mac(tap.name(), first_index + i));
+            Ok(Box::new(Net::new(Box::new(tap), mac)) as Box<dyn VirtioDevice>)
+        })
+        .collect()
+}
+
 /// A virtio device placed on the MMIO bus, with the handler that serves its
 /// queues from the event loop.
 pub struct Attached {
@@ -137,7 +166,11 @@ pub fn attach(
             .map_err(|e| Error::Internal(e.to_string()))?;
         attached.push(Attached {
             slot,
-            handler: QueueHandler { transport, events },
+            handler: QueueHandler {
+                transport,
+                events,
+                watching_backend: false,
+            },
         });
     }
     Ok(attached)
@@ -147,6 +180,29 @@ pub fn attach(
 pub struct QueueHandler {
     transport: Arc<Mutex<MmioTransport>>,
     events: Vec<EventFd>,
+    /// Whether the device's backend descriptor (a TAP) is in the epoll set.
+    watching_backend: bool,
+}
+
+/// The event data that marks the backend descriptor (queues use 0..n).
+const BACKEND: u32 = u32::MAX;
+
+impl QueueHandler {
+    /// Polls the backend descriptor exactly while the device can take its
+    /// input, so a full guest never makes the event loop spin.
+    fn update_backend_interest(&mut self, transport: &MmioTransport, ops: &mut EventOps) {
+        let Some(fd) = transport.backend_fd() else {
+            return;
+        };
+        let wanted = transport.backend_wanted();
+        let events = Events::with_data_raw(fd, BACKEND, EventSet::IN);
+        if wanted && !self.watching_backend {
+            self.watching_backend = ops.add(events).is_ok();
+        } else if !wanted && self.watching_backend {
+            let _ = ops.remove(events);
+            self.watching_backend = false;
+        }
+    }
 }
 
 impl MutEventSubscriber for QueueHandler {
@@ -156,15 +212,19 @@ impl MutEventSubscriber for QueueHandler {
         }
     }
 
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        let index = events.data() as usize;
-        if let Some(event) = self.events.get(index) {
-            let _ = event.read();
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let transport = self.transport.clone();
+        let mut transport = transport.lock().unwrap_or_else(|e| e.into_inner());
+        match events.data() {
+            BACKEND => transport.process_backend(),
+            index => {
+                if let Some(event) = self.events.get(index as usize) {
+                    let _ = event.read();
+                }
+                transport.process_queue(index as usize);
+            }
         }
-        self.transport
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .process_queue(index);
+        self.update_backend_interest(&transport, ops);
     }
 }
 

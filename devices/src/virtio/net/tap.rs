@@ -27,8 +27,13 @@ pub enum TapError {
     #[error("TAP name '{0}' is empty or longer than 15 bytes")]
     Name(String),
     /// /dev/net/tun could not be opened.
-    #[error("cannot open /dev/net/tun: {0}")]
-    OpenTun(#[source] io::Error),
+    #[error("cannot open TAP {name}: /dev/net/tun: {source}")]
+    OpenTun {
+        /// The interface name.
+        name: String,
+        /// The error from open(2).
+        source: io::Error,
+    },
     /// The kernel refused to attach to or create the TAP.
     #[error("cannot open TAP {name}: {source}")]
     Attach {
@@ -113,7 +118,10 @@ impl Tap {
             .read(true)
             .write(true)
             .open("/dev/net/tun")
-            .map_err(TapError::OpenTun)?;
+            .map_err(|source| TapError::OpenTun {
+                name: name.to_string(),
+                source,
+            })?;
         let mut req = IfReq {
             name: [0; IFNAMSIZ],
             flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,

@@ -1,0 +1,137 @@
+//! virtio-net guest tests. A host-side script (in the rig's VM, or on a
+//! host with KVM) gives moat's TAP an address and plays the far end; the
+//! guest configures its card and talks to it. Addresses come from the
+//! documentation ranges (RFC 5737), so nothing here can reach a real network.
+
+use moat_tests::Guest;
+
+/// Waits for moat to create TAP `$1`, gives it address `$2`, and starts a
+/// web server on it serving `/tmp/www`. Used by the host scripts below.
+const HOST_TAP_SETUP: &str = r#"
+tap_up() {
+    until [ -e /sys/class/net/$1 ]; do kill -0 "$moat" 2>/dev/null || exit 1; sleep 0.1; done
+    ip addr add $2/24 dev $1 && ip link set $1 up
+}
+ping_until() {
+    i=0; until ping -c 1 -W 1 $1 >/dev/null 2>&1; do i=$((i+1)); [ $i -ge 120 ] && return 1; sleep 0.5; done
+}
+fetch_until() {
+    i=0; until wget -q -O $2 $1 2>/dev/null; do i=$((i+1)); [ $i -ge 120 ] && return 1; sleep 1; done
+}
+# Tells the guest (listening on port 5003) that the host is done.
+tell_done() {
+    i=0; until echo done | nc $1 5003 2>/dev/null; do i=$((i+1)); [ $i -ge 120 ] && return 1; sleep 0.5; done
+}
+sha() { sha256sum < $1 | cut -d' ' -f1; }
+"#;
+
+const HOST_TRANSFER: &str = r#"
+"$@" & moat=$!
+tap_up tap0 192.0.2.1
+mkdir -p /tmp/www && dd if=/dev/urandom of=/tmp/www/blob bs=1M count=64 2>/dev/null
+echo HOST-BLOB-SHA=$(sha /tmp/www/blob)
+httpd -f -p 8080 -h /tmp/www & web=$!
+ping_until 192.0.2.2 && echo HOST-PING-OK
+fetch_until http://192.0.2.2:8080/blob /tmp/from-guest && echo HOST-GOT-SHA=$(sha /tmp/from-guest)
+rm -f /tmp/from-guest
+tell_done 192.0.2.2
+wait $moat; rc=$?
+kill $web 2>/dev/null
+exit $rc
+"#;
+
+const GUEST_TRANSFER: &str = r#"
+ip addr add 192.0.2.2/24 dev eth0 && ip link set eth0 up || exit 1
+ping -c 3 -W 5 192.0.2.1 >/dev/null && echo GUEST-PING-OK
+mkdir -p /tmp/www && dd if=/dev/urandom of=/tmp/www/blob bs=1M count=64 2>/dev/null
+echo GUEST-BLOB-SHA=$(sha256sum < /tmp/www/blob | cut -d' ' -f1)
+httpd -p 8080 -h /tmp/www
+i=0; until wget -q -O /tmp/from-host http://192.0.2.1:8080/blob 2>/dev/null; do i=$((i+1)); [ $i -ge 120 ] && exit 2; sleep 1; done
+echo GUEST-GOT-SHA=$(sha256sum < /tmp/from-host | cut -d' ' -f1)
+rm -f /tmp/from-host
+# Stay up until the host has fetched our blob and says so.
+nc -l -p 5003 </dev/null >/dev/null
+"#;
+
+/// The value after `KEY=` on the console.
+fn value<'a>(console: &'a str, key: &str) -> &'a str {
+    console
+        .lines()
+        .find_map(|l| l.split_once(&format!("{key}=")).map(|(_, v)| v.trim()))
+        .unwrap_or_else(|| panic!("no {key} in console:\n{console}"))
+}
+
+#[test]
+fn guest_and_host_ping_each_other_and_move_64_mib_each_way() {
+    let out = Guest::vmlinux()
+        .args(["--memory", "size=512M", "--net", "tap=tap0"])
+        .host_script(&format!("{HOST_TAP_SETUP}{HOST_TRANSFER}"))
+        .script(GUEST_TRANSFER)
+        .run()
+        .unwrap();
+    out.assert_success();
+    let c = &out.console;
+    assert!(c.contains("GUEST-PING-OK"), "{}", out.tail(30));
+    assert!(c.contains("HOST-PING-OK"), "{}", out.tail(30));
+    assert_eq!(value(c, "GUEST-GOT-SHA"), value(c, "HOST-BLOB-SHA"));
+    assert_eq!(value(c, "HOST-GOT-SHA"), value(c, "GUEST-BLOB-SHA"));
+    assert_eq!(value(c, "HOST-BLOB-SHA").len(), 64);
+}
+
+#[test]
+fn two_cards_each_reach_their_own_tap() {
+    let host = r#"
+"$@" & moat=$!
+tap_up tap0 192.0.2.1
+tap_up tap1 198.51.100.1
+ping_until 192.0.2.2 && echo HOST-TAP0-OK
+ping_until 198.51.100.2 && echo HOST-TAP1-OK
+tell_done 192.0.2.2
+wait $moat
+"#;
+    let guest = r#"
+ip addr add 192.0.2.2/24 dev eth0 && ip link set eth0 up || exit 1
+ip addr add 198.51.100.2/24 dev eth1 && ip link set eth1 up || exit 1
+echo eth0=$(cat /sys/class/net/eth0/address) eth1=$(cat /sys/class/net/eth1/address)
+ping -c 2 -W 5 -I eth0 192.0.2.1 >/dev/null && echo GUEST-ETH0-OK
+ping -c 2 -W 5 -I eth1 198.51.100.1 >/dev/null && echo GUEST-ETH1-OK
+nc -l -p 5003 </dev/null >/dev/null
+"#;
+    let out = Guest::vmlinux()
+        .args([
+            "--net",
+            "tap=tap0",
+            "--net",
+            "tap=tap1,mac=02:00:00:00:00:42",
+        ])
+        .host_script(&format!("{HOST_TAP_SETUP}{host}"))
+        .script(guest)
+        .run()
+        .unwrap();
+    out.assert_success();
+    for marker in [
+        "GUEST-ETH0-OK",
+        "GUEST-ETH1-OK",
+        "HOST-TAP0-OK",
+        "HOST-TAP1-OK",
+    ] {
+        assert!(
+            out.console.contains(marker),
+            "{marker} missing:\n{}",
+            out.tail(30)
+        );
+    }
+    assert!(
+        out.console.contains("eth1=02:00:00:00:00:42"),
+        "{}",
+        out.tail(30)
+    );
+    let eth0 = value(&out.console, "eth0")
+        .split_whitespace()
+        .next()
+        .unwrap_or("");
+    assert!(
+        eth0.starts_with("02:"),
+        "default MAC is locally administered: {eth0}"
+    );
+}
