@@ -68,11 +68,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "path=FILE[,readonly=on][,id=NAME]")]
     pub disk: Vec<String>,
 
-    /// A virtio-net card: tap=NAME[,mac=MAC] opens (or creates) the TAP
-    /// NAME; fd=N[,mac=MAC] uses a TAP descriptor inherited from the parent
-    /// (opened with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR). Repeat for more
-    /// cards (eth0, eth1, ...).
-    #[arg(long, value_name = "tap=NAME|fd=N[,mac=MAC]")]
+    /// A virtio-net card: tap=NAME opens (or creates) the TAP NAME; fd=N
+    /// uses a TAP descriptor inherited from the parent (opened with IFF_TAP
+    /// | IFF_NO_PI | IFF_VNET_HDR). mac= sets the guest's address;
+    /// offload=off turns off checksum and TSO offloads (on by default when
+    /// the TAP supports them). Repeat for more cards (eth0, eth1, ...).
+    #[arg(long, value_name = "tap=NAME|fd=N[,mac=MAC][,offload=off]")]
     pub net: Vec<String>,
 
     /// KVM device node.

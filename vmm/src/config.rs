@@ -132,6 +132,8 @@ pub struct NetConfig {
     pub backend: NetBackendConfig,
     /// The guest's MAC address; derived from the backend and index if unset.
     pub mac: Option<[u8; 6]>,
+    /// Offer checksum and TSO offloads when the TAP supports them.
+    pub offload: bool,
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
@@ -150,7 +152,7 @@ pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
     Some(mac)
 }
 
-/// Parses `tap=NAME[,mac=MAC]` or `fd=N[,mac=MAC]`.
+/// Parses `tap=NAME|fd=N[,mac=MAC][,offload=on|off]`.
 pub fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
     let syntax = |problem: String| ConfigError::Syntax {
         option: "--net",
@@ -158,7 +160,8 @@ pub fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
     };
     let mut backend = None;
     let mut mac = None;
-    for (key, value) in parse_key_values("--net", text, &["tap", "fd", "mac"])? {
+    let mut offload = true;
+    for (key, value) in parse_key_values("--net", text, &["tap", "fd", "mac", "offload"])? {
         match key.as_str() {
             "tap" if backend.is_none() => backend = Some(NetBackendConfig::Tap(value)),
             "fd" if backend.is_none() => {
@@ -179,11 +182,22 @@ pub fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
                 }
                 mac = Some(parsed);
             }
+            "offload" => {
+                offload = match value.as_str() {
+                    "on" | "true" => true,
+                    "off" | "false" => false,
+                    _ => return Err(syntax(format!("offload={value}: expected on or off"))),
+                }
+            }
             _ => return Err(syntax("give either tap=NAME or fd=N, not both".into())),
         }
     }
     let backend = backend.ok_or_else(|| syntax("tap=NAME or fd=N is required".into()))?;
-    Ok(NetConfig { backend, mac })
+    Ok(NetConfig {
+        backend,
+        mac,
+        offload,
+    })
 }
 
 /// Everything needed to build and boot one VM.
@@ -461,14 +475,16 @@ mod tests {
             parse_net("tap=tap0").unwrap(),
             NetConfig {
                 backend: NetBackendConfig::Tap("tap0".into()),
-                mac: None
+                mac: None,
+                offload: true
             }
         );
         assert_eq!(
-            parse_net("fd=3,mac=02:aa:bb:cc:dd:0E").unwrap(),
+            parse_net("fd=3,mac=02:aa:bb:cc:dd:0E,offload=off").unwrap(),
             NetConfig {
                 backend: NetBackendConfig::Fd(3),
-                mac: Some([2, 0xaa, 0xbb, 0xcc, 0xdd, 0x0e])
+                mac: Some([2, 0xaa, 0xbb, 0xcc, 0xdd, 0x0e]),
+                offload: false
             }
         );
     }

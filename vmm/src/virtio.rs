@@ -115,7 +115,7 @@ pub fn net_devices(
     nets.iter()
         .enumerate()
         .map(|(i, net)| {
-            let tap = match &net.backend {
+            let mut tap = match &net.backend {
                 NetBackendConfig::Tap(name) => Tap::open(name),
                 NetBackendConfig::Fd(fd) => Tap::from_fd(*fd),
             }
@@ -123,7 +123,8 @@ pub fn net_devices(
             let mac = net
                 .mac
                 .unwrap_or_else(|| default_mac(tap.name(), first_index + i));
-            Ok(Box::new(Net::new(Box::new(tap), mac)) as Box<dyn VirtioDevice>)
+            let offload = net.offload && tap.supports_offload();
+            Ok(Box::new(Net::new(Box::new(tap), mac, offload)) as Box<dyn VirtioDevice>)
         })
         .collect()
 }

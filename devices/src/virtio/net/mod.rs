@@ -16,10 +16,13 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
-use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
+};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
-pub use tap::{Tap, TapError};
+pub use tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
 
 use super::{DeviceError, GuestMemoryMmap, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 
@@ -38,6 +41,37 @@ pub trait NetBackend: Send + AsRawFd {
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize>;
     /// Writes one frame (vnet header first).
     fn send(&mut self, frame: &[u8]) -> io::Result<usize>;
+    /// Tells the backend which offloads the guest accepts for frames it
+    /// receives (`TUN_F_*`): with none, the backend must hand over only
+    /// complete, checksummed frames.
+    fn set_offload(&mut self, flags: u32) -> io::Result<()>;
+}
+
+/// Checksum and segmentation offloads, both ways (virtio 1.2, 5.1.3):
+/// the guest may send partially checksummed and TSO frames (the TAP
+/// finishes them), and may receive them (the TAP stops finishing them).
+const OFFLOAD_FEATURES: u64 = 1 << VIRTIO_NET_F_CSUM
+    | 1 << VIRTIO_NET_F_HOST_TSO4
+    | 1 << VIRTIO_NET_F_HOST_TSO6
+    | 1 << VIRTIO_NET_F_GUEST_CSUM
+    | 1 << VIRTIO_NET_F_GUEST_TSO4
+    | 1 << VIRTIO_NET_F_GUEST_TSO6;
+
+/// The TAP offload flags matching the receive offloads the guest accepted.
+fn tun_offload_flags(acked: u64) -> u32 {
+    let has = |bit: u32| acked & (1 << bit) != 0;
+    let mut flags = 0;
+    if has(VIRTIO_NET_F_GUEST_CSUM) {
+        flags |= TUN_F_CSUM;
+        // TSO needs checksum offload (the kernel requires TUN_F_CSUM too).
+        if has(VIRTIO_NET_F_GUEST_TSO4) {
+            flags |= TUN_F_TSO4;
+        }
+        if has(VIRTIO_NET_F_GUEST_TSO6) {
+            flags |= TUN_F_TSO6;
+        }
+    }
+    flags
 }
 
 /// Counters of frames the device could not pass on.
@@ -62,11 +96,15 @@ pub struct Net {
     rx_blocked: bool,
     tx_frame: Vec<u8>,
     drops: NetDrops,
+    /// Offer checksum and TSO offloads.
+    offload: bool,
 }
 
 impl Net {
-    /// A device sending and receiving through `backend`, with address `mac`.
-    pub fn new(backend: Box<dyn NetBackend>, mac: [u8; 6]) -> Self {
+    /// A device sending and receiving through `backend`, with address
+    /// `mac`. With `offload`, checksum and TSO offloads are offered; the
+    /// backend must then accept `set_offload`.
+    pub fn new(backend: Box<dyn NetBackend>, mac: [u8; 6], offload: bool) -> Self {
         Self {
             backend,
             mac,
@@ -77,6 +115,7 @@ impl Net {
             rx_blocked: false,
             tx_frame: Vec::with_capacity(MAX_FRAME),
             drops: NetDrops::default(),
+            offload,
         }
     }
 
@@ -226,7 +265,12 @@ impl VirtioDevice for Net {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_MRG_RXBUF
+        let base = VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_MRG_RXBUF;
+        if self.offload {
+            base | OFFLOAD_FEATURES
+        } else {
+            base
+        }
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -245,6 +289,11 @@ impl VirtioDevice for Net {
         let [rx, tx]: [Queue; 2] = queues
             .try_into()
             .map_err(|_| DeviceError("virtio-net needs two queues".into()))?;
+        if self.offload {
+            self.backend
+                .set_offload(tun_offload_flags(acked_features))
+                .map_err(|e| DeviceError(format!("cannot set TAP offloads: {e}")))?;
+        }
         self.queues = Some([rx, tx]);
         self.mergeable = acked_features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
         self.rx_blocked = false;

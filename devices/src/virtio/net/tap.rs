@@ -17,6 +17,14 @@ const IFF_VNET_HDR: u16 = 0x4000;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+// _IOW('T', 208, unsigned int).
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+/// The TAP may pass frames with a partial checksum.
+pub const TUN_F_CSUM: u32 = 0x01;
+/// The TAP may pass TCPv4 segmentation offload frames.
+pub const TUN_F_TSO4: u32 = 0x02;
+/// The TAP may pass TCPv6 segmentation offload frames.
+pub const TUN_F_TSO6: u32 = 0x04;
 /// IFNAMSIZ, including the NUL.
 const IFNAMSIZ: usize = 16;
 
@@ -182,6 +190,14 @@ impl Tap {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// Whether the TAP takes checksum and TSO offload settings (tried,
+    /// then reset to none until a guest accepts them).
+    pub fn supports_offload(&mut self) -> bool {
+        self.set_offload(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+            .is_ok()
+            && self.set_offload(0).is_ok()
+    }
 }
 
 impl AsRawFd for Tap {
@@ -197,6 +213,18 @@ impl NetBackend for Tap {
 
     fn send(&mut self, frame: &[u8]) -> io::Result<usize> {
         self.file.write(frame)
+    }
+
+    fn set_offload(&mut self, flags: u32) -> io::Result<()> {
+        // TUNSETOFFLOAD takes the flags by value, not by pointer.
+        // SAFETY: an ioctl on our descriptor with an integer argument.
+        let rc =
+            unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETOFFLOAD, flags as libc::c_ulong) };
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
     }
 }
 

@@ -16,6 +16,7 @@ struct Wire {
     to_guest: VecDeque<Vec<u8>>,
     from_guest: Vec<Vec<u8>>,
     refuse_sends: bool,
+    offload: Option<u32>,
 }
 
 struct FakeTap {
@@ -47,6 +48,10 @@ impl NetBackend for FakeTap {
         wire.from_guest.push(frame.to_vec());
         Ok(frame.len())
     }
+    fn set_offload(&mut self, flags: u32) -> io::Result<()> {
+        self.wire.lock().unwrap().offload = Some(flags);
+        Ok(())
+    }
 }
 
 const MAC: [u8; 6] = [0x02, 1, 2, 3, 4, 5];
@@ -69,7 +74,7 @@ fn rig(features: u64) -> Rig {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
     let irq = Arc::new(Interrupt::new().unwrap());
     let mut transport = MmioTransport::new(
-        Box::new(Net::new(Box::new(tap), MAC)),
+        Box::new(Net::new(Box::new(tap), MAC, true)),
         mem.clone(),
         irq.clone(),
     )
@@ -121,11 +126,37 @@ fn offers_version_1_mac_and_mergeable_buffers_and_reports_the_mac() {
             fd: EventFd::new(0).unwrap(),
         }),
         MAC,
+        false,
     );
     assert_eq!(net.features(), all_features());
     let mut mac = [0u8; 8];
     net.read_config(0, &mut mac);
     assert_eq!(mac, [2, 1, 2, 3, 4, 5, 0, 0]);
+}
+
+#[test]
+fn offloads_are_offered_and_the_tap_follows_what_the_guest_accepts() {
+    let offloads = 1 << 0 | 1 << 1 | 1 << 7 | 1 << 8 | 1 << 11 | 1 << 12;
+    let net = Net::new(
+        Box::new(FakeTap {
+            wire: Arc::default(),
+            fd: EventFd::new(0).unwrap(),
+        }),
+        MAC,
+        true,
+    );
+    assert_eq!(net.features(), all_features() | offloads);
+    // Receive checksum + TSO4 accepted: the TAP may pass TSO4 frames.
+    let r = rig(all_features() | 1 << 1 | 1 << 7 | 1 << 11);
+    assert_eq!(
+        r.wire.lock().unwrap().offload,
+        Some(TUN_F_CSUM | TUN_F_TSO4)
+    );
+    // No receive offloads: the TAP must finish every frame.
+    let r = rig(all_features() | 1 << 0 | 1 << 11);
+    assert_eq!(r.wire.lock().unwrap().offload, Some(0));
+    // TSO without checksum offload is not valid; the TAP gets neither.
+    assert_eq!(tun_offload_flags(1 << 7), 0);
 }
 
 #[test]
