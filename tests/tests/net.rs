@@ -1,7 +1,9 @@
 //! virtio-net guest tests. A host-side script (in the rig's VM, or on a
 //! host with KVM) gives moat's TAP an address and plays the far end; the
-//! guest configures its card and talks to it. Addresses come from the
-//! documentation ranges (RFC 5737), so nothing here can reach a real network.
+//! guest configures its card and talks to it. Addresses come from a
+//! documentation range (RFC 5737), so nothing here can reach a real network.
+//! Each test has its own TAP names and /26 subnets, so the tests can run at
+//! once on one host (with hardware KVM they share the host's network stack).
 
 use moat_tests::Guest;
 
@@ -10,7 +12,7 @@ use moat_tests::Guest;
 const HOST_TAP_SETUP: &str = r#"
 tap_up() {
     until [ -e /sys/class/net/$1 ]; do kill -0 "$moat" 2>/dev/null || exit 1; sleep 0.1; done
-    ip addr add $2/24 dev $1 && ip link set $1 up
+    ip addr add $2/26 dev $1 && ip link set $1 up
 }
 ping_until() {
     i=0; until ping -c 1 -W 1 $1 >/dev/null 2>&1; do i=$((i+1)); [ $i -ge 120 ] && return 1; sleep 0.5; done
@@ -27,32 +29,47 @@ sha() { sha256sum < $1 | cut -d' ' -f1; }
 
 const HOST_TRANSFER: &str = r#"
 "$@" & moat=$!
-tap_up tap0 192.0.2.1
+tap_up @TAP0@ @H0@
 mkdir -p /tmp/www && dd if=/dev/urandom of=/tmp/www/blob bs=1M count=64 2>/dev/null
 echo HOST-BLOB-SHA=$(sha /tmp/www/blob)
-httpd -f -p 8080 -h /tmp/www & web=$!
-ping_until 192.0.2.2 && echo HOST-PING-OK
-fetch_until http://192.0.2.2:8080/blob /tmp/from-guest && echo HOST-GOT-SHA=$(sha /tmp/from-guest)
+httpd -f -p @H0@:8080 -h /tmp/www & web=$!
+ping_until @G0@ && echo HOST-PING-OK
+fetch_until http://@G0@:8080/blob /tmp/from-guest && echo HOST-GOT-SHA=$(sha /tmp/from-guest)
 rm -f /tmp/from-guest
-tell_done 192.0.2.2
+tell_done @G0@
 wait $moat; rc=$?
 kill $web 2>/dev/null
 exit $rc
 "#;
 
 const GUEST_TRANSFER: &str = r#"
-ip addr add 192.0.2.2/24 dev eth0 && ip link set eth0 up || exit 1
+ip addr add @G0@/26 dev eth0 && ip link set eth0 up || exit 1
 echo GUEST-FEATURES=$(cat /sys/bus/virtio/devices/virtio0/features)
-ping -c 3 -W 5 192.0.2.1 >/dev/null && echo GUEST-PING-OK
+ping -c 3 -W 5 @H0@ >/dev/null && echo GUEST-PING-OK
 mkdir -p /tmp/www && dd if=/dev/urandom of=/tmp/www/blob bs=1M count=64 2>/dev/null
 echo GUEST-BLOB-SHA=$(sha256sum < /tmp/www/blob | cut -d' ' -f1)
 httpd -p 8080 -h /tmp/www
-i=0; until wget -q -O /tmp/from-host http://192.0.2.1:8080/blob 2>/dev/null; do i=$((i+1)); [ $i -ge 120 ] && exit 2; sleep 1; done
+i=0; until wget -q -O /tmp/from-host http://@H0@:8080/blob 2>/dev/null; do i=$((i+1)); [ $i -ge 120 ] && exit 2; sleep 1; done
 echo GUEST-GOT-SHA=$(sha256sum < /tmp/from-host | cut -d' ' -f1)
 rm -f /tmp/from-host
 # Stay up until the host has fetched our blob and says so.
 nc -l -p 5003 </dev/null >/dev/null
 "#;
+
+/// A test's TAP names and addresses: card `i` gets TAP `@TAPi@` and the
+/// /26 subnet `first_subnet + i` of 192.0.2.0/24, host `@Hi@`, guest `@Gi@`.
+fn fill(script: &str, first_subnet: u8, cards: u8) -> String {
+    let mut out = script.to_string();
+    for i in 0..cards {
+        let base = 64 * (first_subnet + i);
+        let tap = format!("mt{}n{}", std::process::id() % 100_000, first_subnet + i);
+        out = out
+            .replace(&format!("@TAP{i}@"), &tap)
+            .replace(&format!("@H{i}@"), &format!("192.0.2.{}", base + 1))
+            .replace(&format!("@G{i}@"), &format!("192.0.2.{}", base + 2));
+    }
+    out
+}
 
 /// The value after `KEY=` on the console.
 fn value<'a>(console: &'a str, key: &str) -> &'a str {
@@ -64,11 +81,16 @@ fn value<'a>(console: &'a str, key: &str) -> &'a str {
 
 /// Pings both ways and moves 64 MiB each way; returns the run's wall time
 /// and the feature bits the guest's driver accepted.
-fn transfer(net: &str) -> (std::time::Duration, String) {
+fn transfer(subnet: u8, net_options: &str) -> (std::time::Duration, String) {
+    let net = fill(&format!("tap=@TAP0@{net_options}"), subnet, 1);
     let out = Guest::vmlinux()
-        .args(["--memory", "size=512M", "--net", net])
-        .host_script(&format!("{HOST_TAP_SETUP}{HOST_TRANSFER}"))
-        .script(GUEST_TRANSFER)
+        .args(["--memory", "size=512M", "--net", &net])
+        .host_script(&fill(
+            &format!("{HOST_TAP_SETUP}{HOST_TRANSFER}"),
+            subnet,
+            1,
+        ))
+        .script(&fill(GUEST_TRANSFER, subnet, 1))
         .run()
         .unwrap();
     out.assert_success();
@@ -88,7 +110,7 @@ fn feature(bits: &str, bit: usize) -> bool {
 
 #[test]
 fn guest_and_host_ping_each_other_and_move_64_mib_each_way() {
-    let (elapsed, features) = transfer("tap=tap0");
+    let (elapsed, features) = transfer(0, "");
     // Checksum and TSO offloads in both directions were negotiated.
     for bit in [0, 1, 7, 8, 11, 12, 15, 32] {
         assert!(
@@ -104,7 +126,7 @@ fn guest_and_host_ping_each_other_and_move_64_mib_each_way() {
 
 #[test]
 fn transfers_also_work_without_offloads() {
-    let (elapsed, features) = transfer("tap=tap0,offload=off");
+    let (elapsed, features) = transfer(1, ",offload=off");
     for bit in [0, 1, 7, 8, 11, 12] {
         assert!(
             !feature(&features, bit),
@@ -122,30 +144,30 @@ fn transfers_also_work_without_offloads() {
 fn two_cards_each_reach_their_own_tap() {
     let host = r#"
 "$@" & moat=$!
-tap_up tap0 192.0.2.1
-tap_up tap1 198.51.100.1
-ping_until 192.0.2.2 && echo HOST-TAP0-OK
-ping_until 198.51.100.2 && echo HOST-TAP1-OK
-tell_done 192.0.2.2
+tap_up @TAP0@ @H0@
+tap_up @TAP1@ @H1@
+ping_until @G0@ && echo HOST-TAP0-OK
+ping_until @G1@ && echo HOST-TAP1-OK
+tell_done @G0@
 wait $moat
 "#;
     let guest = r#"
-ip addr add 192.0.2.2/24 dev eth0 && ip link set eth0 up || exit 1
-ip addr add 198.51.100.2/24 dev eth1 && ip link set eth1 up || exit 1
+ip addr add @G0@/26 dev eth0 && ip link set eth0 up || exit 1
+ip addr add @G1@/26 dev eth1 && ip link set eth1 up || exit 1
 echo eth0=$(cat /sys/class/net/eth0/address) eth1=$(cat /sys/class/net/eth1/address)
-ping -c 2 -W 5 -I eth0 192.0.2.1 >/dev/null && echo GUEST-ETH0-OK
-ping -c 2 -W 5 -I eth1 198.51.100.1 >/dev/null && echo GUEST-ETH1-OK
+ping -c 2 -W 5 -I eth0 @H0@ >/dev/null && echo GUEST-ETH0-OK
+ping -c 2 -W 5 -I eth1 @H1@ >/dev/null && echo GUEST-ETH1-OK
 nc -l -p 5003 </dev/null >/dev/null
 "#;
     let out = Guest::vmlinux()
         .args([
-            "--net",
-            "tap=tap0",
-            "--net",
-            "tap=tap1,mac=02:00:00:00:00:42",
+            "--net".to_string(),
+            fill("tap=@TAP0@", 2, 2),
+            "--net".to_string(),
+            fill("tap=@TAP1@,mac=02:00:00:00:00:42", 2, 2),
         ])
-        .host_script(&format!("{HOST_TAP_SETUP}{host}"))
-        .script(guest)
+        .host_script(&fill(&format!("{HOST_TAP_SETUP}{host}"), 2, 2))
+        .script(&fill(guest, 2, 2))
         .run()
         .unwrap();
     out.assert_success();

@@ -36,6 +36,18 @@ impl fmt::Display for DeviceError {
     }
 }
 
+/// Copies `config[offset..]` into `data`, with zeros past its end: how
+/// every device answers config-space reads of any offset and width.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = offset
+            .checked_add(i as u64)
+            .and_then(|at| config.get(usize::try_from(at).ok()?))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// The device-specific half of a virtio device.
 pub trait VirtioDevice: Send {
     /// Virtio device ID (virtio 1.2, 5).

@@ -276,13 +276,7 @@ impl VirtioDevice for Net {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // virtio_net_config starts with mac[6]; the rest needs features we
         // do not offer.
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = offset
-                .checked_add(i as u64)
-                .and_then(|at| self.mac.get(usize::try_from(at).ok()?))
-                .copied()
-                .unwrap_or(0);
-        }
+        super::read_config_bytes(&self.mac, offset, data);
     }
 
     fn activate(&mut self, acked_features: u64, queues: Vec<Queue>) -> Result<(), DeviceError> {
