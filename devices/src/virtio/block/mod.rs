@@ -44,6 +44,7 @@ impl Block {
                 sectors: size / SECTOR_SIZE,
                 read_only,
                 serial,
+                bounce: Vec::new(),
             },
             queue: None,
         }

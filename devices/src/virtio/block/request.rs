@@ -53,6 +53,9 @@ pub(super) struct Disk {
     pub sectors: u64,
     pub read_only: bool,
     pub serial: [u8; 20],
+    /// Bounce buffer between the disk and guest memory, kept across
+    /// requests (grown on demand up to CHUNK) so no request allocates.
+    pub bounce: Vec<u8>,
 }
 
 /// Why a request failed, for the status byte.
@@ -64,7 +67,7 @@ impl Disk {
     /// Handles one request; returns the number of bytes written into the
     /// chain (the used length). An error means the chain has no usable
     /// status byte and the device must be reset.
-    pub fn handle(&self, mem: &GuestMemoryMmap, chain: Chain<'_>) -> Result<u32, DeviceError> {
+    pub fn handle(&mut self, mem: &GuestMemoryMmap, chain: Chain<'_>) -> Result<u32, DeviceError> {
         let descriptors: Vec<_> = chain.clone().collect();
         let Some(last) = descriptors.last() else {
             return Err(DeviceError(
@@ -109,7 +112,7 @@ impl Disk {
 
     /// Runs the request. `Ok(None)`: unsupported type; `Ok(Some(n))`: done,
     /// `n` data bytes written to the guest.
-    fn execute(&self, mem: &GuestMemoryMmap, chain: Chain<'_>) -> Result<Option<u32>, IoError> {
+    fn execute(&mut self, mem: &GuestMemoryMmap, chain: Chain<'_>) -> Result<Option<u32>, IoError> {
         let mut reader = chain.clone().reader(mem).map_err(|_| IoError)?;
         let mut writer = chain.writer(mem).map_err(|_| IoError)?;
         // The last writable byte is the status, written separately.
@@ -120,7 +123,7 @@ impl Disk {
         match header.kind {
             VIRTIO_BLK_T_IN => {
                 let offset = self.range(header.sector, data_len)?;
-                let mut buf = vec![0u8; data_len.min(CHUNK)];
+                let buf = bounce(&mut self.bounce, data_len);
                 let mut done = 0;
                 while done < data_len {
                     let n = (data_len - done).min(CHUNK);
@@ -138,7 +141,7 @@ impl Disk {
                 }
                 let len = reader.available_bytes();
                 let offset = self.range(header.sector, len)?;
-                let mut buf = vec![0u8; len.min(CHUNK)];
+                let buf = bounce(&mut self.bounce, len);
                 let mut done = 0;
                 while done < len {
                     let n = (len - done).min(CHUNK);
@@ -176,4 +179,13 @@ impl Disk {
         }
         Ok(sector * SECTOR_SIZE)
     }
+}
+
+/// The bounce buffer, at least `min(len, CHUNK)` bytes long.
+fn bounce(buffer: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    let want = len.min(CHUNK);
+    if buffer.len() < want {
+        buffer.resize(want, 0);
+    }
+    &mut buffer[..want]
 }
