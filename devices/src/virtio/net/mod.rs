@@ -94,6 +94,9 @@ pub struct Net {
     rx_len: usize,
     /// The guest has no receive buffers for `rx_frame`.
     rx_blocked: bool,
+    /// The backend failed a read (say, its interface was deleted): stop
+    /// polling it, or a level-triggered error would spin the event loop.
+    backend_broken: bool,
     tx_frame: Vec<u8>,
     drops: NetDrops,
     /// Offer checksum and TSO offloads.
@@ -113,6 +116,7 @@ impl Net {
             rx_frame: vec![0; MAX_FRAME],
             rx_len: 0,
             rx_blocked: false,
+            backend_broken: false,
             tx_frame: Vec::with_capacity(MAX_FRAME),
             drops: NetDrops::default(),
             offload,
@@ -136,8 +140,11 @@ impl Net {
                     Ok(n) => self.rx_len = n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(delivered),
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    // A broken backend loses the frame, not the device.
-                    Err(_) => return Ok(delivered),
+                    // A broken backend loses its input, not the device.
+                    Err(_) => {
+                        self.backend_broken = true;
+                        return Ok(delivered);
+                    }
                 }
             }
             if !self.deliver(mem)? {
@@ -305,7 +312,7 @@ impl VirtioDevice for Net {
     }
 
     fn backend_wanted(&self) -> bool {
-        self.queues.is_some() && !self.rx_blocked
+        self.queues.is_some() && !self.rx_blocked && !self.backend_broken
     }
 
     fn process_backend(

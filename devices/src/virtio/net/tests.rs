@@ -17,6 +17,7 @@ struct Wire {
     from_guest: Vec<Vec<u8>>,
     refuse_sends: bool,
     offload: Option<u32>,
+    broken: bool,
 }
 
 struct FakeTap {
@@ -32,7 +33,11 @@ impl AsRawFd for FakeTap {
 
 impl NetBackend for FakeTap {
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self.wire.lock().unwrap().to_guest.pop_front() {
+        let mut wire = self.wire.lock().unwrap();
+        if wire.broken {
+            return Err(io::Error::from_raw_os_error(libc::EBADFD));
+        }
+        match wire.to_guest.pop_front() {
             Some(frame) => {
                 buf[..frame.len()].copy_from_slice(&frame);
                 Ok(frame.len())
@@ -296,6 +301,16 @@ fn a_receive_buffer_the_device_cannot_write_drops_the_frame() {
     r.transport.process_backend();
     assert_eq!(r.driver.queues[0].take_used(&r.mem).len(), 2);
     assert!(!r.needs_reset());
+}
+
+#[test]
+fn a_failing_backend_is_no_longer_polled() {
+    let mut r = rig(all_features());
+    r.rx_buffers(2, 2048);
+    r.wire.lock().unwrap().broken = true;
+    r.transport.process_backend();
+    assert!(!r.transport.backend_wanted());
+    assert!(!r.needs_reset(), "transmit still works");
 }
 
 #[test]
