@@ -171,3 +171,24 @@ fn a_triple_fault_is_an_error_with_a_message() {
         out.tail(10)
     );
 }
+
+#[test]
+fn sigterm_stops_moat_with_a_message_and_status_143() {
+    // The host side waits until the guest is up, then asks moat to stop.
+    let host = r#"log=/tmp/moat-term.log
+"$@" >"$log" 2>&1 & moat=$!
+until grep -q guest-is-up "$log"; do kill -0 $moat || break; sleep 0.2; done
+kill -TERM $moat; wait $moat; rc=$?
+cat "$log"; exit $rc"#;
+    let out = Guest::vmlinux()
+        .host_script(host)
+        .script("echo guest-is-up; sleep 100000")
+        .run()
+        .unwrap();
+    assert_eq!(out.status, 143, "{}", out.tail(10));
+    assert!(
+        out.console.contains("moat: stopped by signal 15"),
+        "{}",
+        out.tail(10)
+    );
+}
