@@ -57,9 +57,9 @@ if [[ $separate == 1 ]]; then
 else
     guest_kernel_dir=$rig_kernel_dir
 fi
-guest_dir=$cache/guest-$(key "v1 $bb_ver $e2fs_ver" "$here/lib/busybox-tree.sh" \
+guest_dir=$cache/guest-$(key "v1 $bb_ver $e2fs_ver" "$here/lib/busybox-tree.sh" "$here/lib/pack-cpio.sh" \
     "$here/guest/init" "$here/guest/build-guest.sh")
-rig_dir=$cache/rig-$(key "v1 $bb_ver" "$here/lib/busybox-tree.sh" \
+rig_dir=$cache/rig-$(key "v1 $bb_ver" "$here/lib/busybox-tree.sh" "$here/lib/pack-cpio.sh" \
     "$here/rig/init" "$here/rig/build-rig-initramfs.sh")
 
 declare -A status=()

@@ -181,7 +181,7 @@ chmod 0755 "$stage/rig/cmd"
 
 initrd=$tmp/initrd.cpio
 cp "$RIG_INITRAMFS" "$initrd"
-(cd "$stage" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) >>"$initrd"
+"$here/lib/pack-cpio.sh" "$stage" >>"$initrd"
 
 append="console=ttyS1 reboot=t panic=-1 8250.nr_uarts=2 i8042.noaux i8042.nokbd tsc=reliable no_timer_check"
 # TCG's TSC runs at the host's rate. L1 calibrates it against the PIT, which

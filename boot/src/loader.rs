@@ -330,7 +330,6 @@ pub fn write_pvh_start_info(mem: &GuestMemoryMmap, info: &BootInfo) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
 
     fn memory(size: usize) -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap()
@@ -342,15 +341,8 @@ mod tests {
             std::process::id(),
             std::thread::current().id()
         ));
-        let mut f = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
+        let f = moat_tests::file_with(&path, bytes);
         std::fs::remove_file(&path).unwrap();
-        f.write_all(bytes).unwrap();
         f
     }
 

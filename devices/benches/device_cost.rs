@@ -9,7 +9,6 @@
 //! Prints a table and writes target/bench/device_cost.json. Figures are
 //! ratios against the baseline measured in the same run; never assert on them.
 
-use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -132,13 +131,7 @@ fn main() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&dir).expect("create target/bench");
     let path = dir.join("device_cost.img");
-    let mut file = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
+    let mut file = moat_tests::file_with(&path, &[]);
     // Real data, so reads are not served from holes.
     let chunk: Vec<u8> = (0..1 << 20).map(|i| (i * 7) as u8).collect();
     for _ in 0..DISK_SIZE >> 20 {

@@ -15,7 +15,7 @@ trap 'rm -rf "$stage"' EXIT
 install -m 0755 "$here/init" "$stage/root/init"
 
 mkdir -p "$out"
-(cd "$stage/root" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) >"$out/initramfs.cpio"
+"$here/../lib/pack-cpio.sh" "$stage/root" >"$out/initramfs.cpio"
 
 # Root fs: same tree; the kernel's default /sbin/init is our init.
 rm -f "$stage/root/sbin/init"

@@ -12,4 +12,4 @@ trap 'rm -rf "$stage"' EXIT
 "$here/../lib/busybox-tree.sh" "$stage/root"
 install -m 0755 "$here/init" "$stage/root/init"
 mkdir -p "$stage/root/rig" "$out"
-(cd "$stage/root" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) >"$out/rig-initramfs.cpio"
+"$here/../lib/pack-cpio.sh" "$stage/root" >"$out/rig-initramfs.cpio"

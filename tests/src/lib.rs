@@ -72,6 +72,21 @@ pub fn moat_bin() -> PathBuf {
     }
 }
 
+/// Creates (or empties) `path` for reading and writing, with `contents`;
+/// the file position is left at the end.
+pub fn file_with(path: &Path, contents: &[u8]) -> std::fs::File {
+    let mut file = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    file.write_all(contents)
+        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    file
+}
+
 /// Paths of the guest images, from `resources/build-images.sh` (built or
 /// cached on first use, once per test process).
 pub fn images() -> &'static HashMap<String, PathBuf> {

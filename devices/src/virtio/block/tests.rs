@@ -1,7 +1,6 @@
 //! virtio-blk driven through the mmio transport by the test driver, on a
 //! temporary file, with plain guest memory.
 
-use std::io::Write;
 use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress};
@@ -26,14 +25,7 @@ struct Rig {
 
 fn temp_disk(name: &str, contents: &[u8]) -> (std::path::PathBuf, File) {
     let path = std::env::temp_dir().join(format!("moat-blk-{}-{name}", std::process::id()));
-    let mut f = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
-    f.write_all(contents).unwrap();
+    let f = moat_tests::file_with(&path, contents);
     (path, f)
 }
 
