@@ -4,7 +4,7 @@
 #   build-images.sh [--separate-guest-kernel]
 #
 # stdout: only KEY=ABSOLUTE_PATH lines (VMLINUX, BZIMAGE, INITRAMFS, ROOTFS,
-# RIG_KERNEL, RIG_INITRAMFS); progress and timings go to stderr.
+# BENCH_INITRAMFS, RIG_KERNEL, RIG_INITRAMFS); progress and timings go to stderr.
 # Cache: ${MOAT_CACHE:-$HOME/.cache/moat}, one directory per artifact keyed by
 # a hash of its inputs (config fragments, build scripts, init scripts and the
 # installed Debian package versions). Artifacts are built in a temp dir and
@@ -59,13 +59,15 @@ else
 fi
 guest_dir=$cache/guest-$(key "v1 $bb_ver $e2fs_ver" "$here/lib/busybox-tree.sh" "$here/lib/pack-cpio.sh" \
     "$here/guest/init" "$here/guest/build-guest.sh")
+bench_dir=$cache/bench-$(key "v1 $gcc_ver" "$here/lib/pack-cpio.sh" "$here/bench/init.c" \
+    "$here/bench/build-bench.sh")
 rig_dir=$cache/rig-$(key "v1 $bb_ver" "$here/lib/busybox-tree.sh" "$here/lib/pack-cpio.sh" \
     "$here/rig/init" "$here/rig/build-rig-initramfs.sh")
 
 declare -A status=()
 all_present() {
     local d
-    for d in "$rig_kernel_dir" "$guest_kernel_dir" "$guest_dir" "$rig_dir"; do
+    for d in "$rig_kernel_dir" "$guest_kernel_dir" "$guest_dir" "$bench_dir" "$rig_dir"; do
         [[ -d $d ]] || return 1
     done
 }
@@ -109,7 +111,7 @@ build_kernel() {
 }
 
 if all_present; then
-    for l in kernel guest-images rig-initramfs; do status[$l]=cached; done
+    for l in kernel guest-images bench-initramfs rig-initramfs; do status[$l]=cached; done
 else
     exec 9>"$cache/.lock"
     if ! flock -n 9; then
@@ -126,6 +128,7 @@ else
         build_artifact "$guest_kernel_dir" guest-kernel build_kernel guest "${guest_frags[@]}"
     fi
     build_artifact "$guest_dir" guest-images "$here/guest/build-guest.sh"
+    build_artifact "$bench_dir" bench-initramfs "$here/bench/build-bench.sh"
     build_artifact "$rig_dir" rig-initramfs "$here/rig/build-rig-initramfs.sh"
     flock -u 9
 fi
@@ -142,5 +145,6 @@ echo "VMLINUX=$guest_kernel_dir/vmlinux"
 echo "BZIMAGE=$guest_kernel_dir/bzImage"
 echo "INITRAMFS=$guest_dir/initramfs.cpio"
 echo "ROOTFS=$guest_dir/rootfs.ext4"
+echo "BENCH_INITRAMFS=$bench_dir/initramfs.cpio"
 echo "RIG_KERNEL=$rig_kernel_dir/vmlinux"
 echo "RIG_INITRAMFS=$rig_dir/rig-initramfs.cpio"

@@ -242,6 +242,13 @@ impl Guest {
         self
     }
 
+    /// Boots with `initramfs` instead of the test initramfs (a
+    /// [`Guest::script`] is appended to it all the same).
+    pub fn initramfs(mut self, initramfs: impl Into<PathBuf>) -> Guest {
+        self.initramfs = Some(initramfs.into());
+        self
+    }
+
     /// Boots without an initramfs.
     pub fn no_initramfs(mut self) -> Guest {
         self.initramfs = None;

@@ -192,3 +192,49 @@ cat "$log"; exit $rc"#;
         out.tail(10)
     );
 }
+
+/// moat's boot-timer line: (first KVM_RUN, marker) in ms since moat started.
+fn boot_timer_ms(console: &str) -> Option<(f64, f64)> {
+    let line = console
+        .lines()
+        .find(|l| l.starts_with("moat: boot timer:"))?;
+    let after = |key: &str| -> Option<f64> {
+        let rest = &line[line.find(key)? + key.len()..];
+        rest.split_whitespace().next()?.parse().ok()
+    };
+    Some((after("first KVM_RUN at ")?, after("guest marker at ")?))
+}
+
+/// The benchmark guest with the benchmark cmdline (reboot at once).
+fn bench_guest() -> Guest {
+    Guest::vmlinux()
+        .initramfs(image("BENCH_INITRAMFS"))
+        .args(["--memory", "size=128M"])
+        .args([
+            "--cmdline",
+            "console=ttyS0 reboot=k panic=1 i8042.noaux i8042.nokbd",
+        ])
+}
+
+#[test]
+fn boot_timer_reports_when_the_benchmark_init_starts() {
+    let out = bench_guest().args(["--boot-timer"]).run().unwrap();
+    assert_eq!(out.status, 0, "{}", out.tail(20));
+    assert!(out.console.contains("MOAT-BENCH-INIT"), "{}", out.tail(20));
+    let (first_run, marker) = boot_timer_ms(&out.console)
+        .unwrap_or_else(|| panic!("no boot timer line:\n{}", out.tail(20)));
+    assert!(
+        0.0 < first_run && first_run < marker,
+        "first KVM_RUN {first_run} ms, marker {marker} ms"
+    );
+    assert!(marker < out.elapsed.as_secs_f64() * 1e3);
+    assert_eq!(out.console.matches("boot timer:").count(), 1);
+}
+
+#[test]
+fn without_boot_timer_the_marker_port_is_ignored() {
+    let out = bench_guest().run().unwrap();
+    assert_eq!(out.status, 0, "{}", out.tail(20));
+    assert!(out.console.contains("MOAT-BENCH-INIT"), "{}", out.tail(20));
+    assert!(!out.console.contains("boot timer"), "{}", out.tail(20));
+}

@@ -79,6 +79,12 @@ pub struct RunArgs {
     /// KVM device node.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
     pub kvm: PathBuf,
+
+    /// Time the boot: when the guest first writes 123 to I/O port 0xf4,
+    /// print on stderr how long after moat's start that was and when vCPU 0
+    /// first entered KVM_RUN. moat's benchmark /init writes it first thing.
+    #[arg(long)]
+    pub boot_timer: bool,
 }
 
 /// `--boot-protocol` values.
@@ -143,6 +149,7 @@ impl RunArgs {
                 .iter()
                 .map(|n| config::parse_net(n))
                 .collect::<Result<Vec<_>, _>>()?,
+            boot_timer: self.boot_timer,
         })
     }
 }

@@ -221,6 +221,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// virtio-net cards, in order (eth0, eth1, ...).
     pub nets: Vec<NetConfig>,
+    /// Report start-up times when the guest writes the boot-timer marker.
+    pub boot_timer: bool,
 }
 
 /// Parses a `key=value[,key=value]` list where only `allowed` keys may

@@ -5,6 +5,7 @@
 
 #![deny(missing_docs)]
 
+pub mod boot_timer;
 pub mod bus;
 pub mod cli;
 pub mod config;
@@ -55,6 +56,10 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
     // Devices.
     let mut pio = Bus::default();
     let legacy = vm::attach_legacy_devices(&vm_fd, &mut pio)?;
+    let first_run = boot_timer::FirstRun::default();
+    if config.boot_timer {
+        vm::attach_boot_timer(&mut pio, first_run.clone())?;
+    }
     let mut mmio = Bus::default();
     let virtio_devices = virtio::attach(&vm_fd, &memory, &mut mmio, virtio_devices)?;
 
@@ -73,6 +78,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
         mmio: Arc::new(mmio),
         exit: exit.clone(),
         stop: Arc::new(AtomicBool::new(false)),
+        first_run,
     };
 
     // The event loop, then the console, then go.

@@ -13,6 +13,7 @@ fn fail(message: &str, code: u8) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    moat_vmm::boot_timer::process_start();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {

@@ -15,6 +15,7 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use moat_boot::cpu::{self, EntryPoint};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use crate::boot_timer::FirstRun;
 use crate::bus::Bus;
 use crate::error::{Error, KvmOp};
 use crate::exit::{ExitSignal, VmExit};
@@ -95,6 +96,8 @@ pub struct Shared {
     pub exit: Arc<ExitSignal>,
     /// Set when the VM is stopping; vCPUs leave their loop.
     pub stop: Arc<AtomicBool>,
+    /// When vCPU 0 first entered KVM_RUN (for `--boot-timer`).
+    pub first_run: FirstRun,
 }
 
 /// Starts a thread that runs `fd` until the VM stops.
@@ -124,6 +127,9 @@ pub fn stop_all(threads: Vec<VcpuThread>, stop: &AtomicBool) {
 }
 
 fn run(index: u8, mut fd: VcpuFd, shared: &Shared) {
+    if index == 0 {
+        let _ = shared.first_run.set(Instant::now());
+    }
     while !shared.stop.load(Ordering::SeqCst) {
         let outcome = match fd.run() {
             Ok(exit) => handle_exit(index, exit, shared),

@@ -16,11 +16,12 @@ use kvm_ioctls::{Kvm, VmFd};
 use linux_loader::cmdline::Cmdline;
 use moat_boot::cpu::EntryPoint;
 use moat_boot::{gdt, layout, loader, mptable, paging, GuestMemoryMmap};
-use moat_devices::legacy::{Serial, I8042};
+use moat_devices::legacy::{BootTimer, Serial, I8042};
 use moat_devices::trigger::EventFdTrigger;
 use moat_devices::virtio::mmio::MMIO_WINDOW;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::boot_timer::{self, FirstRun};
 use crate::bus::Bus;
 use crate::config::{self, ConfigError, VmConfig};
 use crate::console::ConsoleSerial;
@@ -34,6 +35,9 @@ const COM1_PORT: u64 = 0x3f8;
 const COM1_IRQ: u32 = 4;
 /// The i8042's data port; its command port is 4 above.
 const I8042_PORT: u64 = 0x60;
+/// The boot-timer port (`--boot-timer`): in the 0xf0-0xff range the PC
+/// gave the x87 coprocessor, which no 64-bit guest touches.
+pub const BOOT_TIMER_PORT: u64 = 0xf4;
 
 /// Opens a file the user named, with a message that names the option.
 pub fn open_input(option: &'static str, path: &Path) -> Result<File, ConfigError> {
@@ -263,6 +267,13 @@ pub fn attach_legacy_devices(vm: &VmFd, pio: &mut Bus) -> Result<LegacyDevices, 
         serial_input_space,
         reset,
     })
+}
+
+/// Places the boot timer (`--boot-timer`) on the port-I/O bus.
+pub fn attach_boot_timer(pio: &mut Bus, first_run: FirstRun) -> Result<(), Error> {
+    let timer = Arc::new(Mutex::new(boot_timer::device(first_run)));
+    pio.insert(BOOT_TIMER_PORT, BootTimer::WINDOW, timer)
+        .map_err(|e| Error::Internal(e.to_string()))
 }
 
 #[cfg(test)]

@@ -1,7 +1,10 @@
-//! Legacy PC devices: the 8250 UART and the i8042 controller.
+//! Legacy PC devices: the 8250 UART, the i8042 controller, and moat's boot
+//! timer port.
 
+mod boot_timer;
 mod i8042;
 mod serial;
 
+pub use boot_timer::{BootTimer, BootTimerReport};
 pub use i8042::I8042;
 pub use serial::{Serial, SERIAL_FIFO_SIZE};
