@@ -31,6 +31,7 @@ pub enum EntryPoint {
 
 // CPUID bits (Intel SDM vol. 2A, CPUID; AMD APM vol. 3, appendix E).
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 const LEAF1_EDX_HTT: u32 = 1 << 28;
 const LEAF_CACHE_PARAMS: u32 = 0x4;
 const LEAF_EXT_TOPOLOGY: u32 = 0xb;
@@ -106,6 +107,17 @@ pub fn configure_cpuid(entries: &mut [kvm_cpuid_entry2], index: u8, count: u8) {
             }
             _ => {}
         }
+    }
+}
+
+/// Tells the guest its LAPIC timer has TSC-deadline mode. KVM emulates it
+/// in the in-kernel LAPIC but leaves the bit out of its supported CPUID
+/// (the VMM checks KVM_CAP_TSC_DEADLINE_TIMER). Without it Linux
+/// calibrates the LAPIC timer against the PIT at boot, which costs
+/// about a tenth of a second.
+pub fn set_tsc_deadline(entries: &mut [kvm_cpuid_entry2]) {
+    for entry in entries.iter_mut().filter(|e| e.function == 1) {
+        entry.ecx |= LEAF1_ECX_TSC_DEADLINE;
     }
 }
 
@@ -292,6 +304,24 @@ mod tests {
         assert_ne!(entries[0].edx & LEAF1_EDX_HTT, 0);
         configure_cpuid(&mut entries, 0, 1);
         assert_eq!(entries[0].edx & LEAF1_EDX_HTT, 0);
+    }
+
+    #[test]
+    fn tsc_deadline_sets_only_its_bit_in_leaf_1() {
+        let mut entries = [
+            kvm_cpuid_entry2 {
+                function: 1,
+                ecx: LEAF1_ECX_HYPERVISOR,
+                ..Default::default()
+            },
+            entry(0xb, 0),
+        ];
+        set_tsc_deadline(&mut entries);
+        assert_eq!(
+            entries[0].ecx,
+            LEAF1_ECX_HYPERVISOR | LEAF1_ECX_TSC_DEADLINE
+        );
+        assert_eq!(entries[1].ecx, entry(0xb, 0).ecx);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use kvm_bindings::{
     Msrs, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
     KVM_SYSTEM_EVENT_SHUTDOWN,
 };
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 use moat_boot::cpu::{self, EntryPoint};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
@@ -53,6 +53,9 @@ pub fn create(
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(KvmOp::GetSupportedCpuid.err())?;
     cpu::configure_cpuid(cpuid.as_mut_slice(), index, count);
+    if kvm.check_extension(Cap::TscDeadlineTimer) {
+        cpu::set_tsc_deadline(cpuid.as_mut_slice());
+    }
     fd.set_cpuid2(&cpuid).map_err(KvmOp::SetCpuid.err())?;
 
     let wanted = cpu::boot_msrs();
