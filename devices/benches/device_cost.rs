@@ -1,8 +1,8 @@
 //! Device cost without a guest: a synthetic driver fills a device's queue
 //! in guest memory and kicks, and the same I/O is also done directly in the
 //! same process as the baseline: pread/pwrite for virtio-blk, write(2) to
-//! the same TAP for virtio-net transmit (needs CAP_NET_ADMIN; skipped
-//! without it).
+//! the same TAP for virtio-net transmit, read(2) from it for virtio-net
+//! receive (the TAP rows need CAP_NET_ADMIN; skipped without it).
 //!
 //!     cargo bench -p moat-devices --features test-driver --bench device_cost
 //!
@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 
 use moat_devices::virtio::block::{Block, QUEUE_SIZE};
 use moat_devices::virtio::mmio::MmioTransport;
-use moat_devices::virtio::net::{Net, NetBackend, Tap, NET_HDR_LEN};
+use moat_devices::virtio::net::{Net, NetBackend, Tap, MAX_FRAME, NET_HDR_LEN};
 use moat_devices::virtio::test_driver::{read32, write32, Driver};
 use moat_devices::virtio::{GuestMemoryMmap, Interrupt};
+use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 use vm_memory::{Bytes, GuestAddress};
 
 const DISK_SIZE: u64 = 256 << 20;
@@ -74,6 +75,37 @@ fn measure(mut op: impl FnMut(u64)) -> Measurement {
     }
 }
 
+/// The two halves of a round in [`measure_rounds`].
+#[derive(Clone, Copy, PartialEq)]
+enum Half {
+    /// Set up the requests (not timed).
+    Prepare,
+    /// Complete them (timed).
+    Complete,
+}
+
+/// Runs rounds of `round(Prepare)` then `round(Complete)` for RUN_FOR,
+/// timing only the second half, which completes `per_round` requests.
+fn measure_rounds(per_round: u64, mut round: impl FnMut(Half)) -> Measurement {
+    round(Half::Prepare);
+    round(Half::Complete); // warm up
+    let started = Instant::now();
+    let mut m = Measurement {
+        requests: 0,
+        wall: Duration::ZERO,
+        cpu: Duration::ZERO,
+    };
+    while started.elapsed() < RUN_FOR {
+        round(Half::Prepare);
+        let (start, cpu) = (Instant::now(), cpu_time());
+        round(Half::Complete);
+        m.wall += start.elapsed();
+        m.cpu += cpu_time() - cpu;
+        m.requests += per_round;
+    }
+    m
+}
+
 /// Offset of request `i` of `size` bytes: a scattered walk over the disk.
 fn offset(i: u64, size: u64) -> u64 {
     let slots = DISK_SIZE / size;
@@ -123,6 +155,171 @@ fn net_rows() -> Result<Vec<(String, u64, Measurement, Measurement)>, String> {
             irq.ack(1);
         });
         rows.push((format!("virtio-net tx {size} B"), size, device, baseline));
+    }
+    Ok(rows)
+}
+
+/// A TAP's largest MTU (65535 less the Ethernet header): the largest frame
+/// the host can send into it is 65535 bytes.
+const TAP_MAX_MTU: i32 = 65_521;
+
+/// Puts frames into a TAP from the host side: a packet socket bound to the
+/// interface, whose transmissions the TAP's reader receives.
+struct Injector(std::os::fd::OwnedFd);
+
+impl Injector {
+    /// Brings TAP `name` up with the largest MTU a TAP takes (IPv6 off, so the kernel
+    /// sends nothing of its own) and binds a packet socket to it.
+    fn new(name: &str) -> Result<Injector, String> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let fail = |what: &str| format!("{what} on {name}: {}", std::io::Error::last_os_error());
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+        // SAFETY: plain socket(2); the descriptor is owned right away.
+        let ctl = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+        if ctl < 0 {
+            return Err(fail("socket"));
+        }
+        // SAFETY: ctl is a fresh descriptor nobody else owns.
+        let ctl = unsafe { OwnedFd::from_raw_fd(ctl) };
+        // SAFETY: an all-zero ifreq is valid.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+            *dst = src as libc::c_char;
+        }
+        req.ifr_ifru.ifru_mtu = TAP_MAX_MTU;
+        // SAFETY: SIOCSIFMTU, SIOCGIFFLAGS, SIOCSIFFLAGS and SIOCGIFINDEX
+        // read and write only the ifreq we pass.
+        unsafe {
+            if libc::ioctl(ctl.as_raw_fd(), libc::SIOCSIFMTU, &mut req) < 0 {
+                return Err(fail("SIOCSIFMTU"));
+            }
+            if libc::ioctl(ctl.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
+                return Err(fail("SIOCGIFFLAGS"));
+            }
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            if libc::ioctl(ctl.as_raw_fd(), libc::SIOCSIFFLAGS, &mut req) < 0 {
+                return Err(fail("SIOCSIFFLAGS"));
+            }
+            if libc::ioctl(ctl.as_raw_fd(), libc::SIOCGIFINDEX, &mut req) < 0 {
+                return Err(fail("SIOCGIFINDEX"));
+            }
+        }
+        // SAFETY: reading the union member SIOCGIFINDEX filled in.
+        let ifindex = unsafe { req.ifr_ifru.ifru_ifindex };
+        // SAFETY: plain socket(2); protocol 0 receives nothing.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+        if fd < 0 {
+            return Err(fail("packet socket"));
+        }
+        // SAFETY: fd is a fresh descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: an all-zero sockaddr_ll is valid.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = ifindex;
+        // SAFETY: bind(2) reads `addr`, of the size we pass.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if rc < 0 {
+            return Err(fail("bind"));
+        }
+        Ok(Injector(fd))
+    }
+
+    fn send(&self, frame: &[u8]) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: send(2) reads `frame`, of the length we pass.
+        let n = unsafe { libc::send(self.0.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        assert_eq!(
+            n,
+            frame.len() as isize,
+            "{}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Reads whatever waits in `tap` (frames the kernel sent before the run).
+fn drain(tap: &mut Tap, buf: &mut [u8]) {
+    std::thread::sleep(Duration::from_millis(50));
+    while tap.recv(buf).is_ok() {}
+}
+
+/// virtio-net receive of 1514-byte and 65535-byte frames that the host sends
+/// into the TAP, against reading the same frames from the same TAP with
+/// read(2). Only the receiving side is timed. The driver posts 4 KiB
+/// buffers and negotiates mergeable buffers, as Linux guests do.
+fn net_rx_rows() -> Result<Vec<(String, u64, Measurement, Measurement)>, String> {
+    const RX_BUFFER: u64 = 4096;
+    let name = format!("mtbrx{}", std::process::id() % 100_000);
+    let sizes = [1514u64, 65_535];
+    let frame = |size: u64| {
+        let mut frame = vec![0x5au8; size as usize];
+        frame[..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+        frame[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+        frame[12..14].copy_from_slice(&0x88b5u16.to_be_bytes()); // local experimental
+        frame
+    };
+    // Frames per timed round: as many as fit the 256-entry ring, up to 64.
+    let batch = |size: u64| (240 / (size + NET_HDR_LEN as u64).div_ceil(RX_BUFFER)).min(64);
+
+    let mut direct = Tap::open(&name).map_err(|e| e.to_string())?;
+    let injector = Injector::new(&name)?;
+    let mut buf = vec![0u8; MAX_FRAME];
+    drain(&mut direct, &mut buf);
+    let baselines: Vec<Measurement> = sizes
+        .iter()
+        .map(|&size| {
+            let (frame, n) = (frame(size), batch(size));
+            measure_rounds(n, |half| {
+                for _ in 0..n {
+                    if half == Half::Prepare {
+                        injector.send(&frame);
+                    } else {
+                        assert_eq!(direct.recv(&mut buf).unwrap(), NET_HDR_LEN + frame.len());
+                    }
+                }
+            })
+        })
+        .collect();
+    drop((injector, direct));
+
+    let mut tap = Tap::open(&name).map_err(|e| e.to_string())?;
+    let injector = Injector::new(&name)?;
+    drain(&mut tap, &mut buf);
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+    let irq = Arc::new(Interrupt::new().unwrap());
+    let net = Net::new(Box::new(tap), [2, 0, 0, 0, 0, 1], false);
+    let mut transport = MmioTransport::new(Box::new(net), mem.clone(), irq.clone()).unwrap();
+    let low = u64::from(read32(&mut transport, 0x010));
+    write32(&mut transport, 0x014, 1);
+    let high = u64::from(read32(&mut transport, 0x010)) << 32;
+    let features = high | (low & 1 << VIRTIO_NET_F_MRG_RXBUF);
+    let mut driver = Driver::init(&mut transport, &mem, features, &[256, 256]).unwrap();
+    let mut rows = Vec::new();
+    for (size, baseline) in sizes.into_iter().zip(baselines) {
+        let (frame, n) = (frame(size), batch(size));
+        let buffers = n * (size + NET_HDR_LEN as u64).div_ceil(RX_BUFFER);
+        let device = measure_rounds(n, |half| {
+            if half == Half::Prepare {
+                for b in 0..buffers {
+                    let buffer = (DATA + b * RX_BUFFER, RX_BUFFER as u32, true);
+                    driver.queues[0].add_chain(&mem, &[buffer]);
+                }
+                transport.process_queue(0);
+                (0..n).for_each(|_| injector.send(&frame));
+            } else {
+                transport.process_backend();
+                assert_eq!(driver.queues[0].take_used(&mem).len() as u64, buffers);
+                irq.ack(1);
+            }
+        });
+        rows.push((format!("virtio-net rx {size} B"), size, device, baseline));
     }
     Ok(rows)
 }
@@ -187,6 +384,10 @@ fn main() {
     match net_rows() {
         Ok(mut net) => rows.append(&mut net),
         Err(e) => println!("virtio-net skipped: {e}"),
+    }
+    match net_rx_rows() {
+        Ok(mut net) => rows.append(&mut net),
+        Err(e) => println!("virtio-net receive skipped: {e}"),
     }
 
     println!(
