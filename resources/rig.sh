@@ -4,7 +4,7 @@
 # /dev/kvm cannot run a Linux guest to userspace).
 #
 #   rig.sh [--timeout SECS] [--file PATH]... [--disk PATH]... [--mem MiB]
-#          -- COMMAND [ARGS...]
+#          [--cpus N] -- COMMAND [ARGS...]
 #
 # COMMAND (with the shared libraries and loader that ldd lists, if it is a
 # dynamic ELF) and each --file PATH are copied into L1 at their absolute host
@@ -17,6 +17,8 @@
 # returns; not on timeout). COMMAND sees a block device: get the size with
 # lseek(SEEK_END) or BLKGETSIZE64, not st_size.
 #
+# --mem sets L1's memory (default 2048 MiB), --cpus its vCPUs (default 1;
+# TCG runs each in its own host thread).
 # Exit status: COMMAND's exit status in L1; 124 on timeout (default 300 s,
 # 0 for none);
 # 125 if the rig itself failed (images, QEMU, L1 crash/panic).
@@ -29,11 +31,12 @@ verbose=${RIG_VERBOSE:-0}
 [[ $verbose == 0 ]] && verbose=
 
 die() { echo "rig: $*" >&2; exit 125; }
-usage() { sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 125; }
+usage() { sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 125; }
 elapsed() { printf '%.2f' "$(bc <<<"$EPOCHREALTIME - $start")"; }
 
 timeout_s=300
 mem=2048
+cpus=1
 files=()
 disks=()
 while [[ $# -gt 0 ]]; do
@@ -46,6 +49,8 @@ while [[ $# -gt 0 ]]; do
         --disk=*) disks+=("${1#*=}"); shift ;;
         --mem) [[ $# -ge 2 ]] || usage; mem=$2; shift 2 ;;
         --mem=*) mem=${1#*=}; shift ;;
+        --cpus) [[ $# -ge 2 ]] || usage; cpus=$2; shift 2 ;;
+        --cpus=*) cpus=${1#*=}; shift ;;
         --) shift; break ;;
         -h|--help) usage ;;
         *) echo "rig: unexpected argument: $1 (COMMAND goes after --)" >&2; usage ;;
@@ -55,6 +60,7 @@ done
 # timeout(1) treats 0 as "no time limit", which interactive use wants.
 [[ $timeout_s =~ ^[0-9]+$ ]] || die "--timeout wants a number of seconds (0: no limit)"
 [[ $mem =~ ^[0-9]+$ ]] || die "--mem wants MiB"
+[[ $cpus =~ ^[1-8]$ ]] || die "--cpus wants 1 to 8"
 
 abspath() { if [[ $1 == /* ]]; then echo "$1"; else echo "$PWD/$1"; fi; }
 ident() { stat -L -c '%d:%i' -- "$1"; }
@@ -196,7 +202,7 @@ rcfile=$tmp/rc
 # shellcheck disable=SC2054  # commas belong to QEMU options
 qemu=(
     qemu-system-x86_64
-    -M microvm,acpi=off,x-option-roms=off,rtc=off -accel tcg -cpu max -m "$mem" -smp 1
+    -M microvm,acpi=off,x-option-roms=off,rtc=off -accel tcg -cpu max -m "$mem" -smp "$cpus"
     -nodefaults -no-user-config -display none -monitor none -no-reboot
     -kernel "$RIG_KERNEL" -initrd "$initrd" -append "$append"
     -chardev stdio,id=con,signal=off -serial chardev:con

@@ -4,6 +4,7 @@
 #   scripts/dev.sh boot [MOAT-RUN-OPTIONS...]   set up, build, boot the default guest
 #   scripts/dev.sh test [CARGO-TEST-ARGS...]    set up, build, run every test
 #   scripts/dev.sh build                        set up and build moat + guest images
+#   scripts/dev.sh bench [VM-BENCH-ARGS...]     set up, build, run every benchmark
 #
 # "Set up" installs the Debian packages the guest images and the test rig
 # need (resources/install-deps.sh). A Rust toolchain (rustup) must already
@@ -85,8 +86,26 @@ case $cmd in
         echo "dev.sh: guest tests run on the $(backend) backend" >&2
         cargo test --locked --workspace "$@"
         ;;
+    bench)
+        # Device cost (host only, no guest), then the VM benchmark (boots
+        # guests: directly, or inside the rig). Each prints its table and
+        # writes its JSON; results.json holds both. VM-BENCH-ARGS: --runs N
+        # (boots per figure, default 10), --launches N (default 10).
+        setup
+        build_moat
+        build_images
+        [[ -n ${MOAT_BACKEND:-} ]] && export MOAT_TEST_BACKEND=$MOAT_BACKEND
+        started=$SECONDS
+        cargo bench --locked -p moat-devices --features test-driver --bench device_cost
+        cargo bench --locked -p moat-tests --bench vm -- "$@"
+        out=$root/target/bench
+        printf '{"date": "%s", "host": "%s", "cpus": %s, "device_cost": %s, "vm": %s}\n' \
+            "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$(uname -nr)" "$(nproc)" \
+            "$(cat "$out/device_cost.json")" "$(cat "$out/vm.json")" >"$out/results.json"
+        echo "dev.sh: benchmarks done in $((SECONDS - started)) s; JSON in $out/results.json" >&2
+        ;;
     *)
-        sed -n '2,13p' "${BASH_SOURCE[0]}" >&2
+        sed -n '2,14p' "${BASH_SOURCE[0]}" >&2
         exit 2
         ;;
 esac

@@ -1,0 +1,703 @@
+//! VM benchmarks with a real guest: start-up time, memory overhead and
+//! launch rate of moat, and the same guest under QEMU's microvm machine
+//! side by side.
+//!
+//!   cargo bench -p moat-tests --bench vm [-- --runs N --launches N]
+//!
+//! The guest is the benchmark kernel + initramfs from build-images.sh: its
+//! /init (resources/bench/init.c) writes moat's boot-timer port and a
+//! console marker first thing, optionally sleeps, and reboots. Start-up
+//! figures are medians over `--runs` boots (default 10), 1 vCPU, 128 MiB;
+//! the launch rate times `--launches` VMs (default 10).
+//! Prints a table and writes target/bench/vm.json.
+//!
+//! On a host with hardware KVM everything runs here. Elsewhere (this
+//! project's PVM hosts) the benchmark runs itself inside the test rig
+//! (resources/rig.sh, an L1 VM under QEMU TCG with nested KVM): the same
+//! measurements, but absolute times are those of a nested, emulated
+//! machine; the ratios are what carries over.
+
+use std::fmt::Write as _;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use moat_tests::{image, moat_bin, repo_root, Backend};
+
+/// Guest memory for every VM in this benchmark.
+const GUEST_MIB: u64 = 128;
+/// How long a guest measured for memory stays up after its marker.
+const HOLD_MS: u64 = 1500;
+/// What the benchmark /init writes to COM1 (resources/bench/init.c).
+const CONSOLE_MARKER: &[u8] = b"MOAT-BENCH-INIT";
+/// The line the in-rig run prints its JSON on.
+const JSON_PREFIX: &str = "MOAT-BENCH-JSON ";
+/// Any single boot taking longer than this is a failure.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// The one kernel command line, apart from how each VMM is told to reboot.
+const CMDLINE: &str = "console=ttyS0 panic=1 i8042.noaux i8042.nokbd quiet";
+
+/// Where the programs and images are (the same paths inside the rig).
+#[derive(Clone, Debug)]
+struct Setup {
+    moat: PathBuf,
+    kernel: PathBuf,
+    initramfs: PathBuf,
+    qemu: Option<PathBuf>,
+    qemu_bios: PathBuf,
+    runs: usize,
+    launches: usize,
+    /// MiB to write and free before each timed boot (see [`scrub`]).
+    scrub_mib: usize,
+}
+
+impl Setup {
+    fn args(&self) -> Vec<String> {
+        let path = |p: &Path| p.to_string_lossy().into_owned();
+        let mut args = vec![
+            "--moat".into(),
+            path(&self.moat),
+            "--kernel".into(),
+            path(&self.kernel),
+            "--initramfs".into(),
+            path(&self.initramfs),
+            "--qemu-bios".into(),
+            path(&self.qemu_bios),
+            "--runs".into(),
+            self.runs.to_string(),
+            "--launches".into(),
+            self.launches.to_string(),
+            "--scrub-mib".into(),
+            self.scrub_mib.to_string(),
+        ];
+        if let Some(qemu) = &self.qemu {
+            args.extend(["--qemu".into(), path(qemu)]);
+        }
+        args
+    }
+
+    /// Parses [`Setup::args`]' output (and the user's `--runs`, `--launches`).
+    fn parse(args: &[String], mut setup: Setup) -> Result<Setup, String> {
+        let mut it = args.iter();
+        while let Some(arg) = it.next() {
+            let mut value = || it.next().cloned().ok_or(format!("{arg} needs a value"));
+            let count = |v: String| -> Result<usize, String> {
+                v.parse()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or(format!("{arg} wants a positive whole number, not '{v}'"))
+            };
+            match arg.as_str() {
+                "--moat" => setup.moat = value()?.into(),
+                "--kernel" => setup.kernel = value()?.into(),
+                "--initramfs" => setup.initramfs = value()?.into(),
+                "--qemu" => setup.qemu = Some(value()?.into()),
+                "--qemu-bios" => setup.qemu_bios = value()?.into(),
+                "--runs" => setup.runs = count(value()?)?,
+                "--launches" => setup.launches = count(value()?)?,
+                "--scrub-mib" => {
+                    let v = value()?;
+                    setup.scrub_mib = v.parse().map_err(|_| format!("--scrub-mib: '{v}'"))?;
+                }
+                // cargo bench passes --bench; --inside is ours.
+                "--bench" | "--inside" => {}
+                other => return Err(format!("unknown argument '{other}'")),
+            }
+        }
+        Ok(setup)
+    }
+
+    fn moat(&self, hold_ms: u64) -> Command {
+        let mut cmd = Command::new(&self.moat);
+        cmd.arg("run")
+            .arg("--kernel")
+            .arg(&self.kernel)
+            .arg("--initramfs")
+            .arg(&self.initramfs)
+            .args(["--cpus", "boot=1", "--memory"])
+            .arg(format!("size={GUEST_MIB}M"))
+            .arg("--cmdline")
+            .arg(format!("{CMDLINE} reboot=k -- {hold_ms}"))
+            .arg("--boot-timer");
+        cmd
+    }
+
+    /// QEMU's microvm machine, configured as close to moat's machine as
+    /// it goes: no ACPI, no option ROMs, no RTC, COM1 on stdio. It has no
+    /// i8042, so the guest reboots by triple fault and -no-reboot ends QEMU.
+    fn qemu(&self, qemu: &Path, hold_ms: u64) -> Command {
+        let mut cmd = Command::new(qemu);
+        cmd.args([
+            "-M",
+            "microvm,acpi=off,x-option-roms=off,rtc=off",
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host",
+            "-smp",
+            "1",
+            "-m",
+        ])
+        .arg(format!("{GUEST_MIB}M"))
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-no-reboot",
+            "-serial",
+            "stdio",
+            "-bios",
+        ])
+        .arg(&self.qemu_bios)
+        .arg("-kernel")
+        .arg(&self.kernel)
+        .arg("-initrd")
+        .arg(&self.initramfs)
+        .arg("-append")
+        .arg(format!("{CMDLINE} reboot=t -- {hold_ms}"));
+        cmd
+    }
+}
+
+fn monotonic_now() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes only to `ts`, a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// One VM from exec to exit. Times are since the moment before spawn.
+#[derive(Debug, Default)]
+struct Launch {
+    console_marker: Option<Duration>,
+    /// From moat's --boot-timer line: first KVM_RUN and the port marker.
+    first_run: Option<Duration>,
+    port_marker: Option<Duration>,
+    exit: Duration,
+    /// KiB outside guest RAM when the marker was seen, and the most seen.
+    rss_after_boot: Option<u64>,
+    rss_peak: Option<u64>,
+}
+
+/// Reads a child's pipe to the end; reports the first time `marker` shows.
+fn reader(
+    mut pipe: impl Read + Send + 'static,
+    marker: Option<&'static [u8]>,
+    seen: mpsc::Sender<Instant>,
+) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let mut buf = [0u8; 4096];
+        let mut found = marker.is_none();
+        while let Ok(n) = pipe.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&buf[..n]);
+            if let (false, Some(m)) = (found, marker) {
+                let from = all.len().saturating_sub(n + m.len());
+                if all[from..].windows(m.len()).any(|w| w == m) {
+                    found = true;
+                    let _ = seen.send(Instant::now());
+                }
+            }
+        }
+        all
+    })
+}
+
+/// Resident KiB of `pid` outside its guest RAM: the sum of Rss over
+/// /proc/PID/smaps without the one anonymous mapping of the guest's size
+/// (allowing QEMU's few pages of alignment).
+fn rss_without_guest(pid: u32) -> Result<u64, String> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .map_err(|e| format!("read /proc/{pid}/smaps: {e}"))?;
+    let guest_kib = GUEST_MIB * 1024;
+    let mut mappings: Vec<(bool, u64, u64)> = Vec::new(); // (anonymous, size, rss)
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or_default();
+        if first.contains('-') && !first.ends_with(':') {
+            let path = line.split_whitespace().nth(5).unwrap_or("");
+            let anonymous = path.is_empty() || path.starts_with("[anon") || path == "/dev/zero";
+            mappings.push((anonymous, 0, 0));
+        } else if let Some(last) = mappings.last_mut() {
+            let mut kib = || {
+                words
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            match first {
+                "Size:" => last.1 = kib(),
+                "Rss:" => last.2 = kib(),
+                _ => {}
+            }
+        }
+    }
+    let guest = mappings
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m.0 && m.1 >= guest_kib && m.1 <= guest_kib + 4096)
+        .max_by_key(|(_, m)| m.1)
+        .map(|(i, _)| i)
+        .ok_or(format!("pid {pid}: no {GUEST_MIB} MiB guest RAM mapping"))?;
+    Ok(mappings
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != guest)
+        .map(|(_, m)| m.2)
+        .sum())
+}
+
+/// Parses moat's `--boot-timer` line into (first KVM_RUN, marker) since
+/// `spawned` on CLOCK_MONOTONIC.
+fn boot_timer(stderr: &str, spawned: Duration) -> Option<(Duration, Duration)> {
+    let line = stderr.lines().find(|l| l.contains("boot timer:"))?;
+    let number_after = |key: &str| -> Option<f64> {
+        let rest = &line[line.find(key)? + key.len()..];
+        rest.split_whitespace().next()?.parse().ok()
+    };
+    let start = Duration::from_secs_f64(number_after("CLOCK_MONOTONIC ")?);
+    let offset = start.checked_sub(spawned)?;
+    let at = |ms: f64| offset + Duration::from_secs_f64(ms / 1e3);
+    Some((
+        at(number_after("first KVM_RUN at ")?),
+        at(number_after("guest marker at ")?),
+    ))
+}
+
+/// Runs one VM to its end; with `sample_memory`, polls its smaps every few
+/// milliseconds meanwhile.
+fn launch(mut cmd: Command, sample_memory: bool) -> Result<Launch, String> {
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let spawned_mono = monotonic_now();
+    let spawned = Instant::now();
+    let mut child: Child = cmd.spawn().map_err(|e| format!("spawn {cmd:?}: {e}"))?;
+    // Hold stdin open: QEMU's stdio chardev spins on end-of-file.
+    let stdin = child.stdin.take();
+    let (marker_tx, marker_rx) = mpsc::channel();
+    let stdout = reader(
+        child.stdout.take().ok_or("no stdout")?,
+        Some(CONSOLE_MARKER),
+        marker_tx.clone(),
+    );
+    let stderr = reader(child.stderr.take().ok_or("no stderr")?, None, marker_tx);
+    let pid = child.id();
+    let (exit_tx, exit_rx) = mpsc::channel::<(Instant, std::io::Result<ExitStatus>)>();
+    std::thread::spawn(move || {
+        let status = child.wait();
+        let _ = exit_tx.send((Instant::now(), status));
+    });
+
+    let mut result = Launch::default();
+    let mut sample_error = None;
+    let (ended, status) = loop {
+        let wait = if sample_memory {
+            Duration::from_millis(5)
+        } else {
+            BOOT_TIMEOUT
+        };
+        match exit_rx.recv_timeout(wait) {
+            Ok(done) => break done,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Err("lost the VMM".into()),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if let Ok(at) = marker_rx.try_recv() {
+            result.console_marker = Some(at - spawned);
+            if sample_memory {
+                match rss_without_guest(pid) {
+                    Ok(kib) => result.rss_after_boot = Some(kib),
+                    Err(e) => sample_error = Some(e),
+                }
+            }
+        }
+        if sample_memory {
+            // Fails once the process is gone; the exit arrives next.
+            if let Ok(kib) = rss_without_guest(pid) {
+                result.rss_peak = Some(result.rss_peak.unwrap_or(0).max(kib));
+            }
+        }
+        if spawned.elapsed() > BOOT_TIMEOUT {
+            // SAFETY: kill(2) on a pid we spawned and have not reaped.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    };
+    drop(stdin);
+    if let Ok(at) = marker_rx.try_recv() {
+        result.console_marker = Some(at - spawned);
+    }
+    result.exit = ended - spawned;
+    let out = String::from_utf8_lossy(&stdout.join().unwrap_or_default()).into_owned();
+    let err = String::from_utf8_lossy(&stderr.join().unwrap_or_default()).into_owned();
+    let status = status.map_err(|e| format!("wait: {e}"))?;
+    let tail = |s: &str| {
+        s.chars()
+            .rev()
+            .take(600)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<String>()
+    };
+    if !status.success() || result.console_marker.is_none() {
+        return Err(format!(
+            "{:?} ended with {status} after {:.1} s, marker {}\n--- console tail:\n{}\n--- stderr:\n{}",
+            cmd.get_program(),
+            result.exit.as_secs_f64(),
+            if result.console_marker.is_some() { "seen" } else { "not seen" },
+            tail(&out),
+            tail(&err)
+        ));
+    }
+    if let Some(e) = sample_error {
+        return Err(e);
+    }
+    if let Some((first_run, marker)) = boot_timer(&err, spawned_mono) {
+        result.first_run = Some(first_run);
+        result.port_marker = Some(marker);
+    }
+    Ok(result)
+}
+
+/// Writes `mib` MiB of fresh memory, then frees it. In the rig this takes
+/// a cost out of the next boot that belongs to the rig, not to the VMM:
+/// the pages a finished guest ran from hold QEMU TCG's translated code,
+/// and the first write to each such page after reuse is slow (TCG drops
+/// its translations), which added up to 0.4-0.9 s to the next VMM's
+/// kernel load. Without it the order of runs, not the VMM, decides much
+/// of the start-up time.
+fn scrub(mib: usize) {
+    if mib == 0 {
+        return;
+    }
+    let mut pages = vec![0u8; mib << 20];
+    for i in (0..pages.len()).step_by(4096) {
+        pages[i] = 1;
+    }
+    std::hint::black_box(&pages);
+}
+
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    })
+}
+
+/// Medians over launches of one field, in milliseconds or KiB.
+fn med_ms(runs: &[Launch], f: impl Fn(&Launch) -> Option<Duration>) -> Option<f64> {
+    median(
+        runs.iter()
+            .filter_map(|r| f(r).map(|d| d.as_secs_f64() * 1e3))
+            .collect(),
+    )
+}
+fn med_kib(runs: &[Launch], f: impl Fn(&Launch) -> Option<u64>) -> Option<f64> {
+    median(runs.iter().filter_map(|r| f(r).map(|k| k as f64)).collect())
+}
+
+/// VMs per second when `launches` VMs run `parallel` at a time.
+fn launch_rate(setup: &Setup, launches: usize, parallel: usize) -> Result<f64, String> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..parallel)
+            .map(|_| {
+                s.spawn(|| -> Result<(), String> {
+                    while next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < launches {
+                        launch(setup.moat(0), false)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .try_for_each(|w| w.join().map_err(|_| "a launcher panicked".to_string())?)
+    })?;
+    Ok(launches as f64 / started.elapsed().as_secs_f64())
+}
+
+/// One table row: a figure for moat, for QEMU, and their ratio.
+struct Row {
+    key: &'static str,
+    what: String,
+    unit: &'static str,
+    moat: Option<f64>,
+    qemu: Option<f64>,
+}
+
+fn measure(setup: &Setup, place: &str) -> Result<(String, String), String> {
+    let mut moat_boots = Vec::new();
+    let mut moat_held = Vec::new();
+    let mut qemu_boots = Vec::new();
+    let mut qemu_held = Vec::new();
+    // Interleaved, so that drift in the machine hits both alike.
+    for run in 0..setup.runs {
+        eprintln!("vm bench: boot {}/{}", run + 1, setup.runs);
+        let timed = |cmd: Command, sample_memory: bool| {
+            scrub(setup.scrub_mib);
+            launch(cmd, sample_memory)
+        };
+        moat_boots.push(timed(setup.moat(0), false)?);
+        moat_held.push(timed(setup.moat(HOLD_MS), true)?);
+        if let Some(qemu) = &setup.qemu {
+            qemu_boots.push(timed(setup.qemu(qemu, 0), false)?);
+            qemu_held.push(timed(setup.qemu(qemu, HOLD_MS), true)?);
+        }
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    eprintln!("vm bench: launch rate");
+    let rate_one = launch_rate(setup, setup.launches, 1)?;
+    let rate_all = (cpus > 1)
+        .then(|| launch_rate(setup, setup.launches, cpus))
+        .transpose()?;
+
+    type Field = fn(&Launch) -> Option<Duration>;
+    let ms_rows: [(&'static str, &str, Field); 4] = [
+        ("first_kvm_run_ms", "exec -> first KVM_RUN", |l| l.first_run),
+        (
+            "init_port_marker_ms",
+            "exec -> /init marker, boot-timer port",
+            |l| l.port_marker,
+        ),
+        (
+            "init_console_marker_ms",
+            "exec -> /init marker, seen on the console",
+            |l| l.console_marker,
+        ),
+        ("exit_ms", "exec -> VMM exit (guest reboots at once)", |l| {
+            Some(l.exit)
+        }),
+    ];
+    let mut rows: Vec<Row> = ms_rows
+        .into_iter()
+        .map(|(key, what, f)| Row {
+            key,
+            what: what.to_string(),
+            unit: "ms",
+            moat: med_ms(&moat_boots, f),
+            qemu: med_ms(&qemu_boots, f),
+        })
+        .collect();
+    rows.push(Row {
+        key: "rss_after_boot_kib",
+        what: "RSS without guest RAM, guest booted".into(),
+        unit: "KiB",
+        moat: med_kib(&moat_held, |l| l.rss_after_boot),
+        qemu: med_kib(&qemu_held, |l| l.rss_after_boot),
+    });
+    rows.push(Row {
+        key: "rss_peak_kib",
+        what: "peak RSS without guest RAM (5 ms samples)".into(),
+        unit: "KiB",
+        moat: med_kib(&moat_held, |l| l.rss_peak),
+        qemu: med_kib(&qemu_held, |l| l.rss_peak),
+    });
+    rows.push(Row {
+        key: "launches_per_s_1",
+        what: format!("launch rate, 1 at a time ({} VMs)", setup.launches),
+        unit: "VM/s",
+        moat: Some(rate_one),
+        qemu: None,
+    });
+    if let Some(rate) = rate_all {
+        rows.push(Row {
+            key: "launches_per_s_parallel",
+            what: format!("launch rate, {cpus} at a time ({} VMs)", setup.launches),
+            unit: "VM/s",
+            moat: Some(rate),
+            qemu: None,
+        });
+    }
+
+    let show = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "VM benchmark ({place}; 1 vCPU, {GUEST_MIB} MiB; medians of {} runs{})",
+        setup.runs,
+        if setup.scrub_mib > 0 {
+            format!("; {} MiB scrubbed before each", setup.scrub_mib)
+        } else {
+            String::new()
+        }
+    );
+    let _ = writeln!(
+        table,
+        "{:<48} {:>6} {:>12} {:>12} {:>10}",
+        "", "unit", "moat", "QEMU microvm", "moat/QEMU"
+    );
+    let mut json = format!(
+        "{{\"place\": \"{place}\", \"guest_mib\": {GUEST_MIB}, \"runs\": {}, \"launches\": {}, \"parallel\": {cpus}, \"scrub_mib\": {}, \"rows\": [",
+        setup.runs, setup.launches, setup.scrub_mib
+    );
+    for (i, row) in rows.iter().enumerate() {
+        let ratio = row.moat.zip(row.qemu).map(|(m, q)| m / q);
+        let _ = writeln!(
+            table,
+            "{:<48} {:>6} {:>12} {:>12} {:>10}",
+            row.what,
+            row.unit,
+            show(row.moat),
+            show(row.qemu),
+            ratio.map_or("-".to_string(), |r| format!("{r:.2}"))
+        );
+        let num = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.3}"));
+        let _ = write!(
+            json,
+            "{}{{\"key\": \"{}\", \"unit\": \"{}\", \"moat\": {}, \"qemu\": {}, \"moat_over_qemu\": {}}}",
+            if i == 0 { "" } else { ", " },
+            row.key,
+            row.unit,
+            num(row.moat),
+            num(row.qemu),
+            num(ratio)
+        );
+    }
+    json.push_str("]}");
+    Ok((table, json))
+}
+
+fn write_json(json: &str) {
+    let dir = repo_root().join("target/bench");
+    let out = dir.join("vm.json");
+    let written =
+        std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&out, format!("{json}\n")));
+    match written {
+        Ok(()) => println!("wrote {}", out.display()),
+        Err(e) => eprintln!("vm bench: cannot write {}: {e}", out.display()),
+    }
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join(name))
+        .find(|p| p.is_file())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--inside") {
+        // In the rig: every path comes on the command line.
+        let empty = Setup {
+            moat: PathBuf::new(),
+            kernel: PathBuf::new(),
+            initramfs: PathBuf::new(),
+            qemu: None,
+            qemu_bios: PathBuf::new(),
+            runs: 0,
+            launches: 0,
+            scrub_mib: 0,
+        };
+        let outcome = Setup::parse(&args, empty)
+            .and_then(|setup| measure(&setup, "in the rig (nested: QEMU TCG L1, KVM in L1)"));
+        match outcome {
+            Ok((table, json)) => {
+                print!("{table}");
+                println!("{JSON_PREFIX}{json}");
+            }
+            Err(e) => {
+                eprintln!("vm bench: {e}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
+
+    let setup = Setup {
+        moat: moat_bin(),
+        kernel: image("VMLINUX"),
+        initramfs: image("BENCH_INITRAMFS"),
+        // Debian's QEMU build with only the microvm machine, else the full one.
+        qemu: find_in_path("qemu-system-x86_64-microvm")
+            .or_else(|| find_in_path("qemu-system-x86_64")),
+        qemu_bios: PathBuf::from("/usr/share/qemu/qboot.rom"),
+        runs: 10,
+        launches: 10,
+        scrub_mib: 0,
+    };
+    let setup = match Setup::parse(&args, setup) {
+        Ok(setup) => setup,
+        Err(e) => {
+            eprintln!("vm bench: {e}");
+            std::process::exit(2);
+        }
+    };
+    if setup.qemu.is_none() {
+        eprintln!("vm bench: no qemu-system-x86_64 in PATH: the QEMU column stays empty");
+    }
+    match Backend::detect() {
+        Backend::Direct => match measure(&setup, "directly on this host's KVM") {
+            Ok((table, json)) => {
+                print!("{table}");
+                write_json(&json);
+            }
+            Err(e) => {
+                eprintln!("vm bench: {e}");
+                std::process::exit(1);
+            }
+        },
+        Backend::Rig => run_in_rig(&setup),
+    }
+}
+
+/// Runs this benchmark inside the rig and relays what it prints.
+fn run_in_rig(setup: &Setup) {
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
+    let mut cmd = Command::new(repo_root().join("resources/rig.sh"));
+    cmd.args(["--timeout", "1200", "--mem", "2048", "--cpus", "2"]);
+    let mut files = vec![
+        &setup.moat,
+        &setup.kernel,
+        &setup.initramfs,
+        &setup.qemu_bios,
+    ];
+    files.extend(setup.qemu.as_ref());
+    for file in files {
+        cmd.arg("--file").arg(file);
+    }
+    let setup = Setup {
+        scrub_mib: 256,
+        ..setup.clone()
+    };
+    cmd.arg("--").arg(exe).arg("--inside").args(setup.args());
+    cmd.stdin(Stdio::null()).stderr(Stdio::inherit());
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("run resources/rig.sh: {e}"));
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    let mut json = None;
+    for line in text.lines() {
+        match line.strip_prefix(JSON_PREFIX) {
+            Some(j) => json = Some(j.to_string()),
+            None => println!("{line}"),
+        }
+    }
+    match (out.status.success(), json) {
+        (true, Some(json)) => write_json(&json),
+        _ => {
+            eprintln!("vm bench: the run in the rig failed ({})", out.status);
+            std::process::exit(1);
+        }
+    }
+}
