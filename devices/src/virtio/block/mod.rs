@@ -44,7 +44,6 @@ impl Block {
                 sectors: size / SECTOR_SIZE,
                 read_only,
                 serial,
-                bounce: Vec::new(),
             },
             queue: None,
         }

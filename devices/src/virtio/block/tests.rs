@@ -418,3 +418,63 @@ fn many_requests_in_one_notification_complete_in_order() {
         assert_eq!(s, OK);
     }
 }
+
+#[test]
+fn data_may_share_a_descriptor_with_the_header_or_the_status() {
+    let mut r = rig("shared", false);
+    // A write whose header and data are one readable buffer.
+    r.header(1, 2);
+    r.mem
+        .write_slice(&[0x5a; 512], GuestAddress(HEADER + 16))
+        .unwrap();
+    assert_eq!(
+        r.submit(&[(HEADER, 16 + 512, false), (STATUS, 1, true)]),
+        (OK, 1)
+    );
+    assert!(r.disk_bytes()[1024..1536].iter().all(|b| *b == 0x5a));
+    // A read whose data and status are one writable buffer.
+    r.header(0, 5);
+    r.mem.write_obj(0xffu8, GuestAddress(DATA + 512)).unwrap();
+    r.driver.queues[0].add_chain(&r.mem, &[(HEADER, 16, false), (DATA, 513, true)]);
+    r.transport.process_queue(0);
+    let used = r.driver.queues[0].take_used(&r.mem);
+    assert_eq!(used.iter().map(|u| u.1).collect::<Vec<_>>(), [513]);
+    let mut got = [0u8; 513];
+    r.mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+    assert!(got[..512].iter().all(|b| *b == 5));
+    assert_eq!(got[512], OK);
+}
+
+#[test]
+fn scattered_segments_read_and_write_in_order() {
+    let mut r = rig("scatter", false);
+    // 64 segments of 512 bytes, each followed by a 512-byte gap.
+    let segment = |i: u64| DATA + i * 1024;
+    let chain = |device_writes: bool| {
+        let mut chain = vec![(HEADER, 16, false)];
+        chain.extend((0..64).map(|i| (segment(i), 512, device_writes)));
+        chain.push((STATUS, 1, true));
+        chain
+    };
+    r.header(0, 40);
+    assert_eq!(r.submit(&chain(true)), (OK, 64 * 512 + 1));
+    for i in 0..64 {
+        let mut got = [0u8; 512];
+        r.mem
+            .read_slice(&mut got, GuestAddress(segment(i)))
+            .unwrap();
+        assert!(got.iter().all(|b| *b == (40 + i) as u8), "segment {i}");
+    }
+    for i in 0..64 {
+        r.mem
+            .write_slice(&[i as u8 ^ 0xa0; 512], GuestAddress(segment(i)))
+            .unwrap();
+    }
+    r.header(1, 0);
+    assert_eq!(r.submit(&chain(false)), (OK, 1));
+    let disk = r.disk_bytes();
+    for i in 0..64 {
+        let sector = &disk[i * 512..(i + 1) * 512];
+        assert!(sector.iter().all(|b| *b == i as u8 ^ 0xa0), "sector {i}");
+    }
+}
