@@ -104,3 +104,13 @@ pub trait VirtioDevice: Send {
         interrupt: &Interrupt,
     ) -> Result<(), DeviceError>;
 }
+
+/// The iovec for a slice of guest memory, for readv/writev/preadv/pwritev.
+/// The pointer stays valid as long as the guest memory mapping does: for
+/// as long as a device holds the `GuestMemoryMmap` the slice came from.
+pub(crate) fn iovec(slice: &vm_memory::VolatileSlice<'_, ()>) -> libc::iovec {
+    libc::iovec {
+        iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+        iov_len: slice.len(),
+    }
+}

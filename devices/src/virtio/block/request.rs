@@ -191,10 +191,7 @@ fn iovecs(
         let n = (d_len - skip).min(want);
         let addr = d.addr().checked_add(skip as u64).ok_or(IoError)?;
         let slice = mem.get_slice(addr, n).map_err(|_| IoError)?;
-        iov.push(libc::iovec {
-            iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-            iov_len: n,
-        });
+        iov.push(crate::virtio::iovec(&slice));
         (skip, want) = (0, want - n);
     }
     if want == 0 {

@@ -5,14 +5,18 @@
 //! reads and writes as is. With VIRTIO_NET_F_MRG_RXBUF a received frame may
 //! span several receive buffers; `num_buffers` in its header says how many.
 //!
-//! Receiving never drops a frame for lack of buffers: the frame read from
-//! the TAP waits until the driver adds buffers, and meanwhile the device asks
-//! the event loop to stop polling the TAP (see
+//! Receive buffers are taken off the ring into a queue of their own (each
+//! chain checked once). When they add up to the largest frame, the TAP
+//! reads the next frame straight into them; otherwise the frame goes
+//! through a bounce buffer and waits there for the driver to add buffers:
+//! receiving never drops a frame for lack of buffers. Meanwhile the device
+//! asks the event loop to stop polling the TAP (see
 //! [`VirtioDevice::backend_wanted`]).
 
 mod tap;
 
-use std::io::{self, Read, Write};
+use std::collections::VecDeque;
+use std::io::{self, Read};
 use std::os::fd::{AsRawFd, RawFd};
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
@@ -21,6 +25,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
 };
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
 
 pub use tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
 
@@ -37,8 +42,13 @@ const TX: usize = 1;
 
 /// Where frames come from and go to: a TAP, or a fake one in tests.
 pub trait NetBackend: Send + AsRawFd {
-    /// Reads one frame (vnet header first); `WouldBlock` when none waits.
-    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Reads one frame (vnet header first) into `bufs`, in order; returns
+    /// its length. `WouldBlock` when none waits.
+    fn recv_into(&mut self, bufs: &[VolatileSlice<'_, ()>]) -> io::Result<usize>;
+    /// Reads one frame into `buf`.
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.recv_into(&[VolatileSlice::from(buf)])
+    }
     /// Writes one frame (vnet header first).
     fn send(&mut self, frame: &[u8]) -> io::Result<usize>;
     /// Tells the backend which offloads the guest accepts for frames it
@@ -83,13 +93,27 @@ pub struct NetDrops {
     pub rx: u64,
 }
 
+/// A receive buffer taken off the ring: its head, and the guest memory of
+/// its descriptors (all checked, all device-writable).
+struct RxChain {
+    head: u16,
+    parts: Vec<(GuestAddress, usize)>,
+    len: usize,
+}
+
 /// A virtio-net device.
 pub struct Net {
     backend: Box<dyn NetBackend>,
     mac: [u8; 6],
     queues: Option<[Queue; 2]>,
     mergeable: bool,
-    /// A frame read from the backend and not yet given to the guest.
+    /// Receive buffers taken off the ring and not used yet, in ring order,
+    /// and how many bytes they hold.
+    rx_chains: VecDeque<RxChain>,
+    rx_room: usize,
+    /// A frame read from the backend into this bounce buffer (when the
+    /// buffers in `rx_chains` could not hold the largest frame) and not yet
+    /// given to the guest.
     rx_frame: Vec<u8>,
     rx_len: usize,
     /// The guest has no receive buffers for `rx_frame`.
@@ -113,6 +137,8 @@ impl Net {
             mac,
             queues: None,
             mergeable: false,
+            rx_chains: VecDeque::new(),
+            rx_room: 0,
             rx_frame: vec![0; MAX_FRAME],
             rx_len: 0,
             rx_blocked: false,
@@ -135,8 +161,38 @@ impl Net {
         let mut delivered = false;
         loop {
             if self.rx_len == 0 {
-                match self.backend.recv(&mut self.rx_frame) {
+                self.take_rx_chains(mem, MAX_FRAME)?;
+                let direct = if self.mergeable {
+                    self.rx_room >= MAX_FRAME
+                } else {
+                    self.rx_chains.front().is_some_and(|c| c.len >= MAX_FRAME)
+                };
+                let read = if direct {
+                    // Straight into the guest's buffers.
+                    let mut slices = Vec::new();
+                    let mut room = 0;
+                    for (addr, len) in self.rx_chains.iter().flat_map(|c| c.parts.iter()) {
+                        if room >= MAX_FRAME {
+                            break;
+                        }
+                        // Checked when the chain was taken; memory does not shrink.
+                        let slice = mem
+                            .get_slice(*addr, *len)
+                            .map_err(|e| DeviceError(format!("rx buffer vanished: {e}")))?;
+                        slices.push(slice);
+                        room += len;
+                    }
+                    self.backend.recv_into(&slices)
+                } else {
+                    self.backend.recv(&mut self.rx_frame)
+                };
+                match read {
                     Ok(0) => return Ok(delivered),
+                    Ok(n) if direct => {
+                        self.complete_direct(mem, n)?;
+                        delivered = true;
+                        continue;
+                    }
                     Ok(n) => self.rx_len = n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(delivered),
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -156,68 +212,136 @@ impl Net {
         }
     }
 
-    /// Gives the pending frame to the guest. `Ok(false)`: not enough
-    /// buffers yet (nothing consumed).
-    fn deliver(&mut self, mem: &GuestMemoryMmap) -> Result<bool, DeviceError> {
+    /// Takes chains off the receive ring until `rx_chains` holds `want`
+    /// bytes (one chain is enough without mergeable buffers) or the ring is
+    /// empty. A chain the device cannot use (a readable descriptor, memory
+    /// outside the guest, too short for a header) goes back used and empty.
+    fn take_rx_chains(&mut self, mem: &GuestMemoryMmap, want: usize) -> Result<(), DeviceError> {
         let [rxq, _] = self
             .queues
             .as_mut()
             .ok_or_else(|| DeviceError("not activated".into()))?;
-        let len = self.rx_len;
-        let mut chains = Vec::new();
-        let mut capacity = 0usize;
-        let mut malformed = false;
-        while capacity < len {
+        while self.rx_room < want && (self.mergeable || self.rx_chains.is_empty()) {
             let chain = rxq
                 .iter(mem)
                 .map_err(|e| DeviceError(format!("bad rx ring: {e}")))?
                 .next();
-            let Some(chain) = chain else {
-                // Not enough buffers: put back what we took and wait.
-                for _ in 0..chains.len() {
-                    rxq.go_to_previous_position();
-                }
-                return Ok(false);
-            };
+            let Some(chain) = chain else { break };
             let head = chain.head_index();
-            match chain.writer(mem) {
-                Ok(writer) if writer.available_bytes() > 0 => {
-                    capacity += writer.available_bytes();
-                    chains.push((head, writer));
-                }
-                _ => {
-                    // No usable writable buffer: hand it back empty and drop the frame.
-                    rxq.add_used(mem, head, 0)
-                        .map_err(|e| DeviceError(format!("bad used ring: {e}")))?;
-                    malformed = true;
-                    break;
-                }
+            let mut parts = Vec::new();
+            let mut len = 0usize;
+            let mut usable = true;
+            for d in chain {
+                let part = (d.addr(), d.len() as usize);
+                usable &= d.is_write_only() && mem.get_slice(part.0, part.1).is_ok();
+                len = len.saturating_add(part.1);
+                parts.push(part);
             }
-            if !self.mergeable {
-                break;
-            }
-        }
-        if malformed || capacity < len || len < NET_HDR_LEN {
-            self.drops.rx += 1;
-            for (head, _) in chains {
+            if usable && len >= NET_HDR_LEN {
+                self.rx_room += len;
+                self.rx_chains.push_back(RxChain { head, parts, len });
+            } else {
                 rxq.add_used(mem, head, 0)
                     .map_err(|e| DeviceError(format!("bad used ring: {e}")))?;
             }
-            return Ok(true);
         }
-        // num_buffers (virtio 1.2, 5.1.6.3.1): how many buffers this frame uses.
-        let count = chains.len() as u16;
-        self.rx_frame[10..12].copy_from_slice(&count.to_le_bytes());
-        let mut offset = 0;
-        for (head, mut writer) in chains {
-            let n = writer.available_bytes().min(len - offset);
-            writer
-                .write_all(&self.rx_frame[offset..offset + n])
-                .map_err(|e| DeviceError(format!("rx buffer write: {e}")))?;
-            offset += n;
-            rxq.add_used(mem, head, n as u32)
+        Ok(())
+    }
+
+    /// Gives the front `count` chains of `rx_chains` to the guest as one
+    /// frame of `len` bytes already in them: `num_buffers` first, then the
+    /// used elements.
+    fn publish(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        count: usize,
+        len: usize,
+    ) -> Result<(), DeviceError> {
+        // num_buffers (virtio 1.2, 5.1.6.3.1): how many buffers this frame
+        // uses, in the header at the start of the first one. Written before
+        // the used elements, which hand the buffers to the guest.
+        let first = self
+            .rx_chains
+            .front()
+            .ok_or_else(|| DeviceError("no rx chain".into()))?;
+        write_at(mem, &first.parts, 10, &(count as u16).to_le_bytes())?;
+        let [rxq, _] = self
+            .queues
+            .as_mut()
+            .ok_or_else(|| DeviceError("not activated".into()))?;
+        let mut left = len;
+        for chain in self.rx_chains.drain(..count) {
+            let used = chain.len.min(left);
+            left -= used;
+            self.rx_room -= chain.len;
+            rxq.add_used(mem, chain.head, used as u32)
                 .map_err(|e| DeviceError(format!("bad used ring: {e}")))?;
         }
+        Ok(())
+    }
+
+    /// How many chains from the front of `rx_chains` a frame of `len` bytes
+    /// fills.
+    fn chains_for(&self, len: usize) -> usize {
+        let mut room = 0;
+        self.rx_chains
+            .iter()
+            .take_while(|c| {
+                let more = room < len;
+                room += c.len;
+                more
+            })
+            .count()
+    }
+
+    /// The backend read a frame of `len` bytes straight into `rx_chains`.
+    fn complete_direct(&mut self, mem: &GuestMemoryMmap, len: usize) -> Result<(), DeviceError> {
+        if len < NET_HDR_LEN {
+            // Not a frame; the buffers stay unused.
+            self.drops.rx += 1;
+            return Ok(());
+        }
+        let count = if self.mergeable {
+            self.chains_for(len)
+        } else {
+            1
+        };
+        self.publish(mem, count, len)
+    }
+
+    /// Gives the frame in the bounce buffer to the guest. `Ok(false)`: not
+    /// enough buffers yet (nothing consumed).
+    fn deliver(&mut self, mem: &GuestMemoryMmap) -> Result<bool, DeviceError> {
+        let len = self.rx_len;
+        if len < NET_HDR_LEN {
+            self.drops.rx += 1;
+            return Ok(true);
+        }
+        self.take_rx_chains(mem, len)?;
+        let count = if self.mergeable {
+            if self.rx_room < len {
+                return Ok(false);
+            }
+            self.chains_for(len)
+        } else {
+            match self.rx_chains.front() {
+                None => return Ok(false),
+                Some(chain) if chain.len < len => {
+                    // Without mergeable buffers a frame must fit one buffer.
+                    self.drops.rx += 1;
+                    self.publish(mem, 1, 0)?;
+                    return Ok(true);
+                }
+                Some(_) => 1,
+            }
+        };
+        let mut offset = 0;
+        for chain in self.rx_chains.iter().take(count) {
+            let n = chain.len.min(len - offset);
+            write_at(mem, &chain.parts, 0, &self.rx_frame[offset..offset + n])?;
+            offset += n;
+        }
+        self.publish(mem, count, len)?;
         Ok(true)
     }
 
@@ -296,6 +420,8 @@ impl VirtioDevice for Net {
                 .map_err(|e| DeviceError(format!("cannot set TAP offloads: {e}")))?;
         }
         self.queues = Some([rx, tx]);
+        self.rx_chains.clear();
+        self.rx_room = 0;
         self.mergeable = acked_features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
         self.rx_blocked = false;
         Ok(())
@@ -303,6 +429,8 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) {
         self.queues = None;
+        self.rx_chains.clear();
+        self.rx_room = 0;
         self.rx_len = 0;
         self.rx_blocked = false;
     }
@@ -345,6 +473,32 @@ impl VirtioDevice for Net {
         }
         Ok(())
     }
+}
+
+/// Writes `bytes` at byte `offset` of the guest memory `parts` make up.
+fn write_at(
+    mem: &GuestMemoryMmap,
+    parts: &[(GuestAddress, usize)],
+    mut offset: usize,
+    mut bytes: &[u8],
+) -> Result<(), DeviceError> {
+    for &(addr, len) in parts {
+        if bytes.is_empty() {
+            break;
+        }
+        if offset >= len {
+            offset -= len;
+            continue;
+        }
+        let n = (len - offset).min(bytes.len());
+        let at = addr
+            .checked_add(offset as u64)
+            .ok_or_else(|| DeviceError("rx buffer address overflows".into()))?;
+        mem.write_slice(&bytes[..n], at)
+            .map_err(|e| DeviceError(format!("rx buffer write: {e}")))?;
+        (offset, bytes) = (0, &bytes[n..]);
+    }
+    Ok(())
 }
 
 /// The default MAC of device `index` attached to `backend_name`: locally

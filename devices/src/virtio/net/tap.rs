@@ -5,8 +5,10 @@
 //! 12-byte virtio-net header, exactly what the guest's queues carry.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+
+use vm_memory::VolatileSlice;
 
 use super::{NetBackend, NET_HDR_LEN};
 
@@ -207,8 +209,17 @@ impl AsRawFd for Tap {
 }
 
 impl NetBackend for Tap {
-    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.file.read(buf)
+    fn recv_into(&mut self, bufs: &[VolatileSlice<'_, ()>]) -> io::Result<usize> {
+        let iov: Vec<libc::iovec> = bufs.iter().map(crate::virtio::iovec).collect();
+        let count = iov.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
+        // SAFETY: every iovec covers a VolatileSlice the caller holds (guest
+        // memory or a buffer it owns), valid for the length of the call.
+        let n = unsafe { libc::readv(self.file.as_raw_fd(), iov.as_ptr(), count) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
     }
 
     fn send(&mut self, frame: &[u8]) -> io::Result<usize> {

@@ -8,6 +8,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
+use crate::bus::BusDevice;
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::test_driver::{Desc, Driver, DESC_WRITE};
 
@@ -18,6 +19,8 @@ struct Wire {
     refuse_sends: bool,
     offload: Option<u32>,
     broken: bool,
+    /// How many buffers the device offered the last read.
+    last_read_buffers: usize,
 }
 
 struct FakeTap {
@@ -32,15 +35,22 @@ impl AsRawFd for FakeTap {
 }
 
 impl NetBackend for FakeTap {
-    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+    fn recv_into(&mut self, bufs: &[VolatileSlice<'_, ()>]) -> io::Result<usize> {
         let mut wire = self.wire.lock().unwrap();
         if wire.broken {
             return Err(io::Error::from_raw_os_error(libc::EBADFD));
         }
+        wire.last_read_buffers = bufs.len();
         match wire.to_guest.pop_front() {
             Some(frame) => {
-                buf[..frame.len()].copy_from_slice(&frame);
-                Ok(frame.len())
+                // Like a TAP: what does not fit is cut off.
+                let mut rest = &frame[..];
+                for buf in bufs {
+                    let n = buf.len().min(rest.len());
+                    buf.copy_from(&rest[..n]);
+                    rest = &rest[n..];
+                }
+                Ok(frame.len() - rest.len())
             }
             None => Err(io::ErrorKind::WouldBlock.into()),
         }
@@ -273,7 +283,7 @@ fn a_backend_that_refuses_a_frame_costs_that_frame_only() {
 }
 
 #[test]
-fn a_receive_buffer_the_device_cannot_write_drops_the_frame() {
+fn receive_buffers_the_device_cannot_use_go_back_unused() {
     let mut r = rig(all_features());
     r.driver.queues[0].add_raw(
         &r.mem,
@@ -298,9 +308,20 @@ fn a_receive_buffer_the_device_cannot_write_drops_the_frame() {
         .unwrap()
         .to_guest
         .extend([frame(100), frame(100)]);
+    // And one too short for the vnet header.
+    r.driver.queues[0].add_chain(&r.mem, &[(BUFS, 8, true)]);
     r.transport.process_backend();
-    assert_eq!(r.driver.queues[0].take_used(&r.mem).len(), 2);
+    assert_eq!(
+        r.driver.queues[0].take_used(&r.mem),
+        vec![(0, 0), (1, 0), (2, 0)]
+    );
     assert!(!r.needs_reset());
+    // The frames wait for buffers the device can use.
+    assert!(!r.transport.backend_wanted());
+    r.rx_buffers(2, 2048);
+    r.transport.process_queue(0);
+    let used = r.driver.queues[0].take_used(&r.mem);
+    assert_eq!(used.iter().map(|u| u.1).collect::<Vec<_>>(), [112, 112]);
 }
 
 #[test]
@@ -329,4 +350,66 @@ fn default_macs_are_local_unicast_and_stable() {
     assert_eq!(a, default_mac("tap0", 0));
     assert_ne!(a, default_mac("tap1", 0));
     assert_ne!(a, default_mac("tap0", 1));
+}
+
+#[test]
+fn with_room_for_the_largest_frame_frames_go_straight_into_guest_buffers() {
+    let mut r = rig(all_features());
+    // 17 buffers of 4 KiB hold the largest frame; then 3 spare.
+    for i in 0..20u64 {
+        r.driver.queues[0].add_chain(&r.mem, &[(BUFS + i * 0x1000, 4096, true)]);
+    }
+    r.wire
+        .lock()
+        .unwrap()
+        .to_guest
+        .extend([frame(6000), frame(100)]);
+    r.transport.process_backend();
+    assert!(
+        r.wire.lock().unwrap().last_read_buffers > 1,
+        "read into guest buffers"
+    );
+    let used = r.driver.queues[0].take_used(&r.mem);
+    assert_eq!(used, vec![(0, 4096), (1, 1916), (2, 112)]);
+    let first = r.read(BUFS, 4096);
+    assert_eq!(u16::from_le_bytes([first[10], first[11]]), 2);
+    let mut whole = first;
+    whole.extend(r.read(BUFS + 0x1000, 1916));
+    assert_eq!(whole[12..], frame(6000)[12..]);
+    let third = r.read(BUFS + 0x2000, 112);
+    assert_eq!(u16::from_le_bytes([third[10], third[11]]), 1);
+    assert_eq!(third[12..], frame(100)[12..]);
+    // 17 buffers left: still room for the largest frame.
+    r.wire.lock().unwrap().to_guest.push_back(frame(65_535));
+    r.transport.process_backend();
+    let used = r.driver.queues[0].take_used(&r.mem);
+    assert_eq!(used.len(), 17);
+    assert_eq!(
+        used.iter().map(|u| u.1 as usize).sum::<usize>(),
+        65_535 + 12
+    );
+}
+
+#[test]
+fn a_reset_gives_up_the_buffers_taken_off_the_ring() {
+    let mut r = rig(all_features());
+    r.rx_buffers(3, 2048);
+    r.wire.lock().unwrap().to_guest.push_back(frame(100));
+    r.transport.process_backend();
+    assert_eq!(r.driver.queues[0].take_used(&r.mem).len(), 1);
+    // Reset and bring the device up again with fresh rings: the two
+    // buffers it held from the old ring must not be used.
+    r.transport.write(0x70, &0u32.to_le_bytes());
+    r.driver = Driver::init(
+        &mut r.transport,
+        &r.mem,
+        all_features(),
+        &[QUEUE_SIZE, QUEUE_SIZE],
+    )
+    .unwrap();
+    r.driver.queues[0].add_chain(&r.mem, &[(BUFS + 0x8_0000, 2048, true)]);
+    r.wire.lock().unwrap().to_guest.push_back(frame(50));
+    r.transport.process_backend();
+    assert_eq!(r.driver.queues[0].take_used(&r.mem), vec![(0, 62)]);
+    assert_eq!(r.read(BUFS + 0x8_0000 + 12, 50), frame(50)[12..]);
 }
