@@ -16,7 +16,7 @@
 mod tap;
 
 use std::collections::VecDeque;
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
@@ -51,6 +51,8 @@ pub trait NetBackend: Send + AsRawFd {
     }
     /// Writes one frame (vnet header first).
     fn send(&mut self, frame: &[u8]) -> io::Result<usize>;
+    /// Writes one frame made of `bufs`, in order.
+    fn send_from(&mut self, bufs: &[VolatileSlice<'_, ()>]) -> io::Result<usize>;
     /// Tells the backend which offloads the guest accepts for frames it
     /// receives (`TUN_F_*`): with none, the backend must hand over only
     /// complete, checksummed frames.
@@ -121,7 +123,6 @@ pub struct Net {
     /// The backend failed a read (say, its interface was deleted): stop
     /// polling it, or a level-triggered error would spin the event loop.
     backend_broken: bool,
-    tx_frame: Vec<u8>,
     drops: NetDrops,
     /// Offer checksum and TSO offloads.
     offload: bool,
@@ -143,7 +144,6 @@ impl Net {
             rx_len: 0,
             rx_blocked: false,
             backend_broken: false,
-            tx_frame: Vec::with_capacity(MAX_FRAME),
             drops: NetDrops::default(),
             offload,
         }
@@ -359,14 +359,23 @@ impl Net {
                 .next();
             let Some(chain) = chain else { break };
             let head = chain.head_index();
-            let sent = match chain.reader(mem) {
-                Ok(mut reader) if (NET_HDR_LEN..=MAX_FRAME).contains(&reader.available_bytes()) => {
-                    self.tx_frame.resize(reader.available_bytes(), 0);
-                    reader.read_exact(&mut self.tx_frame).is_ok()
-                        && self.backend.send(&self.tx_frame).is_ok()
+            // The frame is the chain's readable descriptors, sent straight
+            // from guest memory.
+            let mut slices = Vec::new();
+            let mut len = 0usize;
+            let mut usable = true;
+            for d in chain.take_while(|d| !d.is_write_only()) {
+                match mem.get_slice(d.addr(), d.len() as usize) {
+                    Ok(slice) => {
+                        len = len.saturating_add(slice.len());
+                        slices.push(slice);
+                    }
+                    Err(_) => usable = false,
                 }
-                _ => false,
-            };
+            }
+            let sent = usable
+                && (NET_HDR_LEN..=MAX_FRAME).contains(&len)
+                && self.backend.send_from(&slices).is_ok();
             if !sent {
                 self.drops.tx += 1;
             }

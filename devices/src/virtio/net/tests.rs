@@ -63,6 +63,15 @@ impl NetBackend for FakeTap {
         wire.from_guest.push(frame.to_vec());
         Ok(frame.len())
     }
+    fn send_from(&mut self, bufs: &[VolatileSlice<'_, ()>]) -> io::Result<usize> {
+        let mut frame = Vec::new();
+        for buf in bufs {
+            let start = frame.len();
+            frame.resize(start + buf.len(), 0);
+            buf.copy_to(&mut frame[start..]);
+        }
+        self.send(&frame)
+    }
     fn set_offload(&mut self, flags: u32) -> io::Result<()> {
         self.wire.lock().unwrap().offload = Some(flags);
         Ok(())
