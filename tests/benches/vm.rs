@@ -413,8 +413,13 @@ fn med_kib(runs: &[Launch], f: impl Fn(&Launch) -> Option<u64>) -> Option<f64> {
     median(runs.iter().filter_map(|r| f(r).map(|k| k as f64)).collect())
 }
 
-/// VMs per second when `launches` VMs run `parallel` at a time.
-fn launch_rate(setup: &Setup, launches: usize, parallel: usize) -> Result<f64, String> {
+/// VMs per second when `launches` VMs, each started by `vm()`, run
+/// `parallel` at a time.
+fn launch_rate(
+    vm: &(dyn Fn() -> Command + Sync),
+    launches: usize,
+    parallel: usize,
+) -> Result<f64, String> {
     let next = std::sync::atomic::AtomicUsize::new(0);
     let started = Instant::now();
     std::thread::scope(|s| {
@@ -422,7 +427,7 @@ fn launch_rate(setup: &Setup, launches: usize, parallel: usize) -> Result<f64, S
             .map(|_| {
                 s.spawn(|| -> Result<(), String> {
                     while next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < launches {
-                        launch(setup.moat(0), false)?;
+                        launch(vm(), false)?;
                     }
                     Ok(())
                 })
@@ -465,10 +470,19 @@ fn measure(setup: &Setup, place: &str) -> Result<(String, String), String> {
     }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     eprintln!("vm bench: launch rate");
-    let rate_one = launch_rate(setup, setup.launches, 1)?;
-    let rate_all = (cpus > 1)
-        .then(|| launch_rate(setup, setup.launches, cpus))
-        .transpose()?;
+    // (one at a time, all CPUs at a time) for a VMM's command.
+    let rates = |vm: &(dyn Fn() -> Command + Sync)| -> Result<(f64, Option<f64>), String> {
+        let one = launch_rate(vm, setup.launches, 1)?;
+        let all = (cpus > 1)
+            .then(|| launch_rate(vm, setup.launches, cpus))
+            .transpose()?;
+        Ok((one, all))
+    };
+    let moat_rates = rates(&|| setup.moat(0))?;
+    let qemu_rates = match &setup.qemu {
+        Some(qemu) => Some(rates(&|| setup.qemu(qemu, 0))?),
+        None => None,
+    };
 
     type Field = fn(&Launch) -> Option<Duration>;
     let ms_rows: [(&'static str, &str, Field); 4] = [
@@ -515,16 +529,16 @@ fn measure(setup: &Setup, place: &str) -> Result<(String, String), String> {
         key: "launches_per_s_1",
         what: format!("launch rate, 1 at a time ({} VMs)", setup.launches),
         unit: "VM/s",
-        moat: Some(rate_one),
-        qemu: None,
+        moat: Some(moat_rates.0),
+        qemu: qemu_rates.map(|r| r.0),
     });
-    if let Some(rate) = rate_all {
+    if cpus > 1 {
         rows.push(Row {
             key: "launches_per_s_parallel",
             what: format!("launch rate, {cpus} at a time ({} VMs)", setup.launches),
             unit: "VM/s",
-            moat: Some(rate),
-            qemu: None,
+            moat: moat_rates.1,
+            qemu: qemu_rates.and_then(|r| r.1),
         });
     }
 
@@ -573,6 +587,7 @@ fn measure(setup: &Setup, place: &str) -> Result<(String, String), String> {
         );
     }
     json.push_str("]}");
+    table.push_str("moat/QEMU below 1 favours moat for times and sizes, above 1 for rates.\n");
     Ok((table, json))
 }
 
