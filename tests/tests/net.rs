@@ -25,20 +25,27 @@ tell_done() {
     i=0; until echo done | nc $1 5003 2>/dev/null; do i=$((i+1)); [ $i -ge 120 ] && return 1; sleep 0.5; done
 }
 sha() { sha256sum < $1 | cut -d' ' -f1; }
+# What the host reports is printed after moat exits: written while the
+# guest prints on the same console, it could split one of the guest's lines.
+host_log=/tmp/moat-host-$$.log
+: >"$host_log"
+say() { echo "$*" >>"$host_log"; }
+report() { cat "$host_log"; rm -f "$host_log"; }
 "#;
 
 const HOST_TRANSFER: &str = r#"
 "$@" & moat=$!
 tap_up @TAP0@ @H0@
 mkdir -p /tmp/www && dd if=/dev/urandom of=/tmp/www/blob bs=1M count=64 2>/dev/null
-echo HOST-BLOB-SHA=$(sha /tmp/www/blob)
+say HOST-BLOB-SHA=$(sha /tmp/www/blob)
 httpd -f -p @H0@:8080 -h /tmp/www & web=$!
-ping_until @G0@ && echo HOST-PING-OK
-fetch_until http://@G0@:8080/blob /tmp/from-guest && echo HOST-GOT-SHA=$(sha /tmp/from-guest)
+ping_until @G0@ && say HOST-PING-OK
+fetch_until http://@G0@:8080/blob /tmp/from-guest && say HOST-GOT-SHA=$(sha /tmp/from-guest)
 rm -f /tmp/from-guest
 tell_done @G0@
 wait $moat; rc=$?
 kill $web 2>/dev/null
+report
 exit $rc
 "#;
 
@@ -146,10 +153,12 @@ fn two_cards_each_reach_their_own_tap() {
 "$@" & moat=$!
 tap_up @TAP0@ @H0@
 tap_up @TAP1@ @H1@
-ping_until @G0@ && echo HOST-TAP0-OK
-ping_until @G1@ && echo HOST-TAP1-OK
+ping_until @G0@ && say HOST-TAP0-OK
+ping_until @G1@ && say HOST-TAP1-OK
 tell_done @G0@
-wait $moat
+wait $moat; rc=$?
+report
+exit $rc
 "#;
     let guest = r#"
 ip addr add @G0@/26 dev eth0 && ip link set eth0 up || exit 1
