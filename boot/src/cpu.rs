@@ -4,8 +4,9 @@
 //! they can be tested without /dev/kvm; the VMM does the ioctls.
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_sregs,
+    kvm_cpuid_entry2, kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_sregs, CpuId,
 };
+use vmm_sys_util::fam::Error as FamError;
 
 use crate::gdt::{self, CODE_INDEX, DATA_INDEX, TSS_INDEX};
 use crate::layout::{BOOT_STACK_POINTER, GDT_START, IDT_START};
@@ -119,6 +120,32 @@ pub fn set_tsc_deadline(entries: &mut [kvm_cpuid_entry2]) {
     for entry in entries.iter_mut().filter(|e| e.function == 1) {
         entry.ecx |= LEAF1_ECX_TSC_DEADLINE;
     }
+}
+
+/// The first of the three leaves (0x80000002-0x80000004) that hold the
+/// 48-byte processor brand string.
+pub const LEAF_BRAND_STRING: u32 = 0x8000_0002;
+
+/// Gives the guest `brand`: the registers (eax, ebx, ecx, edx) of the three
+/// brand-string leaves, as the host's CPUID instruction returns them.
+/// KVM's supported CPUID leaves these leaves zero (or out), and the guest's
+/// /proc/cpuinfo then has no model name.
+pub fn set_brand_string(cpuid: &mut CpuId, brand: &[[u32; 4]; 3]) -> Result<(), FamError> {
+    for (leaf, regs) in (LEAF_BRAND_STRING..).zip(brand) {
+        let [eax, ebx, ecx, edx] = *regs;
+        match cpuid.as_mut_slice().iter_mut().find(|e| e.function == leaf) {
+            Some(entry) => (entry.eax, entry.ebx, entry.ecx, entry.edx) = (eax, ebx, ecx, edx),
+            None => cpuid.push(kvm_cpuid_entry2 {
+                function: leaf,
+                eax,
+                ebx,
+                ecx,
+                edx,
+                ..Default::default()
+            })?,
+        }
+    }
+    Ok(())
 }
 
 // MSR numbers (Intel SDM vol. 4).
@@ -304,6 +331,25 @@ mod tests {
         assert_ne!(entries[0].edx & LEAF1_EDX_HTT, 0);
         configure_cpuid(&mut entries, 0, 1);
         assert_eq!(entries[0].edx & LEAF1_EDX_HTT, 0);
+    }
+
+    #[test]
+    fn the_brand_string_replaces_or_adds_its_three_leaves() {
+        let brand = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]];
+        let mut cpuid = CpuId::from_entries(&[entry(LEAF_BRAND_STRING, 0), entry(0xb, 0)]).unwrap();
+        set_brand_string(&mut cpuid, &brand).unwrap();
+        let regs = |leaf: u32| {
+            let e = cpuid
+                .as_slice()
+                .iter()
+                .find(|e| e.function == leaf)
+                .unwrap_or_else(|| panic!("no leaf {leaf:#x}"));
+            [e.eax, e.ebx, e.ecx, e.edx]
+        };
+        assert_eq!(regs(LEAF_BRAND_STRING), brand[0]);
+        assert_eq!(regs(LEAF_BRAND_STRING + 1), brand[1]);
+        assert_eq!(regs(LEAF_BRAND_STRING + 2), brand[2]);
+        assert_eq!(cpuid.as_slice().len(), 4);
     }
 
     #[test]

@@ -238,3 +238,24 @@ fn without_boot_timer_the_marker_port_is_ignored() {
     assert!(out.console.contains("MOAT-BENCH-INIT"), "{}", out.tail(20));
     assert!(!out.console.contains("boot timer"), "{}", out.tail(20));
 }
+
+#[test]
+fn the_guest_sees_the_host_processor_model_name() {
+    let model = "grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2-";
+    let out = Guest::vmlinux()
+        .host_script(&format!("echo \"HOST-MODEL=$({model})\"; exec \"$@\""))
+        .script(&format!("echo \"GUEST-MODEL=$({model})\""))
+        .run()
+        .unwrap();
+    out.assert_success();
+    let value = |key: &str| {
+        out.console
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(str::trim)
+            .unwrap_or_else(|| panic!("no {key} in:\n{}", out.tail(20)))
+    };
+    let host = value("HOST-MODEL=");
+    assert!(!host.is_empty());
+    assert_eq!(value("GUEST-MODEL="), host);
+}

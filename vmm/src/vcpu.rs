@@ -56,6 +56,8 @@ pub fn create(
     if kvm.check_extension(Cap::TscDeadlineTimer) {
         cpu::set_tsc_deadline(cpuid.as_mut_slice());
     }
+    cpu::set_brand_string(&mut cpuid, &host_brand_string())
+        .map_err(|e| Error::Internal(format!("CPUID brand string: {e}")))?;
     fd.set_cpuid2(&cpuid).map_err(KvmOp::SetCpuid.err())?;
 
     let wanted = cpu::boot_msrs();
@@ -101,6 +103,17 @@ pub struct Shared {
     pub stop: Arc<AtomicBool>,
     /// When vCPU 0 first entered KVM_RUN (for `--boot-timer`).
     pub first_run: FirstRun,
+}
+
+/// The host processor's brand-string leaves, for the guest's model name.
+fn host_brand_string() -> [[u32; 4]; 3] {
+    std::array::from_fn(|i| {
+        let leaf = cpu::LEAF_BRAND_STRING + i as u32;
+        // SAFETY: CPUID exists on every x86-64 processor and only reads.
+        #[allow(unused_unsafe)]
+        let r = unsafe { std::arch::x86_64::__cpuid(leaf) };
+        [r.eax, r.ebx, r.ecx, r.edx]
+    })
 }
 
 /// Starts a thread that runs `fd` until the VM stops.
