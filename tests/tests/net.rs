@@ -118,8 +118,9 @@ fn feature(bits: &str, bit: usize) -> bool {
 #[test]
 fn guest_and_host_ping_each_other_and_move_64_mib_each_way() {
     let (elapsed, features) = transfer(0, "");
-    // Checksum and TSO offloads in both directions were negotiated.
-    for bit in [0, 1, 7, 8, 11, 12, 15, 32] {
+    // Checksum and TSO offloads in both directions, mergeable buffers,
+    // EVENT_IDX and VERSION_1 were negotiated.
+    for bit in [0, 1, 7, 8, 11, 12, 15, 29, 32] {
         assert!(
             feature(&features, bit),
             "feature {bit} not accepted: {features}"

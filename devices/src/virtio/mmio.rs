@@ -257,10 +257,17 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
+        let event_idx = self.driver_features & super::VIRTIO_F_EVENT_IDX != 0;
         let queues: Option<Vec<Queue>> = self
             .queues
             .iter()
             .map(|q| q.ready.then(|| q.build(&self.mem)).flatten())
+            .map(|q| {
+                q.map(|mut q| {
+                    q.set_event_idx(event_idx);
+                    q
+                })
+            })
             .collect();
         let result = match queues {
             Some(queues) => self.device.activate(self.driver_features, queues),

@@ -24,6 +24,12 @@ pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
 
 /// VIRTIO_F_VERSION_1 (virtio 1.2, 6): the device follows the 1.x spec.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+/// VIRTIO_F_EVENT_IDX (virtio 1.2, 2.7.7, 2.7.10): driver and device tell
+/// each other how far to go before the next interrupt or notification,
+/// instead of raising one for every buffer. The transport turns it on in
+/// the queues; a device that offers it processes its queues with
+/// notifications off and turns them back on before it waits.
+pub const VIRTIO_F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 /// A device failure the guest caused: the device stops, reports
 /// NEEDS_RESET, and waits for the driver to reset it.

@@ -117,6 +117,8 @@ impl DriverQueue {
     }
 
     /// Used elements the device returned since the last call: (id, len).
+    /// Like Linux after reaping, it then sets `used_event` to ask for an
+    /// interrupt at the next used element (read only with EVENT_IDX).
     pub fn take_used(&mut self, mem: &GuestMemoryMmap) -> Vec<(u32, u32)> {
         let idx: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap();
         let mut out = Vec::new();
@@ -131,7 +133,22 @@ impl DriverQueue {
             out.push((id, len));
             self.used_idx = self.used_idx.wrapping_add(1);
         }
+        self.set_used_event(mem, self.used_idx);
         out
+    }
+
+    /// Sets `used_event` (EVENT_IDX): interrupt once the used index passes
+    /// `index`.
+    pub fn set_used_event(&self, mem: &GuestMemoryMmap, index: u16) {
+        let at = self.avail + 4 + 2 * u64::from(self.size);
+        mem.write_obj(index, GuestAddress(at)).unwrap();
+    }
+
+    /// `avail_event` (EVENT_IDX): the device wants a notification once the
+    /// available index passes it.
+    pub fn avail_event(&self, mem: &GuestMemoryMmap) -> u16 {
+        let at = self.used + 4 + 8 * u64::from(self.size);
+        mem.read_obj(GuestAddress(at)).unwrap()
     }
 
     /// Guest address of the descriptor table.

@@ -15,7 +15,9 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
-use super::{DeviceError, GuestMemoryMmap, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{
+    DeviceError, GuestMemoryMmap, Interrupt, VirtioDevice, VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1,
+};
 
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = 512;
@@ -71,6 +73,7 @@ impl VirtioDevice for Block {
 
     fn features(&self) -> u64 {
         let mut features = VIRTIO_F_VERSION_1
+            | VIRTIO_F_EVENT_IDX
             | 1 << VIRTIO_BLK_F_SEG_MAX
             | 1 << VIRTIO_BLK_F_BLK_SIZE
             | 1 << VIRTIO_BLK_F_FLUSH;
@@ -108,19 +111,28 @@ impl VirtioDevice for Block {
             .queue
             .as_mut()
             .ok_or_else(|| DeviceError("queue not set up".into()))?;
+        let ring_error = |e: virtio_queue::Error| DeviceError(format!("bad queue: {e}"));
         let mut completed = false;
+        // No notifications while the ring is being drained; turning them
+        // back on reports requests that arrived meanwhile.
         loop {
-            let chain = queue
-                .iter(mem)
-                .map_err(|e| DeviceError(format!("bad available ring: {e}")))?
-                .next();
-            let Some(chain) = chain else { break };
-            let head = chain.head_index();
-            let used_len = self.disk.handle(mem, chain)?;
-            queue
-                .add_used(mem, head, used_len)
-                .map_err(|e| DeviceError(format!("bad used ring: {e}")))?;
-            completed = true;
+            queue.disable_notification(mem).map_err(ring_error)?;
+            loop {
+                let chain = queue
+                    .iter(mem)
+                    .map_err(|e| DeviceError(format!("bad available ring: {e}")))?
+                    .next();
+                let Some(chain) = chain else { break };
+                let head = chain.head_index();
+                let used_len = self.disk.handle(mem, chain)?;
+                queue
+                    .add_used(mem, head, used_len)
+                    .map_err(|e| DeviceError(format!("bad used ring: {e}")))?;
+                completed = true;
+            }
+            if !queue.enable_notification(mem).map_err(ring_error)? {
+                break;
+            }
         }
         if completed && queue.needs_notification(mem).unwrap_or(true) {
             interrupt.signal_used_queue();

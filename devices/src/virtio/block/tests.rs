@@ -115,7 +115,7 @@ const UNSUPP: u8 = 2;
 fn features_cover_version_1_seg_max_blk_size_and_flush() {
     let mut r = rig("features", false);
     let f = transport_features(&mut r.transport);
-    assert_eq!(f, 1 << 32 | 1 << 2 | 1 << 6 | 1 << 9);
+    assert_eq!(f, 1 << 32 | 1 << 29 | 1 << 2 | 1 << 6 | 1 << 9);
     let mut ro = rig("features-ro", true);
     assert_eq!(transport_features(&mut ro.transport), f | 1 << 5);
 }
@@ -477,4 +477,35 @@ fn scattered_segments_read_and_write_in_order() {
         let sector = &disk[i * 512..(i + 1) * 512];
         assert!(sector.iter().all(|b| *b == i as u8 ^ 0xa0), "sector {i}");
     }
+}
+
+#[test]
+fn with_event_idx_interrupts_follow_used_event_and_avail_event_follows_the_device() {
+    let mut r = rig("event-idx", false);
+    assert_eq!(r.request(0, 0, 512, true).0, OK);
+    assert_eq!(r.irq.status() & 1, 1, "used_event 0 asks for the first");
+    r.irq.ack(1);
+    // The device has consumed one request: notify it at the next.
+    assert_eq!(r.driver.queues[0].avail_event(&r.mem), 1);
+    // The driver asks for no interrupt before the used index passes 3.
+    r.driver.queues[0].set_used_event(&r.mem, 3);
+    r.header(0, 0);
+    r.driver.queues[0].add_chain(
+        &r.mem,
+        &[(HEADER, 16, false), (DATA, 512, true), (STATUS, 1, true)],
+    );
+    r.transport.process_queue(0);
+    assert_eq!(r.irq.status() & 1, 0, "used index 2: no interrupt yet");
+    assert_eq!(r.driver.queues[0].avail_event(&r.mem), 2);
+    r.driver.queues[0].add_chain(
+        &r.mem,
+        &[(HEADER, 16, false), (DATA, 512, true), (STATUS, 1, true)],
+    );
+    r.driver.queues[0].add_chain(
+        &r.mem,
+        &[(HEADER, 16, false), (DATA, 512, true), (STATUS, 1, true)],
+    );
+    r.transport.process_queue(0);
+    assert_eq!(r.irq.status() & 1, 1, "used index 4 passed 3");
+    assert_eq!(r.driver.queues[0].avail_event(&r.mem), 4);
 }

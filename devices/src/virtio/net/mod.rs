@@ -29,7 +29,9 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice}
 
 pub use tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
 
-use super::{DeviceError, GuestMemoryMmap, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{
+    DeviceError, GuestMemoryMmap, Interrupt, VirtioDevice, VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1,
+};
 
 /// Size of `virtio_net_hdr_v1` (with `num_buffers`).
 pub const NET_HDR_LEN: usize = 12;
@@ -204,12 +206,29 @@ impl Net {
                 }
             }
             if !self.deliver(mem)? {
+                // Out of buffers: ask the driver to notify when it adds
+                // some, unless it did while we looked.
+                if self.enable_rx_notification(mem)? {
+                    continue;
+                }
                 self.rx_blocked = true;
                 return Ok(delivered);
             }
             self.rx_len = 0;
             delivered = true;
         }
+    }
+
+    /// Turns receive-queue notifications on (with EVENT_IDX: at the next
+    /// buffer after those taken). Returns whether buffers arrived that the
+    /// device has not looked at.
+    fn enable_rx_notification(&mut self, mem: &GuestMemoryMmap) -> Result<bool, DeviceError> {
+        let [rxq, _] = self
+            .queues
+            .as_mut()
+            .ok_or_else(|| DeviceError("not activated".into()))?;
+        rxq.enable_notification(mem)
+            .map_err(|e| DeviceError(format!("bad rx ring: {e}")))
     }
 
     /// Takes chains off the receive ring until `rx_chains` holds `want`
@@ -351,13 +370,23 @@ impl Net {
             .queues
             .as_mut()
             .ok_or_else(|| DeviceError("not activated".into()))?;
+        let ring_error = |e: virtio_queue::Error| DeviceError(format!("bad tx ring: {e}"));
         let mut used = false;
+        // No notifications while the ring is being drained; turning them
+        // back on reports frames queued meanwhile.
+        txq.disable_notification(mem).map_err(ring_error)?;
         loop {
             let chain = txq
                 .iter(mem)
                 .map_err(|e| DeviceError(format!("bad tx ring: {e}")))?
                 .next();
-            let Some(chain) = chain else { break };
+            let Some(chain) = chain else {
+                if txq.enable_notification(mem).map_err(ring_error)? {
+                    txq.disable_notification(mem).map_err(ring_error)?;
+                    continue;
+                }
+                break;
+            };
             let head = chain.head_index();
             // The frame is the chain's readable descriptors, sent straight
             // from guest memory.
@@ -405,7 +434,10 @@ impl VirtioDevice for Net {
     }
 
     fn features(&self) -> u64 {
-        let base = VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_MRG_RXBUF;
+        let base = VIRTIO_F_VERSION_1
+            | VIRTIO_F_EVENT_IDX
+            | 1 << VIRTIO_NET_F_MAC
+            | 1 << VIRTIO_NET_F_MRG_RXBUF;
         if self.offload {
             base | OFFLOAD_FEATURES
         } else {
