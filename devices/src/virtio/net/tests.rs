@@ -19,8 +19,8 @@ struct Wire {
     refuse_sends: bool,
     offload: Option<u32>,
     broken: bool,
-    /// How many buffers the device offered the last read.
-    last_read_buffers: usize,
+    /// How many buffers the device offered for the last frame read.
+    last_frame_buffers: usize,
 }
 
 struct FakeTap {
@@ -40,9 +40,9 @@ impl NetBackend for FakeTap {
         if wire.broken {
             return Err(io::Error::from_raw_os_error(libc::EBADFD));
         }
-        wire.last_read_buffers = bufs.len();
         match wire.to_guest.pop_front() {
             Some(frame) => {
+                wire.last_frame_buffers = bufs.len();
                 // Like a TAP: what does not fit is cut off.
                 let mut rest = &frame[..];
                 for buf in bufs {
@@ -375,7 +375,7 @@ fn with_room_for_the_largest_frame_frames_go_straight_into_guest_buffers() {
         .extend([frame(6000), frame(100)]);
     r.transport.process_backend();
     assert!(
-        r.wire.lock().unwrap().last_read_buffers > 1,
+        r.wire.lock().unwrap().last_frame_buffers > 1,
         "read into guest buffers"
     );
     let used = r.driver.queues[0].take_used(&r.mem);
@@ -450,4 +450,24 @@ fn with_event_idx_transmit_asks_for_the_frame_after_those_it_sent() {
     r.transport.process_queue(1);
     assert_eq!(r.wire.lock().unwrap().from_guest.len(), 3);
     assert_eq!(r.driver.queues[1].avail_event(&r.mem), 3);
+}
+
+#[test]
+fn without_mergeable_buffers_one_big_chain_takes_a_frame_directly() {
+    // Linux's "big packets" receive buffers: one chain of many pages.
+    let mut r = rig(VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MAC);
+    let pages: Vec<(u64, u32, bool)> = (0..17).map(|i| (BUFS + i * 0x1000, 4096, true)).collect();
+    r.driver.queues[0].add_chain(&r.mem, &pages);
+    r.wire.lock().unwrap().to_guest.push_back(frame(5000));
+    r.transport.process_backend();
+    let used = r.driver.queues[0].take_used(&r.mem);
+    let bufs = r.wire.lock().unwrap().last_frame_buffers;
+    assert_eq!(
+        (used, bufs),
+        (vec![(0, 5012)], 17),
+        "read into guest buffers"
+    );
+    let got = r.read(BUFS, 5012);
+    assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1);
+    assert_eq!(got[12..], frame(5000)[12..]);
 }
