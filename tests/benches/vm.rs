@@ -99,7 +99,9 @@ impl Setup {
                 "--launches" => setup.launches = count(value()?)?,
                 "--scrub-mib" => {
                     let v = value()?;
-                    setup.scrub_mib = v.parse().map_err(|_| format!("--scrub-mib: '{v}'"))?;
+                    setup.scrub_mib = v
+                        .parse()
+                        .map_err(|_| format!("--scrub-mib wants a whole number, not '{v}'"))?;
                 }
                 // cargo bench passes --bench; --inside is ours.
                 "--bench" | "--inside" => {}
