@@ -211,3 +211,55 @@ impl Driver {
         Ok(Driver { queues })
     }
 }
+
+/// A small deterministic generator (xorshift64) for randomized tests: the
+/// same seed gives the same run, so a failure can be replayed.
+#[derive(Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator seeded with `seed` (any value but 0 works).
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.max(1))
+    }
+
+    /// The next value.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A value below `n` (`n` > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// One of `choices`.
+    pub fn pick<T: Copy>(&mut self, choices: &[T]) -> T {
+        choices[self.below(choices.len() as u64) as usize]
+    }
+
+    /// 1 to 4 descriptors a hostile driver might write: addresses inside
+    /// `mem_size`, at its edge or far outside; lengths from 0 to 4 GiB;
+    /// any flags; `next` anywhere in (or past) a queue of `queue_size`.
+    pub fn hostile_descs(&mut self, mem_size: u64, queue_size: u16) -> Vec<Desc> {
+        (0..1 + self.below(4))
+            .map(|_| {
+                let addrs = [
+                    0x8_0000 + self.below(0x10_0000),
+                    mem_size - 1 - self.below(64),
+                    mem_size + self.below(1 << 20),
+                    u64::MAX - self.below(64),
+                ];
+                Desc {
+                    addr: self.pick(&addrs),
+                    len: self.pick(&[0, 1, 11, 12, 100, 1500, 4096, 70_000, u32::MAX]),
+                    flags: self.below(4) as u16,
+                    next: self.below(u64::from(queue_size) + 2) as u16,
+                }
+            })
+            .collect()
+    }
+}

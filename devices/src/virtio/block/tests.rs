@@ -509,3 +509,47 @@ fn with_event_idx_interrupts_follow_used_event_and_avail_event_follows_the_devic
     assert_eq!(r.irq.status() & 1, 1, "used index 4 passed 3");
     assert_eq!(r.driver.queues[0].avail_event(&r.mem), 4);
 }
+
+#[test]
+fn random_hostile_chains_never_panic_or_write_a_read_only_disk() {
+    use crate::virtio::test_driver::Rng;
+    let (mut ok, mut used, mut resets) = (0, 0, 0);
+    for seed in 1..=20 {
+        let mut rng = Rng::new(seed);
+        let mut r = rig(&format!("random-{seed}"), true);
+        let before = r.disk_bytes();
+        for _ in 0..200 {
+            // Random request headers, so some chains parse as reads or writes.
+            r.header(rng.pick(&[0, 1, 4, 8, 99]), rng.below(200));
+            if rng.below(2) == 0 {
+                // A well-formed request among the hostile ones.
+                let data = 512 * (1 + rng.below(8)) as u32;
+                r.driver.queues[0].add_chain(
+                    &r.mem,
+                    &[(HEADER, 16, false), (DATA, data, true), (STATUS, 1, true)],
+                );
+            } else {
+                let descs = rng.hostile_descs(0x10_0000, QUEUE_SIZE);
+                r.driver.queues[0].add_raw(&r.mem, &descs);
+            }
+            if rng.below(3) == 0 {
+                r.transport.process_queue(0);
+                let done = r.driver.queues[0].take_used(&r.mem);
+                used += done.len();
+                ok += done.iter().filter(|u| u.1 > 1).count();
+            }
+            if r.needs_reset() {
+                resets += 1;
+                let features = transport_features(&mut r.transport);
+                r.driver = Driver::init(&mut r.transport, &r.mem, features, &[QUEUE_SIZE])
+                    .unwrap_or_else(|e| panic!("seed {seed}: re-init failed: {e}"));
+            }
+        }
+        assert_eq!(r.disk_bytes(), before, "seed {seed}");
+    }
+    // The run exercised the device, not only its error paths.
+    assert!(
+        ok > 0 && used > 100 && resets > 0,
+        "ok {ok}, used {used}, resets {resets}"
+    );
+}
