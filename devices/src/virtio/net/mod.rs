@@ -51,9 +51,7 @@ pub trait NetBackend: Send + AsRawFd {
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.recv_into(&[VolatileSlice::from(buf)])
     }
-    /// Writes one frame (vnet header first).
-    fn send(&mut self, frame: &[u8]) -> io::Result<usize>;
-    /// Writes one frame made of `bufs`, in order.
+    /// Writes one frame (vnet header first) made of `bufs`, in order.
     fn send_from(&mut self, bufs: &[VolatileSlice<'_, ()>]) -> io::Result<usize>;
     /// Tells the backend which offloads the guest accepts for frames it
     /// receives (`TUN_F_*`): with none, the backend must hand over only

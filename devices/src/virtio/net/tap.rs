@@ -216,6 +216,13 @@ fn io_result(n: isize) -> io::Result<usize> {
     }
 }
 
+impl Tap {
+    /// Writes one frame (vnet header first) from a plain buffer.
+    pub fn send(&mut self, frame: &[u8]) -> io::Result<usize> {
+        self.file.write(frame)
+    }
+}
+
 impl AsRawFd for Tap {
     fn as_raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()
@@ -236,10 +243,6 @@ impl NetBackend for Tap {
         // SAFETY: as in recv_into; the kernel only reads the buffers.
         let n = unsafe { libc::writev(self.file.as_raw_fd(), iov.as_ptr(), iov_count(&iov)) };
         io_result(n)
-    }
-
-    fn send(&mut self, frame: &[u8]) -> io::Result<usize> {
-        self.file.write(frame)
     }
 
     fn set_offload(&mut self, flags: u32) -> io::Result<()> {

@@ -55,14 +55,6 @@ impl NetBackend for FakeTap {
             None => Err(io::ErrorKind::WouldBlock.into()),
         }
     }
-    fn send(&mut self, frame: &[u8]) -> io::Result<usize> {
-        let mut wire = self.wire.lock().unwrap();
-        if wire.refuse_sends {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        wire.from_guest.push(frame.to_vec());
-        Ok(frame.len())
-    }
     fn send_from(&mut self, bufs: &[VolatileSlice<'_, ()>]) -> io::Result<usize> {
         let mut frame = Vec::new();
         for buf in bufs {
@@ -70,7 +62,13 @@ impl NetBackend for FakeTap {
             frame.resize(start + buf.len(), 0);
             buf.copy_to(&mut frame[start..]);
         }
-        self.send(&frame)
+        let mut wire = self.wire.lock().unwrap();
+        if wire.refuse_sends {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let len = frame.len();
+        wire.from_guest.push(frame);
+        Ok(len)
     }
     fn set_offload(&mut self, flags: u32) -> io::Result<()> {
         self.wire.lock().unwrap().offload = Some(flags);
