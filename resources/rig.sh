@@ -23,6 +23,8 @@
 # 0 for none);
 # 125 if the rig itself failed (images, QEMU, L1 crash/panic).
 # RIG_VERBOSE=1 prints timings (time to /rig/cmd start) and disks on stderr.
+# RIG_L1_LOG=FILE keeps L1's kernel console (the side channel, with \r\n
+# line ends) in FILE.
 set -euo pipefail
 
 start=$EPOCHREALTIME
@@ -197,8 +199,10 @@ host_mhz=$(awk -F: '/^cpu MHz/ { print $2; exit }' /proc/cpuinfo 2>/dev/null || 
 if [[ $host_mhz =~ ^[[:space:]]*[0-9]+(\.[0-9]+)?$ ]]; then
     append+=" tsc_early_khz=$(awk -v m="$host_mhz" 'BEGIN { printf "%d", m * 1000 }')"
 fi
-rcfile=$tmp/rc
-: >"$rcfile"
+# The side channel; RIG_L1_LOG keeps it (written as L1 runs, so it is
+# there even if rig.sh is killed).
+rcfile=${RIG_L1_LOG:-$tmp/rc}
+: >"$rcfile" || die "cannot write RIG_L1_LOG=$rcfile"
 # shellcheck disable=SC2054  # commas belong to QEMU options
 qemu=(
     qemu-system-x86_64
@@ -269,6 +273,10 @@ grep -a '^RIG-ERROR' "$rcfile" | tr -d '\r' | sed 's/^RIG-ERROR:* */rig: L1: /' 
 rc=$(grep -aoE 'RIG-RC=[0-9]+' "$rcfile" | tail -n1 | cut -d= -f2 || true)
 if [[ -z $rc ]]; then
     [[ -n $verbose ]] || tail -n 30 "$rcfile" | tr -d '\r' | sed 's/^/rig: L1: /' >&2
+    panic=$(grep -a -m1 'Kernel panic' "$rcfile" | tr -d '\r' || true)
+    if [[ -n $panic ]]; then
+        echo "rig: L1 panicked: $panic" >&2
+    fi
     if grep -q RIG-START "$rcfile"; then
         echo "rig: L1 ended without reporting the command's exit status (L1 crash/panic? qemu exit $qrc)" >&2
     else

@@ -5,6 +5,7 @@
 #   scripts/dev.sh test [CARGO-TEST-ARGS...]    set up, build, run every test
 #   scripts/dev.sh build                        set up and build moat + guest images
 #   scripts/dev.sh bench [VM-BENCH-ARGS...]     set up, build, run every benchmark
+#   scripts/dev.sh rig-soak [N] [SOAK-ARGS...]  boot the rig's configurations N times each
 #
 # "Set up" installs the Debian packages the guest images and the test rig
 # need (resources/install-deps.sh). A Rust toolchain (rustup) must already
@@ -104,8 +105,20 @@ case $cmd in
             "$(cat "$out/device_cost.json")" "$(cat "$out/vm.json")" >"$out/results.json"
         echo "dev.sh: benchmarks done in $((SECONDS - started)) s; JSON in $out/results.json" >&2
         ;;
+    rig-soak)
+        # Boots each configuration the guest tests use N times (default 10)
+        # and prints the failure rate per configuration and kind; see
+        # tests/src/bin/rig-soak.rs for SOAK-ARGS (--parallel, --only).
+        setup
+        build_moat
+        build_images
+        runs=10
+        if [[ ${1:-} =~ ^[0-9]+$ ]]; then runs=$1; shift; fi
+        [[ -n ${MOAT_BACKEND:-} ]] && export MOAT_TEST_BACKEND=$MOAT_BACKEND
+        cargo run --release --locked -q -p moat-tests --bin rig-soak -- --runs "$runs" "$@"
+        ;;
     *)
-        sed -n '2,14p' "${BASH_SOURCE[0]}" >&2
+        sed -n '2,15p' "${BASH_SOURCE[0]}" >&2
         exit 2
         ;;
 esac

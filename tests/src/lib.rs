@@ -15,6 +15,7 @@
 
 pub mod cpio;
 pub mod elf;
+pub mod net;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -161,7 +162,48 @@ pub struct Outcome {
     pub test_output: String,
     /// Wall time of the run.
     pub elapsed: Duration,
+    /// Through the rig: L1's kernel console (the rig's side channel).
+    pub l1_console: Option<String>,
+    /// Rig failures retried before this outcome (see [`RigFailure`]).
+    pub rig_retries: u32,
 }
+
+/// Why a run through the rig failed because of the rig itself, not moat
+/// or the guest: L1 panicked, or ended without reporting the command's
+/// exit status (rig.sh's status 125).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RigFailure {
+    /// L1's console has a kernel panic line.
+    L1Panic(String),
+    /// rig.sh exited 125: L1 never ran the command or never reported.
+    L1Lost,
+}
+
+impl RigFailure {
+    /// Classifies a rig run from rig.sh's exit status and L1's console.
+    pub fn of(status: i32, l1_console: Option<&str>) -> Option<RigFailure> {
+        let panic = l1_console
+            .and_then(|c| c.lines().find(|l| l.contains("Kernel panic")))
+            .map(|l| l.trim().to_string());
+        match (panic, status) {
+            (Some(line), _) => Some(RigFailure::L1Panic(line)),
+            (None, RIG_FAILED) => Some(RigFailure::L1Lost),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for RigFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RigFailure::L1Panic(line) => write!(f, "L1 panicked ({line})"),
+            RigFailure::L1Lost => f.write_str("L1 ended without reporting (rig status 125)"),
+        }
+    }
+}
+
+/// rig.sh's exit status when the rig itself failed.
+pub const RIG_FAILED: i32 = 125;
 
 impl Outcome {
     /// The last `n` lines of the console, for failure messages.
@@ -196,6 +238,8 @@ pub struct Guest {
     timeout: Duration,
     backend: Backend,
     rig_memory_mib: Option<u32>,
+    rig_cpus: Option<u32>,
+    retry_rig_failure: bool,
     disks: Vec<PathBuf>,
     kill_after: Option<String>,
     host_script: Option<String>,
@@ -213,6 +257,8 @@ impl Guest {
             timeout: Duration::from_secs(240),
             backend: Backend::detect(),
             rig_memory_mib: None,
+            rig_cpus: None,
+            retry_rig_failure: true,
             disks: Vec::new(),
             kill_after: None,
             host_script: None,
@@ -260,6 +306,24 @@ impl Guest {
     pub fn rig_memory_mib(mut self, mib: u32) -> Guest {
         self.rig_memory_mib = Some(mib);
         self
+    }
+
+    /// vCPUs for the rig's VM (default 1; ignored when moat runs directly).
+    pub fn rig_cpus(mut self, cpus: u32) -> Guest {
+        self.rig_cpus = Some(cpus);
+        self
+    }
+
+    /// Reports a rig failure as it is instead of retrying it once (for
+    /// the rig soak, which counts them).
+    pub fn no_rig_retry(mut self) -> Guest {
+        self.retry_rig_failure = false;
+        self
+    }
+
+    /// The backend this guest runs on.
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     /// Gives the guest a virtio-blk disk: `--disk path=PATH[,OPTIONS]`.
@@ -327,7 +391,7 @@ impl Guest {
         }
         args.extend(self.moat_args.iter().cloned());
         let (backend, disks, timeout) = (self.backend, &self.disks, self.timeout);
-        let mut command = match (&self.host_script, &self.kill_after, backend) {
+        let command = match (&self.host_script, &self.kill_after, backend) {
             (Some(script), _, _) => {
                 host_script_command(backend, script, &[], &args, &files, disks, timeout)
             }
@@ -342,20 +406,103 @@ impl Guest {
             ),
             _ => moat_command(backend, &args, &files, disks, timeout),
         };
-        if let (Backend::Rig, Some(mib)) = (self.backend, self.rig_memory_mib) {
-            // rig.sh options go before its "--".
-            let mut rig = Command::new(command.get_program());
-            rig.arg("--mem")
-                .arg(mib.to_string())
-                .args(command.get_args());
-            command = rig;
-        }
         let kill = match (&self.kill_after, self.backend) {
             (Some(marker), Backend::Direct) => Some(marker.as_str()),
             _ => None,
         };
-        run_command(command, &self.typed, kill, self.timeout)
+        if self.backend == Backend::Direct {
+            return run_command(command, &self.typed, kill, self.timeout, None);
+        }
+        // rig.sh options go before its "--".
+        let mut rig_options = Vec::new();
+        if let Some(mib) = self.rig_memory_mib {
+            rig_options.extend(["--mem".to_string(), mib.to_string()]);
+        }
+        if let Some(cpus) = self.rig_cpus {
+            rig_options.extend(["--cpus".to_string(), cpus.to_string()]);
+        }
+        let rig = |l1_log: &Path| {
+            let mut rig = Command::new(command.get_program());
+            rig.args(&rig_options)
+                .args(command.get_args())
+                .env("RIG_L1_LOG", l1_log);
+            rig
+        };
+        let first = run_command(
+            rig(&scratch.path("l1-1.log")),
+            &self.typed,
+            kill,
+            self.timeout,
+            Some(&scratch.path("l1-1.log")),
+        )?;
+        let Some(failure) = first.rig_failure().filter(|_| self.retry_rig_failure) else {
+            return Ok(first);
+        };
+        let kept = keep_rig_failure(&first);
+        report_retry(&format!(
+            "rig failure: {failure}; consoles kept in {}; retrying once",
+            kept.display()
+        ));
+        let mut second = run_command(
+            rig(&scratch.path("l1-2.log")),
+            &self.typed,
+            kill,
+            self.timeout,
+            Some(&scratch.path("l1-2.log")),
+        )?;
+        second.rig_retries = 1;
+        if let Some(again) = second.rig_failure() {
+            let kept_again = keep_rig_failure(&second);
+            return Err(format!(
+                "the rig failed twice: {failure} (consoles in {}), then {again} (consoles in {})\n\
+                 --- console tail ---\n{}\n--- L1 console tail ---\n{}",
+                kept.display(),
+                kept_again.display(),
+                second.tail(20),
+                tail(second.l1_console.as_deref().unwrap_or(""), 20),
+            ));
+        }
+        report_retry(&format!(
+            "rig retry passed the rig (moat status {})",
+            second.status
+        ));
+        Ok(second)
     }
+}
+
+impl Outcome {
+    /// Whether the rig itself failed this run (never true for a direct run).
+    pub fn rig_failure(&self) -> Option<RigFailure> {
+        self.l1_console.as_ref()?;
+        RigFailure::of(self.status, self.l1_console.as_deref())
+    }
+}
+
+/// Writes a line to the test process's stderr directly, so it shows in
+/// `cargo test` output even for a test that passes (the test harness
+/// captures only print macros).
+pub fn report_retry(line: &str) {
+    let _ = writeln!(std::io::stderr(), "moat-tests: {line}");
+}
+
+/// Saves a rig failure's guest and L1 consoles under
+/// target/rig-failures/; returns the directory.
+pub fn keep_rig_failure(outcome: &Outcome) -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let dir = repo_root()
+        .join("target/rig-failures")
+        .join(format!("{stamp}-{}-{n}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let _ = std::fs::write(dir.join("console.txt"), &outcome.console);
+    let _ = std::fs::write(
+        dir.join("l1-console.txt"),
+        outcome.l1_console.as_deref().unwrap_or(""),
+    );
+    dir
 }
 
 /// A host-side script that SIGKILLs moat once its output shows the
@@ -514,6 +661,7 @@ pub fn run_moat(args: &[&str], files: &[PathBuf]) -> Result<Outcome, String> {
         &[],
         None,
         timeout,
+        None,
     )
 }
 
@@ -544,11 +692,15 @@ fn console_text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).replace('\r', "")
 }
 
+/// Runs `command` to the end, typing `typed` after their markers and
+/// killing it once `kill_after` shows; `l1_log` is where rig.sh was told
+/// to keep L1's console (`RIG_L1_LOG`), read into the outcome.
 fn run_command(
     mut command: Command,
     typed: &[(String, Vec<u8>)],
     kill_after: Option<&str>,
     timeout: Duration,
+    l1_log: Option<&Path>,
 ) -> Result<Outcome, String> {
     let start = Instant::now();
     command
@@ -578,8 +730,17 @@ fn run_command(
             let processes = process_group_listing(child.id());
             kill(&mut child);
             let text = console_text(&output.bytes.lock().unwrap());
+            let l1 = l1_log
+                .map(|path| {
+                    let text = std::fs::read(path).unwrap_or_default();
+                    format!(
+                        "\n--- L1 console tail ---\n{}",
+                        tail(&console_text(&text), 20)
+                    )
+                })
+                .unwrap_or_default();
             return Err(format!(
-                "guest run timed out after {} s\n--- console tail ---\n{}\n--- processes ---\n{}",
+                "guest run timed out after {} s\n--- console tail ---\n{}\n--- processes ---\n{}{l1}",
                 timeout.as_secs(),
                 tail(&text, 40),
                 processes
@@ -619,6 +780,8 @@ fn run_command(
         test_rc,
         test_output,
         elapsed: start.elapsed(),
+        l1_console: l1_log.map(|path| console_text(&std::fs::read(path).unwrap_or_default())),
+        rig_retries: 0,
     })
 }
 
