@@ -3,7 +3,7 @@
 //! The same map is written into the zero page (Linux boot protocol) and into
 //! the PVH memory map table, so it is computed once here.
 
-use crate::layout::{self, EBDA_START, HIMEM_START, MMIO_GAP_END, MMIO_GAP_START};
+use crate::layout::{self, BIOS_START, EBDA_START, HIMEM_START, MMIO_GAP_END, MMIO_GAP_START};
 
 /// Usable RAM (`E820_TYPE_RAM`).
 pub const E820_RAM: u32 = 1;
@@ -24,9 +24,10 @@ pub struct E820Entry {
 /// The memory map of a guest with `mem_size` bytes of RAM.
 ///
 /// Base memory stops at the EBDA, which holds the MP table and is reported
-/// reserved so the kernel leaves it alone; the legacy VGA/BIOS area between
-/// 640 KiB and 1 MiB is not RAM; extended memory runs from 1 MiB to the MMIO
-/// hole and resumes at 4 GiB.
+/// reserved so the kernel leaves it alone; the legacy VGA area is not RAM;
+/// the BIOS area (0xe0000 to 1 MiB), which holds the ACPI tables, is
+/// reserved; extended memory runs from 1 MiB to the MMIO hole and resumes
+/// at 4 GiB.
 pub fn memory_map(mem_size: u64) -> Vec<E820Entry> {
     let mut map = vec![
         E820Entry {
@@ -37,6 +38,11 @@ pub fn memory_map(mem_size: u64) -> Vec<E820Entry> {
         E820Entry {
             addr: EBDA_START.0,
             size: 0x400,
+            kind: E820_RESERVED,
+        },
+        E820Entry {
+            addr: BIOS_START.0,
+            size: HIMEM_START.0 - BIOS_START.0,
             kind: E820_RESERVED,
         },
     ];
@@ -72,7 +78,7 @@ mod tests {
     #[test]
     fn small_guest_map_has_base_and_extended_memory() {
         let map = memory_map(128 << 20);
-        assert_eq!(map.len(), 3);
+        assert_eq!(map.len(), 4);
         assert_eq!(
             map[0],
             E820Entry {
@@ -82,8 +88,16 @@ mod tests {
             }
         );
         assert_eq!(map[1].kind, E820_RESERVED);
-        assert_eq!(map[2].addr, 0x10_0000);
-        assert_eq!(map[2].addr + map[2].size, 128 << 20);
+        assert_eq!(
+            map[2],
+            E820Entry {
+                addr: 0xe_0000,
+                size: 0x2_0000,
+                kind: E820_RESERVED
+            }
+        );
+        assert_eq!(map[3].addr, 0x10_0000);
+        assert_eq!(map[3].addr + map[3].size, 128 << 20);
     }
 
     #[test]

@@ -31,6 +31,8 @@ pub const CMDLINE_START: GuestAddress = GuestAddress(0x20000);
 pub const CMDLINE_MAX_SIZE: usize = 2048;
 /// Start of the extended BIOS data area; the MP table lives here.
 pub const EBDA_START: GuestAddress = GuestAddress(0x9fc00);
+/// The BIOS area: ACPI tables go here ([`crate::acpi::RSDP_START`] on).
+pub const BIOS_START: GuestAddress = GuestAddress(0xe_0000);
 /// First byte above the legacy PC region; kernels load at or above it.
 pub const HIMEM_START: GuestAddress = GuestAddress(0x10_0000);
 

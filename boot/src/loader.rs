@@ -245,6 +245,8 @@ pub struct BootInfo {
     pub cmdline_len: usize,
     /// Address and size of the initramfs, if any.
     pub initramfs: Option<(u64, u64)>,
+    /// Address of the ACPI RSDP, if the guest has ACPI tables.
+    pub rsdp: Option<u64>,
 }
 
 /// Writes the zero page for the 64-bit Linux entry (boot protocol,
@@ -270,6 +272,8 @@ pub fn write_zero_page(
         params.hdr.ramdisk_image = addr as u32;
         params.hdr.ramdisk_size = size as u32;
     }
+    // Boot protocol 2.14; older kernels ignore it and scan the BIOS area.
+    params.acpi_rsdp_addr = info.rsdp.unwrap_or(0);
     let map = e820::memory_map(info.mem_size);
     params.e820_entries = map.len() as u8;
     for (slot, entry) in params.e820_table.iter_mut().zip(&map) {
@@ -307,6 +311,7 @@ pub fn write_pvh_start_info(mem: &GuestMemoryMmap, info: &BootInfo) -> Result<()
         cmdline_paddr: CMDLINE_START.0,
         memmap_paddr: PVH_INFO_START.0 + MEMMAP_OFFSET,
         memmap_entries: map.len() as u32,
+        rsdp_paddr: info.rsdp.unwrap_or(0),
         ..Default::default()
     };
     let modules = info.initramfs.map(|(paddr, size)| hvm_modlist_entry {
@@ -471,6 +476,7 @@ mod tests {
             mem_size: 64 << 20,
             cmdline_len: len,
             initramfs: Some((0x300_0000, 1234)),
+            rsdp: Some(0xe_0000),
         };
         write_zero_page(&mem, &kernel, &info).unwrap();
         let params: boot_params = mem.read_obj(ZERO_PAGE_START).unwrap();
@@ -482,8 +488,9 @@ mod tests {
         assert_eq!({ hdr.cmdline_size }, 13);
         assert_eq!({ hdr.ramdisk_image }, 0x300_0000);
         assert_eq!({ hdr.ramdisk_size }, 1234);
-        assert_eq!(params.e820_entries, 3);
-        let last = params.e820_table[2];
+        assert_eq!({ params.acpi_rsdp_addr }, 0xe_0000);
+        assert_eq!(params.e820_entries, 4);
+        let last = params.e820_table[3];
         assert_eq!(
             ({ last.addr }, { last.size }),
             (0x10_0000, (64 << 20) - 0x10_0000)
@@ -511,6 +518,7 @@ mod tests {
             mem_size: 64 << 20,
             cmdline_len: 5,
             initramfs: Some((0x300_0000, 77)),
+            rsdp: Some(0xe_0000),
         };
         write_pvh_start_info(&mem, &info).unwrap();
         let si: hvm_start_info = mem.read_obj(PVH_INFO_START).unwrap();
@@ -520,7 +528,8 @@ mod tests {
         assert_eq!(si.nr_modules, 1);
         let module: hvm_modlist_entry = mem.read_obj(GuestAddress(si.modlist_paddr)).unwrap();
         assert_eq!((module.paddr, module.size), (0x300_0000, 77));
-        assert_eq!(si.memmap_entries, 3);
+        assert_eq!(si.rsdp_paddr, 0xe_0000);
+        assert_eq!(si.memmap_entries, 4);
         let first: hvm_memmap_table_entry = mem.read_obj(GuestAddress(si.memmap_paddr)).unwrap();
         assert_eq!((first.addr, first.size, first.type_), (0, 0x9fc00, 1));
     }
@@ -532,9 +541,11 @@ mod tests {
             mem_size: 64 << 20,
             cmdline_len: 0,
             initramfs: None,
+            rsdp: None,
         };
         write_pvh_start_info(&mem, &info).unwrap();
         let si: hvm_start_info = mem.read_obj(PVH_INFO_START).unwrap();
         assert_eq!((si.nr_modules, si.modlist_paddr), (0, 0));
+        assert_eq!(si.rsdp_paddr, 0);
     }
 }

@@ -59,6 +59,12 @@ pub fn ioapic_pin(irq: u8) -> Option<u8> {
     }
 }
 
+/// The IOAPIC's ID: the one after the last CPU's APIC ID (the MP table
+/// and the ACPI MADT both say so).
+pub fn ioapic_id(cpus: u8) -> u8 {
+    cpus
+}
+
 /// Two's complement of the byte sum, so the whole structure sums to zero.
 fn checksum(bytes: &[u8]) -> u8 {
     bytes
@@ -70,7 +76,7 @@ fn checksum(bytes: &[u8]) -> u8 {
 /// Builds the MP configuration table (header and entries) for `cpus` CPUs,
 /// with APIC IDs 0..cpus.
 fn config_table(cpus: u8) -> Vec<u8> {
-    let ioapic_id = cpus;
+    let ioapic_id = ioapic_id(cpus);
     let mut entries: Vec<u8> = Vec::new();
     let mut count: u16 = 0;
     for apic_id in 0..cpus {
