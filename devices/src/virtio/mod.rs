@@ -10,8 +10,10 @@ pub mod block;
 mod interrupt;
 pub mod mmio;
 pub mod net;
+pub mod rng;
 #[cfg(any(test, feature = "test-driver"))]
 pub mod test_driver;
+pub mod vsock;
 
 use std::fmt;
 use std::os::fd::RawFd;
@@ -119,4 +121,39 @@ pub(crate) fn iovec(slice: &vm_memory::VolatileSlice<'_, ()>) -> libc::iovec {
         iov_base: slice.ptr_guard_mut().as_ptr().cast(),
         iov_len: slice.len(),
     }
+}
+
+/// At most IOV_MAX iovecs: more makes readv/writev fail with EINVAL.
+fn iov_count(iov: &[libc::iovec]) -> libc::c_int {
+    iov.len().min(libc::UIO_MAXIOV as usize) as libc::c_int
+}
+
+fn io_result(n: isize) -> std::io::Result<usize> {
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// readv(2) from `fd` straight into `bufs` (guest memory, or buffers the
+/// caller owns).
+pub(crate) fn readv(
+    fd: RawFd,
+    bufs: &[vm_memory::VolatileSlice<'_, ()>],
+) -> std::io::Result<usize> {
+    let iov: Vec<libc::iovec> = bufs.iter().map(iovec).collect();
+    // SAFETY: every iovec covers a VolatileSlice the caller holds, valid
+    // for the length of the call; the kernel writes only inside them.
+    io_result(unsafe { libc::readv(fd, iov.as_ptr(), iov_count(&iov)) })
+}
+
+/// writev(2) to `fd` straight from `bufs`.
+pub(crate) fn writev(
+    fd: RawFd,
+    bufs: &[vm_memory::VolatileSlice<'_, ()>],
+) -> std::io::Result<usize> {
+    let iov: Vec<libc::iovec> = bufs.iter().map(iovec).collect();
+    // SAFETY: as in `readv`; the kernel only reads the buffers.
+    io_result(unsafe { libc::writev(fd, iov.as_ptr(), iov_count(&iov)) })
 }

@@ -155,6 +155,33 @@ impl DriverQueue {
     pub fn desc_table(&self) -> u64 {
         self.desc
     }
+
+    /// Queue `index` of `size` entries with zeroed rings, and the device's
+    /// side of it, ready: for driving a device without its transport.
+    pub fn standalone(
+        mem: &GuestMemoryMmap,
+        index: usize,
+        size: u16,
+        event_idx: bool,
+    ) -> (DriverQueue, virtio_queue::Queue) {
+        use virtio_queue::QueueT;
+        let q = DriverQueue::new(index, size);
+        mem.write_slice(&vec![0u8; RING_STRIDE as usize], GuestAddress(q.desc))
+            .unwrap();
+        let mut device = virtio_queue::Queue::new(size).unwrap();
+        device.set_size(size);
+        let split = |addr: u64| (Some(addr as u32), Some((addr >> 32) as u32));
+        let (lo, hi) = split(q.desc);
+        device.set_desc_table_address(lo, hi);
+        let (lo, hi) = split(q.avail);
+        device.set_avail_ring_address(lo, hi);
+        let (lo, hi) = split(q.used);
+        device.set_used_ring_address(lo, hi);
+        device.set_event_idx(event_idx);
+        device.set_ready(true);
+        assert!(device.is_valid(mem));
+        (q, device)
+    }
 }
 
 /// A driver that has brought a device up.

@@ -202,20 +202,6 @@ impl Tap {
     }
 }
 
-/// At most IOV_MAX iovecs: more makes readv/writev fail with EINVAL, which
-/// a frame's worth of buffers never needs.
-fn iov_count(iov: &[libc::iovec]) -> libc::c_int {
-    iov.len().min(libc::UIO_MAXIOV as usize) as libc::c_int
-}
-
-fn io_result(n: isize) -> io::Result<usize> {
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
-
 impl Tap {
     /// Writes one frame (vnet header first) from a plain buffer.
     pub fn send(&mut self, frame: &[u8]) -> io::Result<usize> {
@@ -231,18 +217,11 @@ impl AsRawFd for Tap {
 
 impl NetBackend for Tap {
     fn recv_into(&mut self, bufs: &[VolatileSlice<'_, ()>]) -> io::Result<usize> {
-        let iov: Vec<libc::iovec> = bufs.iter().map(crate::virtio::iovec).collect();
-        // SAFETY: every iovec covers a VolatileSlice the caller holds (guest
-        // memory or a buffer it owns), valid for the length of the call.
-        let n = unsafe { libc::readv(self.file.as_raw_fd(), iov.as_ptr(), iov_count(&iov)) };
-        io_result(n)
+        crate::virtio::readv(self.file.as_raw_fd(), bufs)
     }
 
     fn send_from(&mut self, bufs: &[VolatileSlice<'_, ()>]) -> io::Result<usize> {
-        let iov: Vec<libc::iovec> = bufs.iter().map(crate::virtio::iovec).collect();
-        // SAFETY: as in recv_into; the kernel only reads the buffers.
-        let n = unsafe { libc::writev(self.file.as_raw_fd(), iov.as_ptr(), iov_count(&iov)) };
-        io_result(n)
+        crate::virtio::writev(self.file.as_raw_fd(), bufs)
     }
 
     fn set_offload(&mut self, flags: u32) -> io::Result<()> {
