@@ -40,8 +40,12 @@ pub const HIMEM_START: GuestAddress = GuestAddress(0x10_0000);
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 /// End of the hole below 4 GiB (exclusive).
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
-/// Where virtio-mmio devices are placed, inside the hole.
+/// Where virtio-mmio devices are placed, inside the hole (the windows the
+/// ACPI tables describe).
 pub const MMIO_DEVICES_START: u64 = MMIO_GAP_START;
+/// Where the same devices' second windows go, the ones the kernel command
+/// line names for kernels without ACPI: 1 MiB further.
+pub const MMIO_CMDLINE_DEVICES_START: u64 = MMIO_GAP_START + 0x10_0000;
 /// IOAPIC registers (fixed by KVM's in-kernel irqchip).
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// Local APIC registers.

@@ -6,6 +6,14 @@
 //! eventfds (the VMM registers them with KVM as ioeventfds on QueueNotify,
 //! so a kick costs no exit to moat), and interrupts leave through
 //! [`Interrupt`]'s irqfd.
+//!
+//! A device may be reachable at more than one window ([`MmioWindow`]): moat
+//! describes each device to the guest twice, in the ACPI DSDT and on the
+//! kernel command line (`virtio_mmio.device=`), for kernels with and
+//! without ACPI. A kernel with both would register the device twice; so the
+//! first window whose DeviceID the guest reads owns the device, and every
+//! other window then reads as the empty placeholder of virtio 1.2, 4.2.2
+//! (magic and version, DeviceID 0), which Linux skips without a message.
 
 use std::sync::Arc;
 
@@ -114,6 +122,37 @@ pub struct MmioTransport {
     driver_features: u64,
     status: u32,
     active: bool,
+    /// The window that owns the device, once the guest has read a DeviceID.
+    owner: Option<u8>,
+}
+
+/// One of the windows a transport is reachable at (see the module notes).
+pub struct MmioWindow {
+    transport: Arc<std::sync::Mutex<MmioTransport>>,
+    window: u8,
+}
+
+impl MmioWindow {
+    /// Window `window` of `transport`.
+    pub fn new(transport: Arc<std::sync::Mutex<MmioTransport>>, window: u8) -> Self {
+        Self { transport, window }
+    }
+
+    fn transport(&self) -> std::sync::MutexGuard<'_, MmioTransport> {
+        self.transport.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl BusDevice for MmioWindow {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let window = self.window;
+        self.transport().read_window(window, offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let window = self.window;
+        self.transport().write_window(window, offset, data);
+    }
 }
 
 impl MmioTransport {
@@ -144,6 +183,7 @@ impl MmioTransport {
             driver_features: 0,
             status: 0,
             active: false,
+            owner: None,
         })
     }
 
@@ -348,11 +388,38 @@ impl MmioTransport {
     }
 }
 
-impl BusDevice for MmioTransport {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if offset >= CONFIG {
+impl MmioTransport {
+    /// Whether `window` serves the device for an access at `offset`:
+    /// the owner does; before anyone owns it, reading DeviceID claims it.
+    fn serves(&mut self, window: u8, offset: u64, read: bool) -> bool {
+        match self.owner {
+            Some(owner) => owner == window,
+            None if read && offset == DEVICE_ID => {
+                self.owner = Some(window);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A read at `offset` of window `window`.
+    pub fn read_window(&mut self, window: u8, offset: u64, data: &mut [u8]) {
+        let aligned = data.len() == 4 && offset.is_multiple_of(4);
+        if !self.serves(window, offset, aligned) {
+            // The placeholder every other window shows.
+            let value = match offset {
+                MAGIC_VALUE => MAGIC,
+                VERSION => MMIO_VERSION,
+                _ => 0,
+            };
+            if aligned {
+                data.copy_from_slice(&value.to_le_bytes());
+            } else {
+                data.fill(0);
+            }
+        } else if offset >= CONFIG {
             self.device.read_config(offset - CONFIG, data);
-        } else if data.len() == 4 && offset.is_multiple_of(4) {
+        } else if aligned {
             data.copy_from_slice(&self.read_register(offset).to_le_bytes());
         } else {
             // Registers are 32 bits wide and aligned (4.2.2.2).
@@ -360,12 +427,29 @@ impl BusDevice for MmioTransport {
         }
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
+    /// A write at `offset` of window `window`.
+    pub fn write_window(&mut self, window: u8, offset: u64, data: &[u8]) {
+        if !self.serves(window, offset, false) {
+            return;
+        }
         if offset >= CONFIG {
             self.device.write_config(offset - CONFIG, data);
         } else if let (Ok(bytes), 0) = (<[u8; 4]>::try_from(data), offset % 4) {
             self.write_register(offset, u32::from_le_bytes(bytes));
         }
+    }
+}
+
+/// A transport on the bus directly is its own only window, which owns it.
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.owner.get_or_insert(0);
+        self.read_window(0, offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.owner.get_or_insert(0);
+        self.write_window(0, offset, data);
     }
 }
 
@@ -448,6 +532,39 @@ mod tests {
         assert_eq!(read(&mut t, VERSION), 2);
         assert_eq!(read(&mut t, DEVICE_ID), 42);
         assert_eq!(read(&mut t, VENDOR_ID), VENDOR);
+    }
+
+    #[test]
+    fn the_first_window_to_read_the_device_id_owns_the_device() {
+        let (t, _, mem) = setup(Recorder::default());
+        let shared = Arc::new(Mutex::new(t));
+        let mut acpi = MmioWindow::new(shared.clone(), 0);
+        let mut cmdline = MmioWindow::new(shared.clone(), 1);
+        // Before anyone owns it, both identify as virtio-mmio; writes to
+        // either are ignored until a DeviceID read.
+        for w in [&mut acpi, &mut cmdline] {
+            assert_eq!(test_driver::read32(w, MAGIC_VALUE), 0x7472_6976);
+            assert_eq!(test_driver::read32(w, VERSION), 2);
+        }
+        test_driver::write32(&mut cmdline, STATUS, 1);
+        assert_eq!(shared.lock().unwrap().status(), 0);
+        // The ACPI window's probe comes first and claims it.
+        assert_eq!(test_driver::read32(&mut acpi, DEVICE_ID), 42);
+        // The other window is a placeholder from now on: Linux's probe
+        // sees DeviceID 0 and leaves it.
+        assert_eq!(test_driver::read32(&mut cmdline, MAGIC_VALUE), 0x7472_6976);
+        assert_eq!(test_driver::read32(&mut cmdline, DEVICE_ID), 0);
+        assert_eq!(test_driver::read32(&mut cmdline, QUEUE_NUM_MAX), 0);
+        assert!(Driver::init(&mut cmdline, &mem, VIRTIO_F_VERSION_1, &[16, 8]).is_err());
+        assert_eq!(shared.lock().unwrap().status(), 0);
+        // The owner drives it normally.
+        Driver::init(&mut acpi, &mem, VIRTIO_F_VERSION_1, &[16, 8]).unwrap();
+        assert!(shared.lock().unwrap().is_active());
+        test_driver::write32(&mut cmdline, STATUS, 0);
+        assert!(
+            shared.lock().unwrap().is_active(),
+            "the placeholder cannot reset it"
+        );
     }
 
     #[test]

@@ -201,6 +201,13 @@ impl Driver {
         features: u64,
         sizes: &[u16],
     ) -> Result<Driver, String> {
+        // Identify the device first, as Linux's probe does.
+        if read32(dev, 0x000) != 0x7472_6976 || read32(dev, 0x004) != 2 {
+            return Err("not a virtio-mmio version 2 device".into());
+        }
+        if read32(dev, 0x008) == 0 {
+            return Err("placeholder device (DeviceID 0)".into());
+        }
         write32(dev, 0x070, 0);
         write32(dev, 0x070, 1);
         write32(dev, 0x070, 3);
