@@ -146,7 +146,7 @@ impl Connection {
 
     /// Takes `len` data bytes from the guest (in `data`): writes what the
     /// socket takes now, keeps the rest.
-    pub fn from_guest(
+    pub fn take_guest_data(
         &mut self,
         data: &[VolatileSlice<'_, ()>],
         len: u32,

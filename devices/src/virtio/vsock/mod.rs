@@ -275,11 +275,7 @@ impl VirtioDevice for Vsock {
                     self.notify(RX, mem, interrupt);
                 }
             }
-            RX => {
-                if self.receive(mem)? {
-                    self.notify(RX, mem, interrupt);
-                }
-            }
+            RX if self.receive(mem)? => self.notify(RX, mem, interrupt),
             // Event buffers wait for an event; nothing to do now.
             EVENT => {}
             _ => {}

@@ -400,7 +400,12 @@ impl Muxer {
         let Some(conn) = self.conns.get_mut(&key) else {
             return;
         };
-        if events.contains(EventSet::OUT) {
+        // A hang up or error with guest data waiting: the flush finds out
+        // whether the data can still go (it cannot: reset), so a dead
+        // socket is not reported again and again.
+        let flush_now = events.contains(EventSet::OUT)
+            || (conn.has_pending() && events.intersects(EventSet::HANG_UP | EventSet::ERROR));
+        if flush_now {
             match conn.flush() {
                 Ok(_) => {
                     if conn.guest_shutdown & SHUTDOWN_SEND != 0 {
@@ -422,8 +427,13 @@ impl Muxer {
                 }
             }
         }
-        if events
-            .intersects(EventSet::IN | EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR)
+        let readable = conn.state == State::Established
+            && !conn.host_eof
+            && conn.guest_shutdown & SHUTDOWN_RCV == 0;
+        if readable
+            && events.intersects(
+                EventSet::IN | EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR,
+            )
             && !self.ready.contains(&key)
         {
             // Read when the guest has buffers (see `next_rx`).
@@ -581,11 +591,17 @@ impl Muxer {
             }
             (super::packet::OP_RW, State::Established) => {
                 if conn.guest_shutdown & SHUTDOWN_SEND != 0
-                    || conn.from_guest(data, header.len).is_err()
+                    || conn.take_guest_data(data, header.len).is_err()
                 {
                     // Data after its own SHUTDOWN_SEND, or beyond its credit.
                     self.reset_connection(key, true);
                     return;
+                }
+                // What the socket took frees credit; when nothing flows
+                // back to carry moat's fwd_cnt, an update must.
+                if conn.credit_update_due() {
+                    let update = conn.credit_update(self.guest_cid);
+                    self.push_control(update);
                 }
             }
             (super::packet::OP_CREDIT_REQUEST, State::Established) => {
