@@ -13,10 +13,12 @@ use crate::config::{self, ConfigError, VmConfig};
 
 const EXIT_CODES: &str = "\
 Exit status:
-  0    the guest powered off or rebooted
+  0    the guest powered off, rebooted or halted (also after a SIGTERM, when
+       it shut down within --shutdown-timeout)
   1    the VM failed: a KVM error, a triple fault, or an internal error
   2    bad input: options, kernel or initramfs files, /dev/kvm access
-  128+N  moat was stopped by signal N";
+  128+N  moat was stopped by signal N (the guest did not shut down in time,
+       or a second signal came)";
 
 /// moat: a KVM micro-VM monitor that boots Linux guests.
 #[derive(Debug, Parser)]
@@ -76,9 +78,33 @@ pub struct RunArgs {
     #[arg(long, value_name = "tap=NAME|fd=N[,mac=MAC][,offload=off]")]
     pub net: Vec<String>,
 
+    /// A virtio-vsock device for guest CID N (3 or more). Host programs
+    /// connect to the Unix socket PATH and write "CONNECT <port>\n" to
+    /// reach the guest's port (Firecracker's protocol: moat answers
+    /// "OK <host-port>\n"); the guest connecting to the host (CID 2) port P
+    /// reaches the Unix socket PATH_P.
+    #[arg(long, value_name = "cid=N,socket=PATH")]
+    pub vsock: Option<String>,
+
+    /// Listen on the Unix socket HOSTPATH and connect each client to the
+    /// guest's vsock PORT (needs --vsock). Repeatable.
+    #[arg(long, value_name = "unix:HOSTPATH=vsock:PORT")]
+    pub forward: Vec<String>,
+
+    /// A virtio-rng entropy device fed by getrandom(2): on, off, or
+    /// rate=BYTES_PER_S to limit it.
+    #[arg(long, value_name = "on|off|rate=BYTES_PER_S", default_value = "on")]
+    pub rng: String,
+
     /// KVM device node.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
     pub kvm: PathBuf,
+
+    /// On SIGTERM (or SIGINT, SIGHUP) moat presses the guest's ACPI power
+    /// button and gives it this many seconds to shut down before stopping
+    /// it; 0 stops it at once. A second signal always stops it at once.
+    #[arg(long, value_name = "SECONDS", default_value = "10")]
+    pub shutdown_timeout: String,
 
     /// Time the boot: when the guest first writes 123 to I/O port 0xf4,
     /// print on stderr how long after moat's start that was and when vCPU 0
@@ -130,6 +156,12 @@ impl RunArgs {
         let cpus = config::check_cpus(cpus, u64::from(moat_boot::mptable::MAX_CPUS))?;
         let memory =
             config::parse_size("--memory", &single_value("--memory", &self.memory, "size")?)?;
+        if !self.forward.is_empty() && self.vsock.is_none() {
+            return Err(ConfigError::Syntax {
+                option: "--forward",
+                problem: "needs a vsock device: add --vsock cid=N,socket=PATH".into(),
+            });
+        }
         let disks = self
             .disk
             .iter()
@@ -149,7 +181,15 @@ impl RunArgs {
                 .iter()
                 .map(|n| config::parse_net(n))
                 .collect::<Result<Vec<_>, _>>()?,
+            vsock: self.vsock.as_deref().map(config::parse_vsock).transpose()?,
+            forwards: self
+                .forward
+                .iter()
+                .map(|f| config::parse_forward(f))
+                .collect::<Result<Vec<_>, _>>()?,
+            rng: config::parse_rng(&self.rng)?,
             boot_timer: self.boot_timer,
+            shutdown_timeout: config::parse_seconds("--shutdown-timeout", &self.shutdown_timeout)?,
         })
     }
 }
@@ -157,6 +197,7 @@ impl RunArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn parse(args: &[&str]) -> Result<VmConfig, String> {
         let mut argv = vec!["moat", "run", "--kernel", "/k"];
@@ -219,6 +260,28 @@ mod tests {
         let paths: Vec<_> = cfg.disks.iter().map(|d| d.path.to_str().unwrap()).collect();
         assert_eq!(paths, ["/a", "/b"]);
         assert!(cfg.disks[1].read_only);
+    }
+
+    #[test]
+    fn shutdown_timeout_takes_seconds() {
+        assert_eq!(
+            parse(&[]).unwrap().shutdown_timeout,
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            parse(&["--shutdown-timeout", "2.5"])
+                .unwrap()
+                .shutdown_timeout,
+            Duration::from_millis(2500)
+        );
+        assert!(parse(&["--shutdown-timeout", "0"])
+            .unwrap()
+            .shutdown_timeout
+            .is_zero());
+        for bad in ["-1", "soon", "1e99", "", "NaN", "inf"] {
+            let err = parse(&[&format!("--shutdown-timeout={bad}")]).unwrap_err();
+            assert!(err.starts_with("--shutdown-timeout: "), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -2,13 +2,16 @@
 //! be made before touching KVM.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use moat_boot::loader::BootProtocol;
 
 /// The kernel command line used when the user gives none: console on the
 /// first UART, reboot through the i8042 (which ends moat), reboot on panic,
-/// and no probing for a keyboard or mouse that is not there.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 i8042.noaux i8042.nokbd";
+/// no probing for a keyboard or mouse that is not there, and no PCI (moat
+/// has none; a kernel with PCI would otherwise complain that it found no
+/// way to reach its configuration space).
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nokbd";
 /// Default guest memory.
 pub const DEFAULT_MEMORY: u64 = 256 << 20;
 /// Default vCPU count.
@@ -53,6 +56,20 @@ pub enum ConfigError {
     /// A network backend cannot be used.
     #[error("--net: {0}")]
     Net(String),
+    /// The vsock device's socket cannot be used.
+    #[error("--vsock: {0}")]
+    Vsock(String),
+    /// A forward's socket cannot be used.
+    #[error("--forward: {0}")]
+    Forward(String),
+    /// More virtio devices than interrupt lines.
+    #[error("at most {max} virtio devices (disks, network cards, vsock, rng), not {count}")]
+    TooManyDevices {
+        /// The limit.
+        max: usize,
+        /// How many were asked for.
+        count: usize,
+    },
     /// A file named in the configuration cannot be used.
     #[error("{option}: cannot open {path}: {reason}")]
     File {
@@ -200,6 +217,116 @@ pub fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
     })
 }
 
+/// A virtio-vsock device: the guest's CID and the host's Unix socket
+/// (Firecracker's hybrid protocol; the guest reaches `SOCKET_<port>`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's context ID (3 or more).
+    pub cid: u64,
+    /// Where moat listens for host clients.
+    pub socket: PathBuf,
+}
+
+/// A host Unix socket whose clients are connected to a guest vsock port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForwardConfig {
+    /// Where moat listens.
+    pub host: PathBuf,
+    /// The guest's vsock port.
+    pub port: u32,
+}
+
+/// The virtio-rng device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RngConfig {
+    /// No entropy device.
+    Off,
+    /// An entropy device, optionally limited to this many bytes a second.
+    On(Option<u64>),
+}
+
+/// The largest CID a guest may have (VMADDR_CID_ANY, u32::MAX, is not one).
+pub const MAX_GUEST_CID: u64 = u32::MAX as u64 - 1;
+
+/// Parses `cid=N,socket=PATH`.
+pub fn parse_vsock(text: &str) -> Result<VsockConfig, ConfigError> {
+    let syntax = |problem: String| ConfigError::Syntax {
+        option: "--vsock",
+        problem,
+    };
+    let mut cid = None;
+    let mut socket = None;
+    for (key, value) in parse_key_values("--vsock", text, &["cid", "socket"])? {
+        if key == "cid" {
+            let n: u64 = value
+                .parse()
+                .map_err(|_| syntax(format!("cid={value} is not a whole number")))?;
+            if !(moat_devices::virtio::vsock::MIN_GUEST_CID..=MAX_GUEST_CID).contains(&n) {
+                return Err(syntax(format!(
+                    "cid={value}: a guest CID is 3 to {MAX_GUEST_CID} (0-2 are reserved)"
+                )));
+            }
+            cid = Some(n);
+        } else {
+            socket = Some(PathBuf::from(value));
+        }
+    }
+    Ok(VsockConfig {
+        cid: cid.ok_or_else(|| syntax("cid=N is required".into()))?,
+        socket: socket.ok_or_else(|| syntax("socket=PATH is required".into()))?,
+    })
+}
+
+/// Parses `unix:HOSTPATH=vsock:PORT`.
+pub fn parse_forward(text: &str) -> Result<ForwardConfig, ConfigError> {
+    let syntax = |problem: String| ConfigError::Syntax {
+        option: "--forward",
+        problem,
+    };
+    let (host, port) = text
+        .rsplit_once("=vsock:")
+        .ok_or_else(|| syntax(format!("expected unix:HOSTPATH=vsock:PORT, got '{text}'")))?;
+    let host = host
+        .strip_prefix("unix:")
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| {
+            syntax(format!(
+                "expected unix:HOSTPATH before '=vsock:', got '{host}'"
+            ))
+        })?;
+    let port = port.parse().map_err(|_| {
+        syntax(format!(
+            "vsock:{port}: the port is not a number from 0 to 4294967295"
+        ))
+    })?;
+    Ok(ForwardConfig {
+        host: PathBuf::from(host),
+        port,
+    })
+}
+
+/// Parses `on`, `off` or `rate=BYTES_PER_S`.
+pub fn parse_rng(text: &str) -> Result<RngConfig, ConfigError> {
+    match text {
+        "on" => return Ok(RngConfig::On(None)),
+        "off" => return Ok(RngConfig::Off),
+        _ => {}
+    }
+    let rate = parse_key_values("--rng", text, &["rate"])?
+        .into_iter()
+        .next()
+        .map(|(_, v)| v)
+        .unwrap_or_default();
+    rate.parse::<u64>()
+        .ok()
+        .filter(|r| *r > 0)
+        .map(|r| RngConfig::On(Some(r)))
+        .ok_or_else(|| ConfigError::Syntax {
+            option: "--rng",
+            problem: format!("rate={rate}: expected a number of bytes per second above 0"),
+        })
+}
+
 /// Everything needed to build and boot one VM.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -221,8 +348,17 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// virtio-net cards, in order (eth0, eth1, ...).
     pub nets: Vec<NetConfig>,
+    /// The vsock device, if any.
+    pub vsock: Option<VsockConfig>,
+    /// Host sockets forwarded to guest vsock ports (need `vsock`).
+    pub forwards: Vec<ForwardConfig>,
+    /// The entropy device.
+    pub rng: RngConfig,
     /// Report start-up times when the guest writes the boot-timer marker.
     pub boot_timer: bool,
+    /// How long the guest has to shut down after a termination signal
+    /// pressed its power button (zero: no button, stop at once).
+    pub shutdown_timeout: Duration,
 }
 
 /// Parses a `key=value[,key=value]` list where only `allowed` keys may
@@ -279,6 +415,22 @@ pub fn parse_size(option: &'static str, text: &str) -> Result<u64, ConfigError> 
     }
     let value: u64 = digits.parse().map_err(|_| syntax())?;
     value.checked_mul(1 << shift).ok_or_else(syntax)
+}
+
+/// Longest duration a seconds option takes (a day).
+const MAX_SECONDS: f64 = 86_400.0;
+
+/// Parses a number of seconds such as `10` or `2.5` (0 to a day).
+pub fn parse_seconds(option: &'static str, text: &str) -> Result<Duration, ConfigError> {
+    text.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && (0.0..=MAX_SECONDS).contains(s))
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| ConfigError::Syntax {
+            option,
+            problem: format!("'{text}' is not a number of seconds from 0 to {MAX_SECONDS}"),
+        })
 }
 
 /// `bytes` in the largest binary unit that keeps it readable.
@@ -507,6 +659,68 @@ mod tests {
                 err.starts_with("--net: ") && err.contains(problem),
                 "{text}: {err}"
             );
+        }
+    }
+
+    #[test]
+    fn vsock_takes_a_cid_and_a_socket() {
+        assert_eq!(
+            parse_vsock("cid=3,socket=/run/v.sock").unwrap(),
+            VsockConfig {
+                cid: 3,
+                socket: "/run/v.sock".into()
+            }
+        );
+        for (text, problem) in [
+            ("cid=2,socket=/s", "3 to"),
+            ("cid=0,socket=/s", "reserved"),
+            ("cid=4294967295,socket=/s", "3 to"),
+            ("cid=x,socket=/s", "not a whole number"),
+            ("socket=/s", "cid=N is required"),
+            ("cid=5", "socket=PATH is required"),
+            ("cid=5,path=/s", "unknown key 'path'"),
+        ] {
+            let err = parse_vsock(text).unwrap_err().to_string();
+            assert!(
+                err.starts_with("--vsock: ") && err.contains(problem),
+                "{text}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn forwards_take_a_host_path_and_a_port() {
+        assert_eq!(
+            parse_forward("unix:/tmp/docker.sock=vsock:2375").unwrap(),
+            ForwardConfig {
+                host: "/tmp/docker.sock".into(),
+                port: 2375
+            }
+        );
+        for (text, problem) in [
+            ("unix:/a=vsock:http", "not a number"),
+            ("unix:/a=vsock:-1", "not a number"),
+            ("unix:/a=vsock:99999999999", "not a number"),
+            ("/a=vsock:1", "expected unix:HOSTPATH"),
+            ("unix:=vsock:1", "expected unix:HOSTPATH"),
+            ("unix:/a", "expected unix:HOSTPATH=vsock:PORT"),
+        ] {
+            let err = parse_forward(text).unwrap_err().to_string();
+            assert!(
+                err.starts_with("--forward: ") && err.contains(problem),
+                "{text}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn rng_is_on_off_or_rate_limited() {
+        assert_eq!(parse_rng("on").unwrap(), RngConfig::On(None));
+        assert_eq!(parse_rng("off").unwrap(), RngConfig::Off);
+        assert_eq!(parse_rng("rate=4096").unwrap(), RngConfig::On(Some(4096)));
+        for bad in ["rate=0", "rate=fast", "yes", "rate=-5"] {
+            let err = parse_rng(bad).unwrap_err().to_string();
+            assert!(err.starts_with("--rng: "), "{bad}: {err}");
         }
     }
 

@@ -11,8 +11,12 @@ pub enum VmExit {
     /// KVM reset event). moat has no firmware to reboot into, so a reboot
     /// ends the VM like a power-off.
     GuestReset,
-    /// The guest powered off (KVM shutdown system event).
+    /// The guest powered off (ACPI S5, or a KVM shutdown system event).
     GuestPowerOff,
+    /// Every vCPU stopped with interrupts off (or never started): the
+    /// guest can never resume. Linux ends `halt`, and `poweroff` without
+    /// ACPI, this way.
+    GuestHalted,
     /// A vCPU triple-faulted (KVM_EXIT_SHUTDOWN).
     TripleFault {
         /// The vCPU index.
@@ -55,7 +59,7 @@ impl VmExit {
     /// The process exit status for this outcome.
     pub fn exit_code(&self) -> i32 {
         match self {
-            VmExit::GuestReset | VmExit::GuestPowerOff => 0,
+            VmExit::GuestReset | VmExit::GuestPowerOff | VmExit::GuestHalted => 0,
             VmExit::Signal(signo) => 128 + signo,
             _ => 1,
         }
@@ -65,6 +69,10 @@ impl VmExit {
     pub fn message(&self) -> Option<String> {
         Some(match self {
             VmExit::GuestReset | VmExit::GuestPowerOff => return None,
+            VmExit::GuestHalted => {
+                "the guest halted (every vCPU stopped with interrupts off); ending the VM"
+                    .to_string()
+            }
             VmExit::TripleFault { cpu } => format!("vCPU {cpu} triple-faulted; the guest is dead"),
             VmExit::FailEntry { cpu, reason } => {
                 format!(

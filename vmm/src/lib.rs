@@ -12,25 +12,25 @@ pub mod config;
 pub mod console;
 pub mod error;
 pub mod exit;
+pub mod shutdown;
 pub mod signals;
 pub mod terminal;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;
 
-use std::os::fd::AsRawFd;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
-use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
-use moat_devices::trigger::EventFdTrigger;
-use vmm_sys_util::eventfd::EventFd;
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 
 use crate::bus::Bus;
 use crate::config::VmConfig;
 use crate::console::ConsoleInput;
 use crate::error::Error;
 use crate::exit::{ExitSignal, VmExit};
+use crate::shutdown::{ExitEvents, ExitWatcher};
+use crate::vcpu::HaltProbe;
 
 /// Boots the VM described by `config` and runs it to the end. Returns why
 /// it ended; errors are problems found before or while building it.
@@ -43,8 +43,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
         .as_deref()
         .map(|path| vm::open_input("--initramfs", path))
         .transpose()?;
-    let mut virtio_devices = virtio::block_devices(&config.disks)?;
-    virtio_devices.extend(virtio::net_devices(&config.nets, virtio_devices.len())?);
+    let virtio_devices = virtio::devices(config)?;
     config::check_memory(config.memory, config::host_memory_limit())?;
     let kvm = vm::open_kvm(&config.kvm_device)?;
     config::check_cpus(u64::from(config.cpus), vm::max_vcpus(&kvm))?;
@@ -79,6 +78,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
         exit: exit.clone(),
         stop: Arc::new(AtomicBool::new(false)),
         first_run,
+        halt_probe: Arc::new(HaltProbe::new(vcpu_fds.len())),
     };
 
     // The event loop, then the console, then go.
@@ -89,12 +89,19 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
                 std::io::Error::other(e.to_string()),
             )
         })?;
-    let termination = signals::install()?;
-    events.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
+    let vcpus = Arc::new(Mutex::new(Vec::with_capacity(vcpu_fds.len())));
+    let watcher = ExitWatcher::new(ExitEvents {
         exit: exit.clone(),
         reset: legacy.reset,
-        termination,
-    })));
+        power_off: legacy.power_off,
+        power_button: legacy.power_button,
+        termination: signals::install()?,
+        shutdown_timeout: config.shutdown_timeout,
+        halt_probe: shared.halt_probe.clone(),
+        vcpus: vcpus.clone(),
+    })
+    .map_err(|e| Error::Io("create a timer", e))?;
+    events.add_subscriber(Arc::new(Mutex::new(watcher)));
     for device in virtio_devices {
         events.add_subscriber(Arc::new(Mutex::new(device.handler)));
     }
@@ -106,12 +113,13 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
     ))));
 
     vcpu::install_kick_handler()?;
-    let mut threads = Vec::with_capacity(vcpu_fds.len());
     for (index, fd) in vcpu_fds.into_iter().enumerate() {
-        match vcpu::spawn(index as u8, fd, shared.clone()) {
+        let spawned = vcpu::spawn(index as u8, fd, shared.clone());
+        let mut threads = vcpus.lock().unwrap_or_else(|e| e.into_inner());
+        match spawned {
             Ok(thread) => threads.push(thread),
             Err(e) => {
-                vcpu::stop_all(threads, &shared.stop);
+                vcpu::stop_all(std::mem::take(&mut threads), &shared.stop);
                 return Err(e);
             }
         }
@@ -128,43 +136,10 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
             ));
         }
     };
+    let threads = std::mem::take(&mut *vcpus.lock().unwrap_or_else(|e| e.into_inner()));
     vcpu::stop_all(threads, &shared.stop);
     drop(raw_mode);
     // Guest memory must outlive the vCPUs that map it.
     drop(memory);
     outcome
-}
-
-/// Turns the events that end a VM into an [`ExitSignal`]: a vCPU's report,
-/// the i8042 reset line, or a termination signal.
-struct ExitWatcher {
-    exit: Arc<ExitSignal>,
-    reset: EventFdTrigger,
-    termination: EventFd,
-}
-
-impl MutEventSubscriber for ExitWatcher {
-    fn init(&mut self, ops: &mut EventOps) {
-        for fd in [
-            self.exit.event().as_raw_fd(),
-            self.reset.as_raw_fd(),
-            self.termination.as_raw_fd(),
-        ] {
-            let _ = ops.add(Events::new_raw(fd, EventSet::IN));
-        }
-    }
-
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        let fd = events.fd();
-        if fd == self.reset.as_raw_fd() {
-            self.reset.drain();
-            self.exit.raise(VmExit::GuestReset);
-        } else if fd == self.termination.as_raw_fd() {
-            let _ = self.termination.read();
-            self.exit
-                .raise(VmExit::Signal(signals::received().unwrap_or(libc::SIGTERM)));
-        } else {
-            let _ = self.exit.event().read();
-        }
-    }
 }

@@ -2,13 +2,15 @@
 //! exits to the buses; everything else about devices happens elsewhere
 //! (interrupts go out through irqfds, device work on the event loop).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    Msrs, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    kvm_run, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED,
+    KVM_MP_STATE_UNINITIALIZED, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
     KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
@@ -25,8 +27,25 @@ fn kick_signal() -> i32 {
     SIGRTMIN()
 }
 
+thread_local! {
+    /// This vCPU thread's `kvm_run` area, for the kick handler; null on
+    /// other threads. Const-initialised, so the handler can read it.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
 extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    // Nothing to do: interrupting KVM_RUN with EINTR is the point.
+    // A kick that lands in KVM_RUN makes it return EINTR. One that lands
+    // just before the thread enters KVM_RUN would be lost, so the handler
+    // also sets `immediate_exit`: KVM_RUN then returns EINTR at once
+    // (Documentation/virt/kvm/api.rst, "immediate_exit").
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's own kvm_run mapping, set by
+        // `run` before it first enters KVM_RUN and valid until the VcpuFd
+        // it came from is dropped, after the thread has cleared it. A
+        // volatile byte store cannot tear.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
 }
 
 /// Installs the kick handler; call once before starting vCPU threads.
@@ -90,6 +109,98 @@ pub struct VcpuThread {
     handle: JoinHandle<()>,
 }
 
+impl VcpuThread {
+    /// Interrupts the thread's KVM_RUN (or its next one).
+    fn kick(&self) {
+        let _ = self.handle.kill(kick_signal());
+    }
+}
+
+/// What each vCPU last told the halt probe (see [`HaltProbe`]).
+#[derive(Default)]
+pub struct HaltReport {
+    /// The probe round the vCPU last answered.
+    answered: AtomicU64,
+    /// Whether the vCPU could not run again by itself in that round.
+    stuck: AtomicBool,
+}
+
+/// Tells a guest that halted for good (every vCPU stopped with interrupts
+/// off, or never started) from an idle one. With the in-kernel LAPIC, KVM
+/// handles HLT without exiting to moat, so moat asks: each round, the
+/// event loop kicks every vCPU and each looks at its own state. When all
+/// answered "stuck" in two rounds in a row (one round could catch an AP
+/// between its INIT and SIPI), the guest can never resume. (A Linux guest
+/// without a power-off device ends `poweroff` and `halt` this way.)
+#[derive(Default)]
+pub struct HaltProbe {
+    round: AtomicU64,
+    stuck_rounds: AtomicU64,
+    reports: Vec<HaltReport>,
+}
+
+impl HaltProbe {
+    /// Rounds in a row in which every vCPU must answer "stuck".
+    const ROUNDS: u64 = 2;
+
+    /// A probe for `vcpus` vCPUs.
+    pub fn new(vcpus: usize) -> Self {
+        Self {
+            round: AtomicU64::new(0),
+            stuck_rounds: AtomicU64::new(0),
+            reports: (0..vcpus).map(|_| HaltReport::default()).collect(),
+        }
+    }
+
+    /// Ends the current round and starts the next, kicking every vCPU.
+    /// Returns whether the guest has halted for good.
+    pub fn next_round(&self, threads: &[VcpuThread]) -> bool {
+        let round = self.round.load(Ordering::SeqCst);
+        let all_stuck = round > 0
+            && self.reports.iter().all(|r| {
+                r.answered.load(Ordering::SeqCst) == round && r.stuck.load(Ordering::SeqCst)
+            });
+        let stuck_rounds = if all_stuck {
+            self.stuck_rounds.fetch_add(1, Ordering::SeqCst) + 1
+        } else {
+            self.stuck_rounds.store(0, Ordering::SeqCst);
+            0
+        };
+        self.round.store(round + 1, Ordering::SeqCst);
+        for thread in threads {
+            thread.kick();
+        }
+        stuck_rounds >= Self::ROUNDS
+    }
+
+    /// vCPU `index` answers the current round, if it has not yet.
+    fn answer(&self, index: usize, fd: &VcpuFd) {
+        let round = self.round.load(Ordering::SeqCst);
+        let Some(report) = self.reports.get(index) else {
+            return;
+        };
+        if report.answered.load(Ordering::SeqCst) == round {
+            return;
+        }
+        report.stuck.store(is_stuck(fd), Ordering::SeqCst);
+        report.answered.store(round, Ordering::SeqCst);
+    }
+}
+
+/// Whether a vCPU (not in KVM_RUN) cannot run again by itself: halted with
+/// interrupts off, or waiting for an INIT/SIPI nobody will send.
+fn is_stuck(fd: &VcpuFd) -> bool {
+    const RFLAGS_IF: u64 = 1 << 9;
+    let Ok(mp) = fd.get_mp_state() else {
+        return false;
+    };
+    match mp.mp_state {
+        KVM_MP_STATE_HALTED => fd.get_regs().is_ok_and(|r| r.rflags & RFLAGS_IF == 0),
+        KVM_MP_STATE_UNINITIALIZED | KVM_MP_STATE_INIT_RECEIVED => true,
+        _ => false,
+    }
+}
+
 /// State shared by all vCPU threads.
 #[derive(Clone)]
 pub struct Shared {
@@ -103,6 +214,8 @@ pub struct Shared {
     pub stop: Arc<AtomicBool>,
     /// When vCPU 0 first entered KVM_RUN (for `--boot-timer`).
     pub first_run: FirstRun,
+    /// Whether the guest has halted for good.
+    pub halt_probe: Arc<HaltProbe>,
 }
 
 /// The host processor's brand-string leaves, for the guest's model name.
@@ -125,15 +238,17 @@ pub fn spawn(index: u8, fd: VcpuFd, shared: Shared) -> Result<VcpuThread, Error>
     Ok(VcpuThread { handle })
 }
 
-/// Stops all vCPU threads: kicks each out of KVM_RUN until it notices the
-/// stop flag. A thread that does not stop within a second is left to die
-/// with the process.
+/// Stops all vCPU threads: one kick each (which `immediate_exit` makes
+/// impossible to miss) and they leave their loop. A thread still busy in a
+/// device after a second is left to die with the process.
 pub fn stop_all(threads: Vec<VcpuThread>, stop: &AtomicBool) {
     stop.store(true, Ordering::SeqCst);
+    for thread in &threads {
+        thread.kick();
+    }
     let deadline = Instant::now() + Duration::from_secs(1);
     for thread in threads {
         while !thread.handle.is_finished() && Instant::now() < deadline {
-            let _ = thread.handle.kill(kick_signal());
             std::thread::sleep(Duration::from_millis(1));
         }
         if thread.handle.is_finished() {
@@ -143,13 +258,18 @@ pub fn stop_all(threads: Vec<VcpuThread>, stop: &AtomicBool) {
 }
 
 fn run(index: u8, mut fd: VcpuFd, shared: &Shared) {
+    KVM_RUN.with(|run| run.set(fd.get_kvm_run()));
     if index == 0 {
         let _ = shared.first_run.set(Instant::now());
     }
     while !shared.stop.load(Ordering::SeqCst) {
         let outcome = match fd.run() {
             Ok(exit) => handle_exit(index, exit, shared),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                fd.set_kvm_immediate_exit(0);
+                shared.halt_probe.answer(usize::from(index), &fd);
+                None
+            }
             Err(e) => Some(VmExit::KvmError {
                 cpu: index,
                 error: e.to_string(),
@@ -157,9 +277,10 @@ fn run(index: u8, mut fd: VcpuFd, shared: &Shared) {
         };
         if let Some(exit) = outcome {
             shared.exit.raise(exit);
-            return;
+            break;
         }
     }
+    KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
 }
 
 /// Handles one exit; returns why the VM must stop, if it must.

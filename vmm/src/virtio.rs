@@ -11,33 +11,45 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use moat_boot::{layout, GuestMemoryMmap};
 use moat_devices::virtio::block::Block;
-use moat_devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY};
+use moat_devices::virtio::mmio::{MmioTransport, MmioWindow, MMIO_WINDOW, QUEUE_NOTIFY};
 use moat_devices::virtio::net::{default_mac, Net, Tap};
+use moat_devices::virtio::rng::Rng;
+use moat_devices::virtio::vsock::{self, Vsock};
 use moat_devices::virtio::{Interrupt, VirtioDevice};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::Bus;
-use crate::config::{ConfigError, DiskConfig, NetBackendConfig, NetConfig};
+use crate::config::{
+    ConfigError, DiskConfig, ForwardConfig, NetBackendConfig, NetConfig, RngConfig, VmConfig,
+    VsockConfig,
+};
 use crate::error::{Error, KvmOp};
 
 /// The first interrupt line for virtio devices (COM1 has 4).
 const FIRST_IRQ: u32 = 5;
-/// IRQs 5-23 are free on the IOAPIC: at most this many virtio devices.
-pub const MAX_DEVICES: usize = 19;
+/// IRQs 5-22 are free on the IOAPIC (23 is the ACPI power button's, see
+/// [`crate::vm::GED_IRQ`]): at most this many virtio devices.
+pub const MAX_DEVICES: usize = 18;
 
-/// Where the guest finds one virtio-mmio device.
+/// Where the guest finds one virtio-mmio device: at two windows, one the
+/// ACPI tables describe and one the kernel command line names (see
+/// [`moat_devices::virtio::mmio`]: the first the guest probes owns it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MmioSlot {
-    /// Base of the register window.
+    /// Base of the register window in the ACPI tables.
     pub base: u64,
+    /// Base of the register window on the command line.
+    pub cmdline_base: u64,
     /// Interrupt line.
     pub irq: u32,
 }
 
 /// The slot of the `index`th virtio device.
 pub fn slot(index: usize) -> MmioSlot {
+    let offset = index as u64 * MMIO_WINDOW;
     MmioSlot {
-        base: layout::MMIO_DEVICES_START + index as u64 * MMIO_WINDOW,
+        base: layout::MMIO_DEVICES_START + offset,
+        cmdline_base: layout::MMIO_CMDLINE_DEVICES_START + offset,
         irq: FIRST_IRQ + index as u32,
     }
 }
@@ -82,14 +94,54 @@ pub fn open_disk(disk: &DiskConfig) -> Result<(File, u64), ConfigError> {
     Ok((file, size))
 }
 
-/// The block devices for `disks`, opened and locked.
-pub fn block_devices(disks: &[DiskConfig]) -> Result<Vec<Box<dyn VirtioDevice>>, ConfigError> {
-    if disks.len() > MAX_DEVICES {
-        return Err(ConfigError::Syntax {
-            option: "--disk",
-            problem: format!("at most {MAX_DEVICES} virtio devices, not {}", disks.len()),
+/// Every virtio device `config` asks for, with its host side opened, in
+/// the order the guest finds them: disks, network cards, vsock, rng.
+pub fn devices(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, ConfigError> {
+    let count = config.disks.len()
+        + config.nets.len()
+        + usize::from(config.vsock.is_some())
+        + usize::from(config.rng != RngConfig::Off);
+    if count > MAX_DEVICES {
+        return Err(ConfigError::TooManyDevices {
+            max: MAX_DEVICES,
+            count,
         });
     }
+    let mut devices = block_devices(&config.disks)?;
+    devices.extend(net_devices(&config.nets, devices.len())?);
+    if let Some(vsock) = &config.vsock {
+        devices.push(vsock_device(vsock, &config.forwards)?);
+    }
+    if let RngConfig::On(rate) = config.rng {
+        let rng = Rng::new(rate).map_err(|e| ConfigError::Syntax {
+            option: "--rng",
+            problem: format!("cannot create its timer: {e}"),
+        })?;
+        devices.push(Box::new(rng));
+    }
+    Ok(devices)
+}
+
+/// The vsock device, listening at its socket and at each forward's.
+fn vsock_device(
+    config: &VsockConfig,
+    forwards: &[ForwardConfig],
+) -> Result<Box<dyn VirtioDevice>, ConfigError> {
+    let listener = vsock::listen(&config.socket).map_err(|e| ConfigError::Vsock(e.to_string()))?;
+    let mut device = Vsock::new(config.cid, config.socket.clone(), listener)
+        .map_err(|e| ConfigError::Vsock(format!("cannot set up its event loop: {e}")))?;
+    for forward in forwards {
+        let listener =
+            vsock::listen(&forward.host).map_err(|e| ConfigError::Forward(e.to_string()))?;
+        device
+            .add_forward(listener, forward.port)
+            .map_err(|e| ConfigError::Forward(format!("{}: {e}", forward.host.display())))?;
+    }
+    Ok(Box::new(device))
+}
+
+/// The block devices for `disks`, opened and locked.
+pub fn block_devices(disks: &[DiskConfig]) -> Result<Vec<Box<dyn VirtioDevice>>, ConfigError> {
     disks
         .iter()
         .map(|disk| {
@@ -106,12 +158,6 @@ pub fn net_devices(
     nets: &[NetConfig],
     first_index: usize,
 ) -> Result<Vec<Box<dyn VirtioDevice>>, ConfigError> {
-    if first_index + nets.len() > MAX_DEVICES {
-        return Err(ConfigError::Syntax {
-            option: "--net",
-            problem: format!("at most {MAX_DEVICES} virtio devices in all"),
-        });
-    }
     nets.iter()
         .enumerate()
         .map(|(i, net)| {
@@ -157,14 +203,19 @@ pub fn attach(
             .map_err(io("create an eventfd"))?;
         let mut events = Vec::new();
         for (queue, event) in transport.queue_events().iter().enumerate() {
-            let addr = IoEventAddress::Mmio(slot.base + QUEUE_NOTIFY);
-            vm.register_ioevent(event, &addr, queue as u32)
-                .map_err(KvmOp::Ioeventfd.err())?;
+            for base in [slot.base, slot.cmdline_base] {
+                let addr = IoEventAddress::Mmio(base + QUEUE_NOTIFY);
+                vm.register_ioevent(event, &addr, queue as u32)
+                    .map_err(KvmOp::Ioeventfd.err())?;
+            }
             events.push(event.try_clone().map_err(io("clone an eventfd"))?);
         }
         let transport = Arc::new(Mutex::new(transport));
-        mmio.insert(slot.base, MMIO_WINDOW, transport.clone())
-            .map_err(|e| Error::Internal(e.to_string()))?;
+        for (window, base) in [slot.base, slot.cmdline_base].into_iter().enumerate() {
+            let window = Arc::new(Mutex::new(MmioWindow::new(transport.clone(), window as u8)));
+            mmio.insert(base, MMIO_WINDOW, window)
+                .map_err(|e| Error::Internal(e.to_string()))?;
+        }
         attached.push(Attached {
             slot,
             handler: QueueHandler {
@@ -255,6 +306,7 @@ mod tests {
             slot(0),
             MmioSlot {
                 base: 0xc000_0000,
+                cmdline_base: 0xc010_0000,
                 irq: 5
             }
         );
@@ -262,10 +314,14 @@ mod tests {
             slot(2),
             MmioSlot {
                 base: 0xc000_2000,
+                cmdline_base: 0xc010_2000,
                 irq: 7
             }
         );
-        assert_eq!(slot(MAX_DEVICES - 1).irq, 23);
+        // The two sets of windows never meet.
+        assert!(slot(MAX_DEVICES - 1).base + MMIO_WINDOW <= slot(0).cmdline_base);
+        assert_eq!(slot(MAX_DEVICES - 1).irq, 22);
+        assert!(slot(MAX_DEVICES - 1).irq < crate::vm::GED_IRQ);
     }
 
     #[test]

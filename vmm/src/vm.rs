@@ -15,8 +15,8 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VmFd};
 use linux_loader::cmdline::Cmdline;
 use moat_boot::cpu::EntryPoint;
-use moat_boot::{gdt, layout, loader, mptable, paging, GuestMemoryMmap};
-use moat_devices::legacy::{BootTimer, Serial, I8042};
+use moat_boot::{acpi, gdt, layout, loader, mptable, paging, GuestMemoryMmap};
+use moat_devices::legacy::{AcpiPower, BootTimer, Serial, I8042};
 use moat_devices::trigger::EventFdTrigger;
 use moat_devices::virtio::mmio::MMIO_WINDOW;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -30,7 +30,7 @@ use crate::error::{Error, KvmOp};
 /// The KVM API version every kernel since 2.6.22 reports.
 const KVM_API_VERSION: i32 = 12;
 /// COM1.
-const COM1_PORT: u64 = 0x3f8;
+const COM1_PORT: u16 = 0x3f8;
 /// COM1's ISA interrupt.
 const COM1_IRQ: u32 = 4;
 /// The i8042's data port; its command port is 4 above.
@@ -38,6 +38,14 @@ const I8042_PORT: u64 = 0x60;
 /// The boot-timer port (`--boot-timer`): in the 0xf0-0xff range the PC
 /// gave the x87 coprocessor, which no 64-bit guest touches.
 pub const BOOT_TIMER_PORT: u64 = 0xf4;
+/// The ACPI power registers (sleep control, sleep status, reset), where
+/// PC chipsets usually put their ACPI PM block.
+pub const ACPI_POWER_PORT: u16 = 0x600;
+/// The ACPI reset register's reset value.
+const ACPI_RESET_VALUE: u8 = 1;
+/// The interrupt of the ACPI Generic Event Device, which reports power
+/// button presses: the last IOAPIC pin, after the virtio devices' lines.
+pub const GED_IRQ: u32 = mptable::IOAPIC_PINS as u32 - 1;
 
 /// Opens a file the user named, with a message that names the option.
 pub fn open_input(option: &'static str, path: &Path) -> Result<File, ConfigError> {
@@ -200,23 +208,28 @@ pub fn load_guest(
     };
     let mut cmdline =
         Cmdline::try_from(&config.cmdline, layout::CMDLINE_MAX_SIZE).map_err(cmdline_error)?;
-    // The guest finds virtio-mmio devices only through the command line
-    // (there is no ACPI or device tree): virtio_mmio.device=4K@BASE:IRQ.
+    // Kernels without ACPI find virtio-mmio devices through the command
+    // line (virtio_mmio.device=4K@BASE:IRQ), at their second windows.
     for slot in virtio_slots {
-        let base = vm_memory::GuestAddress(slot.base);
+        let base = vm_memory::GuestAddress(slot.cmdline_base);
         cmdline
             .add_virtio_mmio_device(MMIO_WINDOW, base, slot.irq, None)
             .map_err(cmdline_error)?;
     }
     let cmdline_len = loader::write_cmdline(memory, &cmdline)?;
+
+    let internal = |what: &str, e: &dyn std::fmt::Display| Error::Internal(format!("{what}: {e}"));
+    // Both ways of describing the machine: the MP table for kernels
+    // without ACPI (or booted with acpi=off), ACPI tables for the rest.
+    mptable::write_mptable(memory, config.cpus).map_err(|e| internal("MP table", &e))?;
+    let rsdp = write_acpi_tables(memory, config.cpus, virtio_slots)
+        .map_err(|e| internal("ACPI tables", &e))?;
     let info = loader::BootInfo {
         mem_size: config.memory,
         cmdline_len,
         initramfs,
+        rsdp: Some(rsdp.0),
     };
-
-    let internal = |what: &str, e: &dyn std::fmt::Display| Error::Internal(format!("{what}: {e}"));
-    mptable::write_mptable(memory, config.cpus).map_err(|e| internal("MP table", &e))?;
     gdt::write_gdt(memory, moat_boot::cpu::boot_gdt(entry)).map_err(|e| internal("GDT", &e))?;
     let cr3 = paging::write_identity_map(memory).map_err(|e| internal("page tables", &e))?;
     match entry {
@@ -226,46 +239,97 @@ pub fn load_guest(
     Ok((entry, cr3))
 }
 
+/// Writes the ACPI tables: the guest's CPUs, COM1, the virtio devices, the
+/// power registers and the power button's interrupt. Returns the RSDP's
+/// address.
+fn write_acpi_tables(
+    memory: &GuestMemoryMmap,
+    cpus: u8,
+    virtio_slots: &[crate::virtio::MmioSlot],
+) -> Result<vm_memory::GuestAddress, acpi::Error> {
+    let port = |offset: u64| acpi::PortRegister {
+        port: ACPI_POWER_PORT + offset as u16,
+    };
+    let virtio: Vec<acpi::VirtioMmio> = virtio_slots
+        .iter()
+        .map(|slot| acpi::VirtioMmio {
+            base: slot.base,
+            size: MMIO_WINDOW,
+            irq: slot.irq,
+        })
+        .collect();
+    let platform = acpi::Platform {
+        cpus,
+        uart: acpi::Uart {
+            port: COM1_PORT,
+            irq: COM1_IRQ,
+        },
+        virtio: &virtio,
+        power: acpi::PowerRegisters {
+            sleep_control: port(AcpiPower::SLEEP_CONTROL),
+            sleep_status: port(AcpiPower::SLEEP_STATUS),
+            reset: port(AcpiPower::RESET),
+            reset_value: ACPI_RESET_VALUE,
+        },
+        ged_irq: GED_IRQ,
+    };
+    acpi::write_tables(memory, &platform)
+}
+
 /// The legacy devices and the eventfds the event loop needs from them.
 pub struct LegacyDevices {
     /// COM1, shared with the console input pump.
     pub serial: Arc<Mutex<ConsoleSerial>>,
     /// Signalled when the guest drains COM1's receive FIFO.
     pub serial_input_space: EventFdTrigger,
-    /// Signalled when the guest resets through the i8042.
+    /// Signalled when the guest resets (the i8042's reset line, or the
+    /// ACPI reset register).
     pub reset: EventFdTrigger,
+    /// Signalled when the guest powers off (ACPI S5).
+    pub power_off: EventFdTrigger,
+    /// Raises the ACPI power button's interrupt (an irqfd).
+    pub power_button: EventFdTrigger,
 }
 
-/// Places COM1 and the i8042 on the port-I/O bus; COM1's interrupt goes to
-/// KVM through an irqfd.
+/// Places COM1, the i8042 and the ACPI power registers on the port-I/O
+/// bus; COM1's and the power button's interrupts go to KVM through irqfds.
 pub fn attach_legacy_devices(vm: &VmFd, pio: &mut Bus) -> Result<LegacyDevices, Error> {
     let eventfd = || EventFdTrigger::new().map_err(|e| Error::Io("create an eventfd", e));
+    let clone = |t: &EventFdTrigger| t.try_clone().map_err(|e| Error::Io("clone an eventfd", e));
     let serial_irq = eventfd()?;
     vm.register_irqfd(serial_irq.event_fd(), COM1_IRQ)
         .map_err(KvmOp::Irqfd.err())?;
     let serial_input_space = eventfd()?;
     let serial = Arc::new(Mutex::new(Serial::new(
         serial_irq,
-        serial_input_space
-            .try_clone()
-            .map_err(|e| Error::Io("clone an eventfd", e))?,
+        clone(&serial_input_space)?,
         std::io::stdout(),
     )));
     let reset = eventfd()?;
-    let i8042 = Arc::new(Mutex::new(I8042::new(
-        reset
-            .try_clone()
-            .map_err(|e| Error::Io("clone an eventfd", e))?,
+    let i8042 = Arc::new(Mutex::new(I8042::new(clone(&reset)?)));
+    let power_off = eventfd()?;
+    let acpi_power = Arc::new(Mutex::new(AcpiPower::new(
+        clone(&power_off)?,
+        clone(&reset)?,
+        acpi::S5_SLEEP_CONTROL,
+        ACPI_RESET_VALUE,
     )));
+    let power_button = eventfd()?;
+    vm.register_irqfd(power_button.event_fd(), GED_IRQ)
+        .map_err(KvmOp::Irqfd.err())?;
     let overlap = |e: crate::bus::OverlapError| Error::Internal(e.to_string());
-    pio.insert(COM1_PORT, ConsoleSerial::WINDOW, serial.clone())
+    pio.insert(u64::from(COM1_PORT), ConsoleSerial::WINDOW, serial.clone())
         .map_err(overlap)?;
     pio.insert(I8042_PORT, I8042::WINDOW, i8042)
+        .map_err(overlap)?;
+    pio.insert(u64::from(ACPI_POWER_PORT), AcpiPower::WINDOW, acpi_power)
         .map_err(overlap)?;
     Ok(LegacyDevices {
         serial,
         serial_input_space,
         reset,
+        power_off,
+        power_button,
     })
 }
 
