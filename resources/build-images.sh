@@ -4,7 +4,8 @@
 #   build-images.sh [--separate-guest-kernel]
 #
 # stdout: only KEY=ABSOLUTE_PATH lines (VMLINUX, BZIMAGE, INITRAMFS, ROOTFS,
-# BENCH_INITRAMFS, RIG_KERNEL, RIG_INITRAMFS); progress and timings go to stderr.
+# VSOCK_TOOL, BENCH_INITRAMFS, RIG_KERNEL, RIG_INITRAMFS, DISTRO_KERNEL,
+# DISTRO_INITRAMFS); progress and timings go to stderr.
 # Cache: ${MOAT_CACHE:-$HOME/.cache/moat}, one directory per artifact keyed by
 # a hash of its inputs (config fragments, build scripts, init scripts and the
 # installed Debian package versions). Artifacts are built in a temp dir and
@@ -58,16 +59,28 @@ else
     guest_kernel_dir=$rig_kernel_dir
 fi
 guest_dir=$cache/guest-$(key "v1 $bb_ver $e2fs_ver" "$here/lib/busybox-tree.sh" "$here/lib/pack-cpio.sh" \
-    "$here/guest/init" "$here/guest/build-guest.sh")
+    "$here"/guest/*)
 bench_dir=$cache/bench-$(key "v1 $gcc_ver" "$here/lib/pack-cpio.sh" "$here/bench/init.c" \
     "$here/bench/build-bench.sh")
 rig_dir=$cache/rig-$(key "v1 $bb_ver" "$here/lib/busybox-tree.sh" "$here/lib/pack-cpio.sh" \
     "$here/rig/init" "$here/rig/build-rig-initramfs.sh")
+# Debian's cloud kernel: the versioned package the metapackage depends on.
+distro_meta=linux-image-cloud-amd64
+distro_package() { apt-cache depends "$distro_meta" 2>/dev/null | awk '/Depends: linux-image-/ { print $2; exit }'; }
+distro_pkg=$(distro_package)
+if [[ -z $distro_pkg ]]; then
+    log "apt knows no $distro_meta yet: apt-get update"
+    if [[ $(id -u) -ne 0 ]]; then sudo apt-get update -qq >&2; else apt-get update -qq >&2; fi
+    distro_pkg=$(distro_package)
+fi
+[[ -n $distro_pkg ]] || { log "ERROR: cannot find the package $distro_meta depends on"; exit 1; }
+distro_dir=$cache/distro-$(key "v1 $distro_pkg $(apt-cache policy "$distro_pkg" | awk '/Candidate:/ { print $2 }') $bb_ver" \
+    "$here/lib/busybox-tree.sh" "$here/lib/pack-cpio.sh" "$here"/guest/* "$here/distro/build-distro.sh")
 
 declare -A status=()
 all_present() {
     local d
-    for d in "$rig_kernel_dir" "$guest_kernel_dir" "$guest_dir" "$bench_dir" "$rig_dir"; do
+    for d in "$rig_kernel_dir" "$guest_kernel_dir" "$guest_dir" "$bench_dir" "$rig_dir" "$distro_dir"; do
         [[ -d $d ]] || return 1
     done
 }
@@ -111,7 +124,7 @@ build_kernel() {
 }
 
 if all_present; then
-    for l in kernel guest-images bench-initramfs rig-initramfs; do status[$l]=cached; done
+    for l in kernel guest-images bench-initramfs rig-initramfs distro-kernel; do status[$l]=cached; done
 else
     exec 9>"$cache/.lock"
     if ! flock -n 9; then
@@ -130,6 +143,7 @@ else
     build_artifact "$guest_dir" guest-images "$here/guest/build-guest.sh"
     build_artifact "$bench_dir" bench-initramfs "$here/bench/build-bench.sh"
     build_artifact "$rig_dir" rig-initramfs "$here/rig/build-rig-initramfs.sh"
+    build_artifact "$distro_dir" distro-kernel "$here/distro/build-distro.sh" "$distro_pkg"
     flock -u 9
 fi
 
@@ -145,6 +159,9 @@ echo "VMLINUX=$guest_kernel_dir/vmlinux"
 echo "BZIMAGE=$guest_kernel_dir/bzImage"
 echo "INITRAMFS=$guest_dir/initramfs.cpio"
 echo "ROOTFS=$guest_dir/rootfs.ext4"
+echo "VSOCK_TOOL=$guest_dir/vsock"
 echo "BENCH_INITRAMFS=$bench_dir/initramfs.cpio"
 echo "RIG_KERNEL=$rig_kernel_dir/vmlinux"
 echo "RIG_INITRAMFS=$rig_dir/rig-initramfs.cpio"
+echo "DISTRO_KERNEL=$distro_dir/vmlinuz"
+echo "DISTRO_INITRAMFS=$distro_dir/initramfs.cpio"

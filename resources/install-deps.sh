@@ -7,6 +7,7 @@ PACKAGES=(
     linux-source-6.1 busybox-static qemu-system-x86
     bc bison flex libelf-dev libssl-dev cpio e2fsprogs xz-utils make gcc
     libc6-dev binutils util-linux coreutils findutils
+    kmod acpica-tools curl
 )
 
 missing=()

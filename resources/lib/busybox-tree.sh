@@ -2,9 +2,8 @@
 # Stage a minimal busybox root tree into DIR (which must not exist or be empty):
 #   busybox-tree.sh DIR
 # Uses Debian's busybox-static (/bin/busybox). Every applet becomes a symlink
-# to /bin/busybox; poweroff/halt/reboot become scripts that sync and
-# `reboot -f`, because the guests have no ACPI and a halted guest would leave
-# the VMM waiting (the VMM boots guests with reboot=k; QEMU uses reboot=t).
+# to /bin/busybox, so poweroff/reboot/halt are busybox's: they ask init to
+# shut down, and the kernel then powers off through ACPI (or resets).
 set -euo pipefail
 
 dir=$1
@@ -22,17 +21,6 @@ while IFS= read -r applet; do
     ln -sfn /bin/busybox "$applet"
 done < <("$bb" --list-full)
 
-for cmd in poweroff halt reboot; do
-    rm -f "sbin/$cmd"
-    cat >"sbin/$cmd" <<'SCRIPT'
-#!/bin/busybox sh
-# No ACPI in a moat/rig VM: ending the VM means a forced reboot (reboot=k/t).
-/bin/busybox sync
-exec /bin/busybox reboot -f
-SCRIPT
-    chmod 0755 "sbin/$cmd"
-done
-
 cat >etc/passwd <<'F'
 root:x:0:0:root:/root:/bin/sh
 F
@@ -47,10 +35,5 @@ cat >etc/profile <<'F'
 export PATH=/sbin:/usr/sbin:/bin:/usr/bin
 export HOME=/root
 export PS1='\h:\w\$ '
-# busybox sh runs applets before searching PATH, so wrap these here too:
-# no ACPI, so ending the VM means a forced reboot.
-poweroff() { /bin/busybox sync; /bin/busybox reboot -f; }
-halt() { poweroff; }
-reboot() { poweroff; }
 F
 : >etc/fstab
