@@ -77,10 +77,29 @@ pub fn fill(script: &str, first_subnet: u8, cards: u8) -> String {
     out
 }
 
-/// The value after `KEY=` on the console.
+/// The value after `KEY=` on the console: one word. The guest kernel may
+/// print a message (`[  71.03] ...`) into the middle of a line userspace
+/// is writing, so the value ends at whitespace or a `[`.
 pub fn value<'a>(console: &'a str, key: &str) -> &'a str {
     console
         .lines()
-        .find_map(|l| l.split_once(&format!("{key}=")).map(|(_, v)| v.trim()))
+        .find_map(|l| l.split_once(&format!("{key}=")).map(|(_, v)| v))
+        .map(|v| {
+            v.split(|c: char| c.is_whitespace() || c == '[')
+                .next()
+                .unwrap_or("")
+        })
         .unwrap_or_else(|| panic!("no {key} in console:\n{console}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::value;
+
+    #[test]
+    fn a_value_ends_where_a_kernel_message_cuts_into_its_line() {
+        let console = "GUEST-GOT-SHA=7bb3f9a5f[   71.030243] clocksource: Long readout\nX=0-1 \n";
+        assert_eq!(value(console, "GUEST-GOT-SHA"), "7bb3f9a5f");
+        assert_eq!(value(console, "X"), "0-1");
+    }
 }

@@ -320,3 +320,82 @@ fn a_tap_without_permission_is_rejected() {
         &["moat: --net: cannot open TAP moat-noperm0: "],
     );
 }
+
+#[test]
+fn a_vsock_cid_below_3_is_rejected() {
+    assert_rejected(
+        &[
+            "run",
+            "--kernel",
+            &kernel(),
+            "--vsock",
+            "cid=2,socket=/tmp/v.sock",
+        ],
+        &[],
+        "--vsock: cid=2: a guest CID is 3 to",
+    );
+}
+
+#[test]
+fn a_vsock_socket_path_that_is_a_file_is_rejected_and_left_alone() {
+    let scratch = Scratch::new("vsock-file");
+    let path = scratch.path("not-a-socket");
+    std::fs::write(&path, b"keep me").unwrap();
+    let vsock = format!("cid=3,socket={}", path.display());
+    assert_rejected(
+        &["run", "--kernel", &kernel(), "--vsock", &vsock],
+        std::slice::from_ref(&path),
+        "exists and is not a socket moat may replace",
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), b"keep me");
+}
+
+#[test]
+fn a_forward_port_that_is_not_a_number_is_rejected() {
+    assert_rejected(
+        &[
+            "run",
+            "--kernel",
+            &kernel(),
+            "--vsock",
+            "cid=3,socket=/tmp/v.sock",
+            "--forward",
+            "unix:/tmp/f.sock=vsock:http",
+        ],
+        &[],
+        "--forward: vsock:http: the port is not a number",
+    );
+}
+
+#[test]
+fn a_forward_without_vsock_is_rejected() {
+    assert_rejected(
+        &[
+            "run",
+            "--kernel",
+            &kernel(),
+            "--forward",
+            "unix:/tmp/f.sock=vsock:80",
+        ],
+        &[],
+        "--forward: needs a vsock device",
+    );
+}
+
+#[test]
+fn a_bad_rng_rate_is_rejected() {
+    assert_rejected(
+        &["run", "--kernel", &kernel(), "--rng", "rate=0"],
+        &[],
+        "--rng: rate=0: expected a number of bytes per second above 0",
+    );
+}
+
+#[test]
+fn a_bad_shutdown_timeout_is_rejected() {
+    assert_rejected(
+        &["run", "--kernel", &kernel(), "--shutdown-timeout", "soon"],
+        &[],
+        "--shutdown-timeout: 'soon' is not a number of seconds",
+    );
+}

@@ -173,7 +173,7 @@ fn a_triple_fault_is_an_error_with_a_message() {
 }
 
 #[test]
-fn sigterm_stops_moat_with_a_message_and_status_143() {
+fn sigterm_with_no_shutdown_timeout_stops_moat_at_once_with_status_143() {
     // The host side waits until the guest is up, then asks moat to stop.
     let host = r#"log=/tmp/moat-term.log
 "$@" >"$log" 2>&1 & moat=$!
@@ -181,6 +181,7 @@ until grep -q guest-is-up "$log"; do kill -0 $moat || break; sleep 0.2; done
 kill -TERM $moat; wait $moat; rc=$?
 cat "$log"; exit $rc"#;
     let out = Guest::vmlinux()
+        .args(["--shutdown-timeout", "0"])
         .host_script(host)
         .script("echo guest-is-up; sleep 100000")
         .run()
@@ -210,10 +211,7 @@ fn bench_guest() -> Guest {
     Guest::vmlinux()
         .initramfs(image("BENCH_INITRAMFS"))
         .args(["--memory", "size=128M"])
-        .args([
-            "--cmdline",
-            "console=ttyS0 reboot=k panic=1 i8042.noaux i8042.nokbd",
-        ])
+        .args(["--cmdline", moat_tests::CMDLINE])
 }
 
 #[test]

@@ -4,8 +4,9 @@
 use moat_tests::{debugfs_cat, fsck, image, rootfs_with_script, Guest, Scratch};
 
 /// The default command line, booting from the first disk.
-const ROOT_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=1 i8042.noaux i8042.nokbd root=/dev/vda rw";
+fn root_cmdline() -> String {
+    format!("{} root=/dev/vda rw", moat_tests::CMDLINE)
+}
 
 /// 64 KiB of a pattern the guest can regenerate: line N is "moat N".
 const PATTERN_SCRIPT: &str = "i=0; while [ $i -lt 8000 ]; do echo \"moat $i\"; i=$((i+1)); done";
@@ -23,7 +24,7 @@ fn guest_boots_from_an_ext4_root_disk_and_its_writes_reach_the_image() {
     let root = rootfs_with_script(&scratch.path("root.ext4"), &script);
     let out = Guest::vmlinux()
         .no_initramfs()
-        .args(["--cmdline", ROOT_CMDLINE])
+        .args(["--cmdline", &root_cmdline()])
         .disk(&root, "")
         .run()
         .unwrap();
@@ -104,7 +105,7 @@ fn data_synced_before_moat_is_killed_is_in_the_image() {
     let root = rootfs_with_script(&scratch.path("root.ext4"), &script);
     let out = Guest::vmlinux()
         .no_initramfs()
-        .args(["--cmdline", ROOT_CMDLINE])
+        .args(["--cmdline", &root_cmdline()])
         .disk(&root, "")
         .kill_after("DATA-SYNCED")
         .run()

@@ -149,7 +149,7 @@ fn run_once(config: &Config, slot: u8) -> (Kind, Option<(String, String, String)
                 .no_initramfs()
                 .args([
                     "--cmdline",
-                    "console=ttyS0 reboot=k panic=1 i8042.noaux i8042.nokbd root=/dev/vda rw",
+                    &format!("{} root=/dev/vda rw", moat_tests::CMDLINE),
                 ])
                 .disk(&path, "");
             root = Some(path);
