@@ -2,7 +2,9 @@
 //! in guest memory and kicks, and the same I/O is also done directly in the
 //! same process as the baseline: pread/pwrite for virtio-blk, write(2) to
 //! the same TAP for virtio-net transmit, read(2) from it for virtio-net
-//! receive (the TAP rows need CAP_NET_ADMIN; skipped without it).
+//! receive (the TAP rows need CAP_NET_ADMIN; skipped without it), and for
+//! virtio-vsock write(2) and read(2) on a Unix socket pair, with a thread
+//! at the far end of both.
 //!
 //!     cargo bench -p moat-devices --features test-driver --bench device_cost
 //!
@@ -324,6 +326,149 @@ fn net_rx_rows() -> Result<Vec<(String, u64, Measurement, Measurement)>, String>
     Ok(rows)
 }
 
+/// A thread that reads `stream` until it closes.
+fn sink(mut stream: std::os::unix::net::UnixStream) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 16];
+        while matches!(std::io::Read::read(&mut stream, &mut buf), Ok(n) if n > 0) {}
+    })
+}
+
+/// A thread that writes to `stream` until it closes.
+fn source(mut stream: std::os::unix::net::UnixStream) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let buf = vec![0x5au8; 1 << 16];
+        while stream.write_all(&buf).is_ok() {}
+    })
+}
+
+/// virtio-vsock: 64 KiB packets from the guest to a host Unix socket, and
+/// 4 KiB receive buffers (Linux's size) filled from one, against write(2)
+/// and read(2) on a Unix socket pair.
+fn vsock_rows() -> Vec<(String, u64, Measurement, Measurement)> {
+    use moat_devices::virtio::vsock::packet::{Header, HOST_CID, OP_REQUEST, OP_RW, TYPE_STREAM};
+    use moat_devices::virtio::vsock::{
+        listen, Vsock, BUF_ALLOC, EVENT_QUEUE_SIZE, QUEUE_SIZE as VQ,
+    };
+    use moat_devices::virtio::{VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1};
+    use std::os::unix::net::{UnixListener, UnixStream};
+
+    const CID: u64 = 3;
+    const TX_BYTES: u64 = 64 << 10;
+    const RX_BYTES: u64 = 4 << 10;
+    let dir = std::env::temp_dir().join(format!("moat-bench-vsock-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("v.sock");
+    let vsock = Vsock::new(CID, path.clone(), listen(&path).unwrap()).unwrap();
+    let server = UnixListener::bind(dir.join("v.sock_5000")).unwrap();
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+    let irq = Arc::new(Interrupt::new().unwrap());
+    let mut t = MmioTransport::new(Box::new(vsock), mem.clone(), irq.clone()).unwrap();
+    let features = VIRTIO_F_VERSION_1 | VIRTIO_F_EVENT_IDX;
+    let mut driver = Driver::init(&mut t, &mem, features, &[VQ, VQ, EVENT_QUEUE_SIZE]).unwrap();
+    let header = |op: u16, len: u32| Header {
+        src_cid: CID,
+        dst_cid: HOST_CID,
+        src_port: 1234,
+        dst_port: 5000,
+        len,
+        kind: TYPE_STREAM,
+        op,
+        flags: 0,
+        // The guest's credit is never what limits the bench.
+        buf_alloc: u32::MAX,
+        fwd_cnt: 0,
+    };
+    let send = |driver: &mut Driver, t: &mut MmioTransport, h: Header| {
+        mem.write_slice(&h.to_bytes(), GuestAddress(HEADER))
+            .unwrap();
+        driver.queues[1].add_chain(&mem, &[(HEADER, 44, false), (DATA, h.len, false)]);
+        t.process_queue(1);
+        driver.queues[1].take_used(&mem);
+    };
+    // The guest connects to the host's port 5000.
+    driver.queues[0].add_chain(&mem, &[(DATA + (4 << 20), 4096, true)]);
+    send(&mut driver, &mut t, header(OP_REQUEST, 0));
+    driver.queues[0].take_used(&mem);
+    let (stream, _) = server.accept().unwrap();
+
+    let reader = sink(stream.try_clone().unwrap());
+    // The guest keeps within the credit moat gives it: bytes sent minus
+    // moat's fwd_cnt (from the packets it sends back) at most BUF_ALLOC.
+    let credit_buf = DATA + (4 << 20);
+    let (mut sent, mut fwd_cnt) = (0u32, 0u32);
+    driver.queues[0].add_chain(&mem, &[(credit_buf, 4096, true)]);
+    let tx_device = measure(|_| {
+        while sent.wrapping_sub(fwd_cnt) + TX_BYTES as u32 > BUF_ALLOC {
+            t.process_backend();
+            for _ in driver.queues[0].take_used(&mem) {
+                let mut raw = [0u8; 44];
+                mem.read_slice(&mut raw, GuestAddress(credit_buf)).unwrap();
+                fwd_cnt = Header::from_bytes(&raw).fwd_cnt;
+                driver.queues[0].add_chain(&mem, &[(credit_buf, 4096, true)]);
+                t.process_queue(0);
+            }
+            irq.ack(1);
+        }
+        send(&mut driver, &mut t, header(OP_RW, TX_BYTES as u32));
+        sent = sent.wrapping_add(TX_BYTES as u32);
+    });
+    let (mut a, b) = UnixStream::pair().unwrap();
+    let pair_reader = sink(b);
+    let data = vec![0u8; TX_BYTES as usize];
+    let tx_base = measure(|_| a.write_all(&data).unwrap());
+    drop(a);
+    let _ = pair_reader.join();
+
+    // Host to guest: a writer keeps the socket full.
+    let writer = source(stream.try_clone().unwrap());
+    let rx_device = measure_rounds(64, |half| match half {
+        Half::Prepare => {
+            driver.queues[0].take_used(&mem);
+            for i in 0..64 {
+                driver.queues[0].add_chain(&mem, &[(DATA + i * RX_BYTES, RX_BYTES as u32, true)]);
+            }
+        }
+        Half::Complete => {
+            let mut got = 0;
+            let give_up = Instant::now() + Duration::from_secs(10);
+            while got < 64 {
+                t.process_queue(0);
+                t.process_backend();
+                got += driver.queues[0].take_used(&mem).len();
+                assert!(Instant::now() < give_up, "vsock receive stalled");
+            }
+            irq.ack(1);
+        }
+    });
+    let (a, mut b) = UnixStream::pair().unwrap();
+    let pair_writer = source(a);
+    let mut buf = vec![0u8; RX_BYTES as usize];
+    let rx_base = measure(|_| std::io::Read::read_exact(&mut b, &mut buf).unwrap());
+    drop(b);
+    let _ = pair_writer.join();
+    drop(t);
+    drop(stream);
+    let _ = reader.join();
+    let _ = writer.join();
+    let _ = std::fs::remove_dir_all(&dir);
+    vec![
+        (
+            format!("virtio-vsock tx {} KiB", TX_BYTES >> 10),
+            TX_BYTES,
+            tx_device,
+            tx_base,
+        ),
+        (
+            format!("virtio-vsock rx {} KiB", RX_BYTES >> 10),
+            RX_BYTES,
+            rx_device,
+            rx_base,
+        ),
+    ]
+}
+
 fn main() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&dir).expect("create target/bench");
@@ -389,6 +534,7 @@ fn main() {
         Ok(mut net) => rows.append(&mut net),
         Err(e) => println!("virtio-net receive skipped: {e}"),
     }
+    rows.append(&mut vsock_rows());
 
     println!(
         "{:<26} {:>12} {:>10} {:>11} {:>12} {:>10} {:>11} {:>8}",
