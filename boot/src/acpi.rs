@@ -44,8 +44,14 @@ use crate::GuestMemoryMmap;
 /// Where the RSDP goes: the start of the BIOS read-only area, the first
 /// place Linux's legacy scan looks after the EBDA. The other tables follow.
 pub const RSDP_START: GuestAddress = BIOS_START;
-/// End (exclusive) of the area the tables may use: the end of the BIOS area.
-pub const TABLES_END: u64 = HIMEM_START.0;
+/// Where an x86 CPU starts after a reset (F000:FFF0, the last 16 bytes
+/// below 1 MiB), and where Linux jumps, in real mode, to restart "through
+/// the BIOS". moat has no firmware: [`write_tables`] puts code here that
+/// writes the reset register instead.
+pub const RESET_VECTOR: GuestAddress = GuestAddress(HIMEM_START.0 - 16);
+/// End (exclusive) of the area the tables may use: the BIOS area up to the
+/// reset vector.
+pub const TABLES_END: u64 = RESET_VECTOR.0;
 
 const OEM_ID: [u8; 6] = *b"MOAT  ";
 const OEM_TABLE_ID: [u8; 8] = *b"MOATVM  ";
@@ -377,8 +383,30 @@ fn dsdt(platform: &Platform<'_>) -> Result<Vec<u8>, Error> {
     Ok(dsdt.as_slice().to_vec())
 }
 
-/// Writes the tables for `platform` from [`RSDP_START`] on; returns the
-/// RSDP's address.
+/// 16-bit code for the reset vector: write the reset value to the reset
+/// register, which ends the VM as a reset does, and halt. Linux comes here
+/// when it restarts after a panic on a hardware-reduced ACPI machine: it
+/// then prefers the EFI reset (arch/x86/kernel/reboot.c, reboot_init), which
+/// does nothing without EFI, and falls back to the BIOS's reset vector
+/// before it ever tries the reset register.
+fn reset_code(power: &PowerRegisters) -> [u8; 10] {
+    let [port_lo, port_hi] = power.reset.port.to_le_bytes();
+    [
+        0xfa, // cli
+        0xba,
+        port_lo,
+        port_hi, // mov dx, port
+        0xb0,
+        power.reset_value, // mov al, value
+        0xee,              // out dx, al
+        0xf4,              // hlt
+        0xeb,
+        0xfd, // jmp back to the hlt
+    ]
+}
+
+/// Writes the tables for `platform` from [`RSDP_START`] on, and the code
+/// at the [`RESET_VECTOR`]; returns the RSDP's address.
 pub fn write_tables(mem: &GuestMemoryMmap, platform: &Platform<'_>) -> Result<GuestAddress, Error> {
     if platform.cpus == 0 || platform.cpus > mptable::MAX_CPUS {
         return Err(Error::CpuCount(platform.cpus));
@@ -403,6 +431,7 @@ pub fn write_tables(mem: &GuestMemoryMmap, platform: &Platform<'_>) -> Result<Gu
     xsdt.add_entry(madt_addr);
     let xsdt_addr = place(&bytes(&xsdt))?;
     mem.write_slice(&bytes(&Rsdp::new(OEM_ID, xsdt_addr)), RSDP_START)?;
+    mem.write_slice(&reset_code(&platform.power), RESET_VECTOR)?;
     Ok(RSDP_START)
 }
 

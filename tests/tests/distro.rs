@@ -115,3 +115,24 @@ fn the_distribution_kernel_powers_off_and_reboots_with_status_0() {
         assert!(out.console.contains(line), "{command}: {}", out.tail(20));
     }
 }
+
+#[test]
+fn a_guest_kernel_panic_with_two_vcpus_restarts_and_ends_moat_with_status_0() {
+    // panic=1 (in moat's default command line, here without reboot=k): the
+    // kernel stops the other vCPU, waits a second and restarts. On a
+    // hardware-reduced ACPI machine without EFI it falls back to the BIOS's
+    // reset vector, where moat's code writes the ACPI reset register.
+    let out = distro()
+        .args(["--cpus", "boot=2", "--cmdline"])
+        .args([moat_tests::CMDLINE.replace(" reboot=k", "")])
+        .script("echo 1 > /proc/sys/kernel/sysrq; echo c > /proc/sysrq-trigger; sleep 100")
+        .timeout(Duration::from_secs(240))
+        .run()
+        .unwrap();
+    assert!(
+        out.console.contains("Kernel panic"),
+        "no panic: {}",
+        out.tail(20)
+    );
+    assert_eq!(out.status, 0, "{}", out.tail(20));
+}

@@ -443,3 +443,64 @@ fn the_largest_machine_fits_the_bios_area() {
         write_tables(&mem, &platform(mptable::MAX_CPUS, &many)).unwrap(),
     );
 }
+
+/// `objdump`'s reading of 16-bit code: one "mnemonic operands" per line.
+fn disassemble_16bit(dir: &Path, code: &[u8]) -> Vec<String> {
+    let path = dir.join("code.bin");
+    std::fs::write(&path, code).unwrap();
+    let out = Command::new("objdump")
+        .args(["-D", "-b", "binary", "-m", "i8086", "-M", "intel"])
+        .arg(&path)
+        .output()
+        .expect("objdump (Debian package binutils)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.splitn(3, '\t').nth(2))
+        .map(|i| i.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect()
+}
+
+#[test]
+fn the_reset_vector_writes_the_reset_register_and_halts() {
+    let mem = memory();
+    write_tables(&mem, &platform(1, &VIRTIO)).unwrap();
+    // Everything from the reset vector to 1 MiB: the CPU runs it in real
+    // mode from F000:FFF0.
+    let code = read(&mem, RESET_VECTOR.0, 16);
+    let dir = TempDir::new("reset");
+    let listing = disassemble_16bit(&dir.0, &code[..10]);
+    assert_eq!(
+        listing,
+        [
+            "cli",
+            "mov dx,0x602",
+            "mov al,0x1",
+            "out dx,al",
+            "hlt",
+            "jmp 0x7",
+        ],
+        "{listing:?}"
+    );
+    assert_eq!(RESET_VECTOR.0, 0xf_fff0);
+}
+
+#[test]
+fn the_tables_stop_short_of_the_reset_vector() {
+    assert!(TABLES_END <= RESET_VECTOR.0);
+    // Many virtio devices make a large DSDT; it still ends below.
+    let many: Vec<VirtioMmio> = (0..18)
+        .map(|i| VirtioMmio {
+            base: 0xc000_0000 + i * 0x1000,
+            size: 0x1000,
+            irq: 5 + i as u32,
+        })
+        .collect();
+    let mem = memory();
+    write_tables(&mem, &platform(32, &many)).unwrap();
+    assert_eq!(read(&mem, RESET_VECTOR.0, 1), [0xfa]);
+}
