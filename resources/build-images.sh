@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Build (or reuse from the cache) everything moat's tests and the rig need.
 #
-#   build-images.sh [--separate-guest-kernel]
+#   build-images.sh [--separate-guest-kernel] [--docker]
 #
 # stdout: only KEY=ABSOLUTE_PATH lines (VMLINUX, BZIMAGE, INITRAMFS, ROOTFS,
 # VSOCK_TOOL, BENCH_INITRAMFS, RIG_KERNEL, RIG_INITRAMFS, DISTRO_KERNEL,
-# DISTRO_INITRAMFS); progress and timings go to stderr.
+# DISTRO_INITRAMFS; with --docker also DOCKER_KERNEL, DOCKER_INITRD,
+# DOCKER_ROOTFS, DOCKER_CMDLINE, DOCKER_CLI); progress and timings go to
+# stderr. --docker (or MOAT_DOCKER_IMAGE=1) also builds the Docker guest
+# (resources/docker), which downloads ~200 MB of Debian packages once.
 # Cache: ${MOAT_CACHE:-$HOME/.cache/moat}, one directory per artifact keyed by
 # a hash of its inputs (config fragments, build scripts, init scripts and the
 # installed Debian package versions). Artifacts are built in a temp dir and
@@ -22,10 +25,12 @@ start=$EPOCHREALTIME
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cache=${MOAT_CACHE:-$HOME/.cache/moat}
 separate=${MOAT_SEPARATE_GUEST_KERNEL:-0}
+docker=${MOAT_DOCKER_IMAGE:-0}
 for arg in "$@"; do
     case $arg in
         --separate-guest-kernel) separate=1 ;;
-        -h|--help) sed -n '2,18p' "${BASH_SOURCE[0]}" >&2; exit 0 ;;
+        --docker) docker=1 ;;
+        -h|--help) sed -n '2,22p' "${BASH_SOURCE[0]}" >&2; exit 0 ;;
         *) echo "build-images: unknown argument: $arg" >&2; exit 2 ;;
     esac
 done
@@ -76,11 +81,19 @@ fi
 [[ -n $distro_pkg ]] || { log "ERROR: cannot find the package $distro_meta depends on"; exit 1; }
 distro_dir=$cache/distro-$(key "v1 $distro_pkg $(apt-cache policy "$distro_pkg" | awk '/Candidate:/ { print $2 }') $bb_ver" \
     "$here/lib/busybox-tree.sh" "$here/lib/pack-cpio.sh" "$here"/guest/* "$here/distro/build-distro.sh")
+# The Docker guest: keyed by its scripts and the versions apt would install.
+docker_dir=
+if [[ $docker == 1 ]]; then
+    candidates=$(apt-cache policy docker.io containerd runc systemd iptables "$distro_pkg" mmdebstrap |
+        awk '/^[^ ]/ { p = $1 } /Candidate:/ { print p, $2 }')
+    docker_dir=$cache/docker-$(key "v1 $candidates" "$here"/docker/*)
+fi
 
 declare -A status=()
 all_present() {
     local d
-    for d in "$rig_kernel_dir" "$guest_kernel_dir" "$guest_dir" "$bench_dir" "$rig_dir" "$distro_dir"; do
+    for d in "$rig_kernel_dir" "$guest_kernel_dir" "$guest_dir" "$bench_dir" "$rig_dir" "$distro_dir" \
+        ${docker_dir:+"$docker_dir"}; do
         [[ -d $d ]] || return 1
     done
 }
@@ -124,7 +137,9 @@ build_kernel() {
 }
 
 if all_present; then
-    for l in kernel guest-images bench-initramfs rig-initramfs distro-kernel; do status[$l]=cached; done
+    for l in kernel guest-images bench-initramfs rig-initramfs distro-kernel ${docker_dir:+docker-guest}; do
+        status[$l]=cached
+    done
 else
     exec 9>"$cache/.lock"
     if ! flock -n 9; then
@@ -144,6 +159,9 @@ else
     build_artifact "$bench_dir" bench-initramfs "$here/bench/build-bench.sh"
     build_artifact "$rig_dir" rig-initramfs "$here/rig/build-rig-initramfs.sh"
     build_artifact "$distro_dir" distro-kernel "$here/distro/build-distro.sh" "$distro_pkg"
+    if [[ -n $docker_dir ]]; then
+        build_artifact "$docker_dir" docker-guest "$here/docker/build-docker-guest.sh"
+    fi
     flock -u 9
 fi
 
@@ -165,3 +183,10 @@ echo "RIG_KERNEL=$rig_kernel_dir/vmlinux"
 echo "RIG_INITRAMFS=$rig_dir/rig-initramfs.cpio"
 echo "DISTRO_KERNEL=$distro_dir/vmlinuz"
 echo "DISTRO_INITRAMFS=$distro_dir/initramfs.cpio"
+if [[ -n $docker_dir ]]; then
+    echo "DOCKER_KERNEL=$docker_dir/vmlinuz"
+    echo "DOCKER_INITRD=$docker_dir/initrd.img"
+    echo "DOCKER_ROOTFS=$docker_dir/rootfs.ext4"
+    echo "DOCKER_CMDLINE=$docker_dir/cmdline"
+    echo "DOCKER_CLI=$docker_dir/docker"
+fi

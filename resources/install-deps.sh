@@ -8,6 +8,7 @@ PACKAGES=(
     bc bison flex libelf-dev libssl-dev cpio e2fsprogs xz-utils make gcc
     libc6-dev binutils util-linux coreutils findutils
     kmod acpica-tools curl
+    mmdebstrap iproute2 nftables
 )
 
 missing=()
