@@ -6,6 +6,7 @@
 #   scripts/dev.sh build                        set up and build moat + guest images
 #   scripts/dev.sh bench [VM-BENCH-ARGS...]     set up, build, run every benchmark
 #   scripts/dev.sh rig-soak [N] [SOAK-ARGS...]  boot the rig's configurations N times each
+#   scripts/dev.sh docker [MOAT-RUN-OPTIONS...] set up, build, boot the Docker guest
 #
 # "Set up" installs the Debian packages the guest images and the test rig
 # need (resources/install-deps.sh). A Rust toolchain (rustup) must already
@@ -43,7 +44,7 @@ build_images() {
     local line
     while IFS= read -r line; do
         [[ $line == *=* ]] && printf -v "IMG_${line%%=*}" '%s' "${line#*=}"
-    done < <("$root/resources/build-images.sh")
+    done < <("$root/resources/build-images.sh" "$@")
     [[ -n ${IMG_VMLINUX:-} && -n ${IMG_INITRAMFS:-} ]] || die "build-images.sh reported no images"
 }
 
@@ -82,6 +83,8 @@ case $cmd in
         # The feature brings in the benches, so they keep compiling.
         cargo clippy --locked --workspace --all-targets --features moat-devices/test-driver -- -D warnings
         build_moat
+        # The tests boot the Docker guest too (tests/tests/docker.rs).
+        export MOAT_DOCKER_IMAGE=1
         build_images
         [[ -n ${MOAT_BACKEND:-} ]] && export MOAT_TEST_BACKEND=$MOAT_BACKEND
         echo "dev.sh: guest tests run on the $(backend) backend" >&2
@@ -117,8 +120,61 @@ case $cmd in
         [[ -n ${MOAT_BACKEND:-} ]] && export MOAT_TEST_BACKEND=$MOAT_BACKEND
         cargo run --release --locked -q -p moat-tests --bin rig-soak -- --runs "$runs" "$@"
         ;;
+    docker)
+        # The Docker guest (resources/docker, docs/docker.md) with its
+        # persistent disk ($MOAT_DOCKER_DISK, made from the built image on
+        # first use), a network through scripts/moat-tap, and dockerd's API
+        # forwarded to a host Unix socket for the host's docker CLI.
+        setup
+        build_moat
+        build_images --docker
+        # shellcheck source=../resources/docker/net.env
+        . "$root/resources/docker/net.env"
+        disk=${MOAT_DOCKER_DISK:-${XDG_DATA_HOME:-$HOME/.local/share}/moat/docker.ext4}
+        if [[ ! -e $disk ]]; then
+            mkdir -p "$(dirname "$disk")"
+            cp --sparse=always "$IMG_DOCKER_ROOTFS" "$disk.tmp"
+            mv "$disk.tmp" "$disk"
+            echo "dev.sh: made the Docker guest's disk $disk (delete it to start afresh)" >&2
+        fi
+        runtime=${XDG_RUNTIME_DIR:-/tmp}/moat-docker-$(id -u)
+        mkdir -p "$runtime"
+        chmod 700 "$runtime"
+        rm -f "$runtime/vsock.sock" "$runtime/docker.sock"
+        args=(run --kernel "$IMG_DOCKER_KERNEL" --initramfs "$IMG_DOCKER_INITRD"
+              --cmdline "$(cat "$IMG_DOCKER_CMDLINE")" --disk "path=$disk"
+              --net "tap=$DOCKER_TAP" --vsock "cid=3,socket=$runtime/vsock.sock"
+              --forward "unix:$runtime/docker.sock=vsock:$DOCKER_VSOCK_PORT")
+        if [[ $(backend) == direct ]]; then
+            sudo=()
+            [[ $(id -u) -eq 0 ]] || sudo=(sudo)
+            "${sudo[@]}" "$root/scripts/moat-tap" up
+            trap '"${sudo[@]}" "$root/scripts/moat-tap" down' EXIT
+            echo "dev.sh: the host's docker CLI, from another terminal:" >&2
+            echo "    DOCKER_HOST=unix://$runtime/docker.sock $IMG_DOCKER_CLI ps" >&2
+            echo "dev.sh: log in as root on the console below; 'poweroff' ends moat" >&2
+            "$MOAT_BIN" "${args[@]}" --cpus boot=2 --memory size=2G "$@"
+            exit
+        fi
+        # In the rig the TAP is in the rig's VM, which has no way out: the
+        # guest reaches the TAP's address, not the internet; the forwarded
+        # socket is in that VM too (the tests use it from there).
+        echo "dev.sh: no hardware KVM here; running moat inside the QEMU test rig" >&2
+        echo "dev.sh: the guest has no internet in the rig; log in as root below, 'poweroff' ends it" >&2
+        # shellcheck disable=SC2016  # expanded by the rig's shell
+        exec "$root/resources/rig.sh" --timeout 0 --cpus 2 --mem 3072 --disk "$disk" \
+            --file "$MOAT_BIN" --file "$IMG_DOCKER_KERNEL" --file "$IMG_DOCKER_INITRD" -- /bin/sh -c '
+                mkdir -p '"'$runtime'"'
+                "$@" & moat=$!
+                until [ -e /sys/class/net/'"$DOCKER_TAP"' ]; do
+                    kill -0 $moat 2>/dev/null || break; sleep 0.1
+                done
+                ip addr add '"$DOCKER_HOST_ADDR/$DOCKER_PREFIX"' dev '"$DOCKER_TAP"' 2>/dev/null
+                ip link set '"$DOCKER_TAP"' up 2>/dev/null
+                wait $moat' moat-docker "$MOAT_BIN" "${args[@]}" --cpus boot=2 --memory size=1536M "$@"
+        ;;
     *)
-        sed -n '2,15p' "${BASH_SOURCE[0]}" >&2
+        sed -n '2,16p' "${BASH_SOURCE[0]}" >&2
         exit 2
         ;;
 esac

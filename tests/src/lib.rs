@@ -150,33 +150,44 @@ pub fn file_with(path: &Path, contents: &[u8]) -> std::fs::File {
     file
 }
 
+/// Runs `resources/build-images.sh ARGS` and reads its KEY=PATH lines.
+fn build_images(args: &[&str]) -> HashMap<String, PathBuf> {
+    let script = repo_root().join("resources/build-images.sh");
+    let out = Command::new(&script)
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "{} {args:?} failed: {}",
+        script.display(),
+        out.status
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), PathBuf::from(v)))
+        .collect()
+}
+
 /// Paths of the guest images, from `resources/build-images.sh` (built or
 /// cached on first use, once per test process).
 pub fn images() -> &'static HashMap<String, PathBuf> {
     static IMAGES: OnceLock<HashMap<String, PathBuf>> = OnceLock::new();
-    IMAGES.get_or_init(|| {
-        let script = repo_root().join("resources/build-images.sh");
-        let out = Command::new(&script)
-            .stderr(Stdio::inherit())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-        assert!(
-            out.status.success(),
-            "{} failed: {}",
-            script.display(),
-            out.status
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_string(), PathBuf::from(v)))
-            .collect()
-    })
+    IMAGES.get_or_init(|| build_images(&[]))
 }
 
-/// One image path, e.g. `image("VMLINUX")`.
+/// One image path, e.g. `image("VMLINUX")`. `DOCKER_*` keys come from
+/// `build-images.sh --docker`, which builds the Docker guest on first use.
 pub fn image(key: &str) -> PathBuf {
-    images()
+    static DOCKER: OnceLock<HashMap<String, PathBuf>> = OnceLock::new();
+    let images = if key.starts_with("DOCKER_") {
+        DOCKER.get_or_init(|| build_images(&["--docker"]))
+    } else {
+        images()
+    };
+    images
         .get(key)
         .cloned()
         .unwrap_or_else(|| panic!("build-images.sh did not report {key}"))
@@ -635,6 +646,20 @@ pub fn rootfs_with_script(path: &Path, script: &str) -> PathBuf {
         &format!("write {} test.sh", script_file.display()),
     );
     path.to_path_buf()
+}
+
+/// Puts `contents` at `path` (an absolute path whose directory exists)
+/// inside the ext4 image `image`, replacing what was there; no mount needed.
+pub fn write_into_ext4(image: &Path, path: &str, contents: &[u8]) {
+    let source = image.with_extension("write-into");
+    std::fs::write(&source, contents).unwrap_or_else(|e| panic!("write {}: {e}", source.display()));
+    // debugfs's `write` refuses to replace a file, and `rm` of a missing
+    // one only complains.
+    debugfs(image, true, &format!("rm {path}"));
+    debugfs(image, true, &format!("write {} {path}", source.display()));
+    let written = debugfs_cat(image, path);
+    let _ = std::fs::remove_file(&source);
+    assert_eq!(written, contents, "{path} in {}", image.display());
 }
 
 /// Creates an empty ext4 filesystem image of `mib` MiB at `path`.
