@@ -141,6 +141,12 @@ case $cmd in
         mkdir -p "$runtime"
         chmod 700 "$runtime"
         rm -f "$runtime/vsock.sock" "$runtime/docker.sock"
+        # Defaults for the size, unless the user's options set it.
+        cpus=2 memory=2G
+        [[ $(backend) == rig ]] && cpus=1 memory=1536M
+        size=()
+        [[ " $* " == *" --cpus"* ]] || size+=(--cpus "boot=$cpus")
+        [[ " $* " == *" --memory"* ]] || size+=(--memory "size=$memory")
         args=(run --kernel "$IMG_DOCKER_KERNEL" --initramfs "$IMG_DOCKER_INITRD"
               --cmdline "$(cat "$IMG_DOCKER_CMDLINE")" --disk "path=$disk"
               --net "tap=$DOCKER_TAP" --vsock "cid=3,socket=$runtime/vsock.sock"
@@ -153,7 +159,7 @@ case $cmd in
             echo "dev.sh: the host's docker CLI, from another terminal:" >&2
             echo "    DOCKER_HOST=unix://$runtime/docker.sock $IMG_DOCKER_CLI ps" >&2
             echo "dev.sh: log in as root on the console below; 'poweroff' ends moat" >&2
-            "$MOAT_BIN" "${args[@]}" --cpus boot=2 --memory size=2G "$@"
+            "$MOAT_BIN" "${args[@]}" "${size[@]}" "$@"
             exit
         fi
         # In the rig the TAP is in the rig's VM, which has no way out: the
@@ -161,17 +167,20 @@ case $cmd in
         # socket is in that VM too (the tests use it from there).
         echo "dev.sh: no hardware KVM here; running moat inside the QEMU test rig" >&2
         echo "dev.sh: the guest has no internet in the rig; log in as root below, 'poweroff' ends it" >&2
+        # One vCPU: a two-vCPU rig crashes under Docker's load (docs/docker.md).
         # shellcheck disable=SC2016  # expanded by the rig's shell
-        exec "$root/resources/rig.sh" --timeout 0 --cpus 2 --mem 3072 --disk "$disk" \
+        exec "$root/resources/rig.sh" --timeout 0 --cpus 1 --mem 3072 --disk "$disk" \
             --file "$MOAT_BIN" --file "$IMG_DOCKER_KERNEL" --file "$IMG_DOCKER_INITRD" -- /bin/sh -c '
                 mkdir -p '"'$runtime'"'
-                "$@" & moat=$!
+                # A background job of a script reads /dev/null unless told.
+                exec 3<&0
+                "$@" <&3 3<&- & moat=$!
                 until [ -e /sys/class/net/'"$DOCKER_TAP"' ]; do
                     kill -0 $moat 2>/dev/null || break; sleep 0.1
                 done
                 ip addr add '"$DOCKER_HOST_ADDR/$DOCKER_PREFIX"' dev '"$DOCKER_TAP"' 2>/dev/null
                 ip link set '"$DOCKER_TAP"' up 2>/dev/null
-                wait $moat' moat-docker "$MOAT_BIN" "${args[@]}" --cpus boot=2 --memory size=1536M "$@"
+                wait $moat' moat-docker "$MOAT_BIN" "${args[@]}" "${size[@]}" "$@"
         ;;
     *)
         sed -n '2,16p' "${BASH_SOURCE[0]}" >&2

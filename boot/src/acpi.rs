@@ -52,6 +52,7 @@ pub const RESET_VECTOR: GuestAddress = GuestAddress(HIMEM_START.0 - 16);
 /// End (exclusive) of the area the tables may use: the BIOS area up to the
 /// reset vector.
 pub const TABLES_END: u64 = RESET_VECTOR.0;
+const _: () = assert!(TABLES_END <= RESET_VECTOR.0);
 
 const OEM_ID: [u8; 6] = *b"MOAT  ";
 const OEM_TABLE_ID: [u8; 8] = *b"MOATVM  ";

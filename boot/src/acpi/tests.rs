@@ -491,7 +491,6 @@ fn the_reset_vector_writes_the_reset_register_and_halts() {
 
 #[test]
 fn the_tables_stop_short_of_the_reset_vector() {
-    assert!(TABLES_END <= RESET_VECTOR.0);
     // Many virtio devices make a large DSDT; it still ends below.
     let many: Vec<VirtioMmio> = (0..18)
         .map(|i| VirtioMmio {
