@@ -52,6 +52,17 @@ fn platform(cpus: u8, virtio: &[VirtioMmio]) -> Platform<'_> {
     }
 }
 
+/// `n` virtio-mmio devices laid out as moat places them.
+fn virtio_devices(n: u64) -> Vec<VirtioMmio> {
+    (0..n)
+        .map(|i| VirtioMmio {
+            base: 0xc000_0000 + i * 0x1000,
+            size: 0x1000,
+            irq: 5 + i as u32,
+        })
+        .collect()
+}
+
 fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
     let mut buf = vec![0u8; len];
     mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
@@ -430,13 +441,7 @@ fn bad_platforms_are_refused() {
 
 #[test]
 fn the_largest_machine_fits_the_bios_area() {
-    let many: Vec<VirtioMmio> = (0..64)
-        .map(|i| VirtioMmio {
-            base: 0xc000_0000 + i * 0x1000,
-            size: 0x1000,
-            irq: 5 + i as u32,
-        })
-        .collect();
+    let many = virtio_devices(64);
     let mem = memory();
     walk(
         &mem,
@@ -492,13 +497,7 @@ fn the_reset_vector_writes_the_reset_register_and_halts() {
 #[test]
 fn the_tables_stop_short_of_the_reset_vector() {
     // Many virtio devices make a large DSDT; it still ends below.
-    let many: Vec<VirtioMmio> = (0..18)
-        .map(|i| VirtioMmio {
-            base: 0xc000_0000 + i * 0x1000,
-            size: 0x1000,
-            irq: 5 + i as u32,
-        })
-        .collect();
+    let many = virtio_devices(18);
     let mem = memory();
     write_tables(&mem, &platform(32, &many)).unwrap();
     assert_eq!(read(&mem, RESET_VECTOR.0, 1), [0xfa]);
