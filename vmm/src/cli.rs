@@ -21,12 +21,114 @@ Exit status:
        or a second signal came)";
 
 /// moat: a KVM micro-VM monitor that boots Linux guests.
+///
+/// `moat run` boots a kernel from the command line. Without a subcommand,
+/// moat starts as Firecracker's tools start Firecracker: it serves
+/// Firecracker's HTTP API on --api-sock and boots when told to (or at once
+/// from --config-file). See docs/api.md.
 #[derive(Debug, Parser)]
-#[command(name = "moat", version, about, after_help = EXIT_CODES)]
+#[command(
+    name = "moat",
+    version,
+    about,
+    after_help = EXIT_CODES,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
+
+    /// The API mode's options.
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// The options of the API mode (Firecracker's process flags).
+#[derive(Debug, clap::Args)]
+pub struct ApiArgs {
+    /// Serve Firecracker's HTTP API on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+
+    /// Boot at once from this file (Firecracker's format: the body of
+    /// GET /vm/config).
+    #[arg(long, value_name = "FILE")]
+    pub config_file: Option<PathBuf>,
+
+    /// Serve no API (needs --config-file).
+    #[arg(long, requires = "config_file")]
+    pub no_api: bool,
+
+    /// The instance id (letters, digits and dashes), in logs and GET /.
+    #[arg(long, value_name = "ID", default_value = crate::api::DEFAULT_ID)]
+    pub id: String,
+
+    /// Write the log to this file or FIFO instead of stderr.
+    #[arg(long, value_name = "PATH")]
+    pub log_path: Option<PathBuf>,
+
+    /// Log level: Error, Warning, Info, Debug, Trace or Off (default
+    /// Warning on stderr, Info with --log-path).
+    #[arg(long, value_name = "LEVEL")]
+    pub level: Option<String>,
+
+    /// Print the level on each log line.
+    #[arg(long)]
+    pub show_level: bool,
+
+    /// Print the source file and line on each log line.
+    #[arg(long)]
+    pub show_log_origin: bool,
+
+    /// Write metrics (JSON lines) to this file or FIFO.
+    #[arg(long, value_name = "PATH")]
+    pub metrics_path: Option<PathBuf>,
+
+    /// As `moat run --boot-timer`.
+    #[arg(long)]
+    pub boot_timer: bool,
+
+    /// KVM device node.
+    #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
+    pub kvm: PathBuf,
+}
+
+impl ApiArgs {
+    /// The options `api::run_process` takes, checked.
+    pub fn into_options(self) -> Result<crate::api::ProcessOptions, String> {
+        if self.api_sock.is_none() && !self.no_api {
+            return Err(
+                "give --api-sock PATH (or --config-file FILE --no-api), or a subcommand such as run"
+                    .into(),
+            );
+        }
+        if self.api_sock.is_some() && self.no_api {
+            return Err("--no-api and --api-sock contradict each other".into());
+        }
+        let level = match &self.level {
+            None => None,
+            Some(text) => Some(crate::logger::parse_level(text).ok_or_else(|| {
+                format!("--level: '{text}' is not Error, Warning, Info, Debug, Trace or Off")
+            })?),
+        };
+        Ok(crate::api::ProcessOptions {
+            api_sock: self.api_sock,
+            config_file: self.config_file,
+            id: self.id,
+            log: crate::logger::LogOptions {
+                path: self.log_path,
+                level,
+                show_level: self.show_level,
+                show_origin: self.show_log_origin,
+                module: None,
+            },
+            metrics_path: self.metrics_path,
+            boot_timer: self.boot_timer,
+            kvm_device: self.kvm,
+        })
+    }
 }
 
 /// moat's subcommands.
@@ -203,7 +305,9 @@ mod tests {
         let mut argv = vec!["moat", "run", "--kernel", "/k"];
         argv.extend_from_slice(args);
         let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
-        let Command::Run(run) = cli.command;
+        let Some(Command::Run(run)) = cli.command else {
+            return Err("no subcommand".into());
+        };
         run.into_config().map_err(|e| e.to_string())
     }
 
@@ -282,6 +386,35 @@ mod tests {
             let err = parse(&[&format!("--shutdown-timeout={bad}")]).unwrap_err();
             assert!(err.starts_with("--shutdown-timeout: "), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn the_api_mode_takes_firecracker_flags() {
+        let cli = Cli::try_parse_from([
+            "moat",
+            "--api-sock",
+            "/tmp/s",
+            "--id",
+            "vm1",
+            "--log-path",
+            "/tmp/l",
+            "--level",
+            "Debug",
+        ])
+        .unwrap();
+        assert!(cli.command.is_none());
+        let options = cli.api.into_options().unwrap();
+        assert_eq!(
+            options.api_sock.as_deref(),
+            Some(std::path::Path::new("/tmp/s"))
+        );
+        assert_eq!(options.id, "vm1");
+        assert_eq!(options.log.level, Some(log::LevelFilter::Debug));
+        let cli = Cli::try_parse_from(["moat"]).unwrap();
+        assert!(cli.api.into_options().unwrap_err().contains("--api-sock"));
+        assert!(Cli::try_parse_from(["moat", "--no-api"]).is_err());
+        let cli = Cli::try_parse_from(["moat", "--api-sock", "/s", "--level", "loud"]).unwrap();
+        assert!(cli.api.into_options().unwrap_err().starts_with("--level"));
     }
 
     #[test]

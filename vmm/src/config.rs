@@ -151,6 +151,8 @@ pub struct NetConfig {
     pub mac: Option<[u8; 6]>,
     /// Offer checksum and TSO offloads when the TAP supports them.
     pub offload: bool,
+    /// The card's name in metrics (the API's iface_id).
+    pub id: Option<String>,
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
@@ -214,6 +216,7 @@ pub fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
         backend,
         mac,
         offload,
+        id: None,
     })
 }
 
@@ -630,7 +633,8 @@ mod tests {
             NetConfig {
                 backend: NetBackendConfig::Tap("tap0".into()),
                 mac: None,
-                offload: true
+                offload: true,
+                id: None,
             }
         );
         assert_eq!(
@@ -638,7 +642,8 @@ mod tests {
             NetConfig {
                 backend: NetBackendConfig::Fd(3),
                 mac: Some([2, 0xaa, 0xbb, 0xcc, 0xdd, 0x0e]),
-                offload: false
+                offload: false,
+                id: None,
             }
         );
     }

@@ -5,6 +5,7 @@
 
 #![deny(missing_docs)]
 
+pub mod api;
 pub mod boot_timer;
 pub mod bus;
 pub mod cli;
@@ -12,6 +13,8 @@ pub mod config;
 pub mod console;
 pub mod error;
 pub mod exit;
+pub mod logger;
+pub mod metrics;
 pub mod shutdown;
 pub mod signals;
 pub mod terminal;
@@ -23,6 +26,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use moat_boot::GuestMemoryMmap;
+use moat_devices::virtio::mmio::MmioTransport;
 
 use crate::bus::Bus;
 use crate::config::VmConfig;
@@ -30,116 +36,227 @@ use crate::console::ConsoleInput;
 use crate::error::Error;
 use crate::exit::{ExitSignal, VmExit};
 use crate::shutdown::{ExitEvents, ExitWatcher};
-use crate::vcpu::HaltProbe;
+use crate::vcpu::{HaltProbe, VcpuThread};
+
+/// An event-loop subscriber moat's callers add (the API's).
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 /// Boots the VM described by `config` and runs it to the end. Returns why
 /// it ended; errors are problems found before or while building it.
 pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
-    // Check everything the user gave before creating anything.
-    let mut kernel = vm::open_input("--kernel", &config.kernel)?;
-    moat_boot::loader::detect_format(&mut kernel)?;
-    let mut initramfs = config
-        .initramfs
-        .as_deref()
-        .map(|path| vm::open_input("--initramfs", path))
-        .transpose()?;
-    let virtio_devices = virtio::devices(config)?;
-    config::check_memory(config.memory, config::host_memory_limit())?;
-    let kvm = vm::open_kvm(&config.kvm_device)?;
-    config::check_cpus(u64::from(config.cpus), vm::max_vcpus(&kvm))?;
+    Vm::build(config)?.run(Vec::new())
+}
 
-    // The machine: VM and RAM.
-    let vm_fd = vm::create_vm(&kvm)?;
-    let memory = vm::create_memory(&vm_fd, config.memory)?;
+/// A VM built and ready to run: memory loaded, devices attached, vCPUs
+/// configured but not started.
+pub struct Vm {
+    config: VmConfig,
+    // Kept open for the VM's life.
+    _kvm: Kvm,
+    _vm_fd: VmFd,
+    memory: GuestMemoryMmap,
+    vcpu_fds: Vec<VcpuFd>,
+    shared: vcpu::Shared,
+    legacy: vm::LegacyDevices,
+    handlers: Vec<virtio::QueueHandler>,
+    handle: VmHandle,
+}
 
-    // Devices.
-    let mut pio = Bus::default();
-    let legacy = vm::attach_legacy_devices(&vm_fd, &mut pio)?;
-    let first_run = boot_timer::FirstRun::default();
-    if config.boot_timer {
-        vm::attach_boot_timer(&mut pio, first_run.clone())?;
+/// What the API needs to reach in a running VM.
+#[derive(Clone)]
+pub struct VmHandle {
+    /// The vCPU threads (empty until the VM runs).
+    pub vcpus: Arc<Mutex<Vec<VcpuThread>>>,
+    /// Pauses and resumes them.
+    pub pause: Arc<vcpu::PauseGate>,
+    /// Exits by kind.
+    pub exits: Arc<vcpu::ExitCounters>,
+    /// Presses the guest's ACPI power button.
+    pub power_button: Arc<moat_devices::trigger::EventFdTrigger>,
+    /// The virtio devices by name, in the guest's order.
+    pub devices: Vec<Arc<Mutex<MmioTransport>>>,
+}
+
+impl VmHandle {
+    /// Every counter group, for a metrics line.
+    pub fn metric_groups(&self) -> Vec<metrics::Group> {
+        let mut groups = vec![("vcpu".to_string(), self.exits.snapshot())];
+        for device in &self.devices {
+            let device = device.lock().unwrap_or_else(|e| e.into_inner());
+            groups.push((device.name().to_string(), device.counters()));
+        }
+        groups
     }
-    let mut mmio = Bus::default();
-    let virtio_devices = virtio::attach(&vm_fd, &memory, &mut mmio, virtio_devices)?;
 
-    // The guest's kernel and boot data, which name the devices' slots.
-    let slots: Vec<_> = virtio_devices.iter().map(|d| d.slot).collect();
-    let (entry, page_table) =
-        vm::load_guest(&memory, config, &mut kernel, initramfs.as_mut(), &slots)?;
+    /// Why devices last needed a reset, for a metrics line.
+    pub fn metric_notes(&self) -> Vec<(String, &'static str, String)> {
+        self.devices
+            .iter()
+            .filter_map(|d| {
+                let d = d.lock().unwrap_or_else(|e| e.into_inner());
+                let reason = d.last_error()?.to_string();
+                Some((d.name().to_string(), "needs_reset_reason", reason))
+            })
+            .collect()
+    }
+}
 
-    // vCPUs, all configured before any starts.
-    let vcpu_fds = (0..config.cpus)
-        .map(|index| vcpu::create(&kvm, &vm_fd, index, config.cpus, entry, page_table))
-        .collect::<Result<Vec<_>, _>>()?;
-    let exit = Arc::new(ExitSignal::new().map_err(|e| Error::Io("create an eventfd", e))?);
-    let shared = vcpu::Shared {
-        pio: Arc::new(pio),
-        mmio: Arc::new(mmio),
-        exit: exit.clone(),
-        stop: Arc::new(AtomicBool::new(false)),
-        first_run,
-        halt_probe: Arc::new(HaltProbe::new(vcpu_fds.len())),
-    };
+impl Vm {
+    /// Checks `config` against the host and builds the VM.
+    pub fn build(config: &VmConfig) -> Result<Vm, Error> {
+        // Check everything the user gave before creating anything.
+        let mut kernel = vm::open_input("--kernel", &config.kernel)?;
+        moat_boot::loader::detect_format(&mut kernel)?;
+        let mut initramfs = config
+            .initramfs
+            .as_deref()
+            .map(|path| vm::open_input("--initramfs", path))
+            .transpose()?;
+        let virtio_devices = virtio::devices(config)?;
+        config::check_memory(config.memory, config::host_memory_limit())?;
+        let kvm = vm::open_kvm(&config.kvm_device)?;
+        config::check_cpus(u64::from(config.cpus), vm::max_vcpus(&kvm))?;
 
-    // The event loop, then the console, then go.
-    let mut events =
-        EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().map_err(|e| {
+        // The machine: VM and RAM.
+        let vm_fd = vm::create_vm(&kvm)?;
+        let memory = vm::create_memory(&vm_fd, config.memory)?;
+
+        // Devices.
+        let mut pio = Bus::default();
+        let legacy = vm::attach_legacy_devices(&vm_fd, &mut pio)?;
+        let first_run = boot_timer::FirstRun::default();
+        if config.boot_timer {
+            vm::attach_boot_timer(&mut pio, first_run.clone())?;
+        }
+        let mut mmio = Bus::default();
+        let virtio_devices = virtio::attach(&vm_fd, &memory, &mut mmio, virtio_devices)?;
+
+        // The guest's kernel and boot data, which name the devices' slots.
+        let slots: Vec<_> = virtio_devices.iter().map(|d| d.slot).collect();
+        let (entry, page_table) =
+            vm::load_guest(&memory, config, &mut kernel, initramfs.as_mut(), &slots)?;
+
+        // vCPUs, all configured before any starts.
+        let vcpu_fds = (0..config.cpus)
+            .map(|index| vcpu::create(&kvm, &vm_fd, index, config.cpus, entry, page_table))
+            .collect::<Result<Vec<_>, _>>()?;
+        let exit = Arc::new(ExitSignal::new().map_err(|e| Error::Io("create an eventfd", e))?);
+        let shared = vcpu::Shared {
+            pio: Arc::new(pio),
+            mmio: Arc::new(mmio),
+            exit,
+            stop: Arc::new(AtomicBool::new(false)),
+            first_run,
+            halt_probe: Arc::new(HaltProbe::new(vcpu_fds.len())),
+            pause: Arc::new(vcpu::PauseGate::default()),
+            exits: Arc::new(vcpu::ExitCounters::default()),
+        };
+        let handle = VmHandle {
+            vcpus: Arc::new(Mutex::new(Vec::with_capacity(vcpu_fds.len()))),
+            pause: shared.pause.clone(),
+            exits: shared.exits.clone(),
+            power_button: Arc::new(
+                legacy
+                    .power_button
+                    .try_clone()
+                    .map_err(|e| Error::Io("clone an eventfd", e))?,
+            ),
+            devices: virtio_devices.iter().map(|d| d.transport.clone()).collect(),
+        };
+        Ok(Vm {
+            config: config.clone(),
+            _kvm: kvm,
+            _vm_fd: vm_fd,
+            memory,
+            vcpu_fds,
+            shared,
+            legacy,
+            handlers: virtio_devices.into_iter().map(|d| d.handler).collect(),
+            handle,
+        })
+    }
+
+    /// What the API reaches while the VM runs.
+    pub fn handle(&self) -> VmHandle {
+        self.handle.clone()
+    }
+
+    /// Starts the vCPUs and serves the devices, and `extra` subscribers,
+    /// until the guest or a signal ends the VM.
+    pub fn run(self, extra: Vec<Subscriber>) -> Result<VmExit, Error> {
+        let Vm {
+            config,
+            memory,
+            vcpu_fds,
+            shared,
+            legacy,
+            handlers,
+            handle,
+            ..
+        } = self;
+        let exit = shared.exit.clone();
+        // The event loop, then the console, then go.
+        let mut events = EventManager::<Subscriber>::new().map_err(|e| {
             Error::Io(
                 "create the event loop",
                 std::io::Error::other(e.to_string()),
             )
         })?;
-    let vcpus = Arc::new(Mutex::new(Vec::with_capacity(vcpu_fds.len())));
-    let watcher = ExitWatcher::new(ExitEvents {
-        exit: exit.clone(),
-        reset: legacy.reset,
-        power_off: legacy.power_off,
-        power_button: legacy.power_button,
-        termination: signals::install()?,
-        shutdown_timeout: config.shutdown_timeout,
-        halt_probe: shared.halt_probe.clone(),
-        vcpus: vcpus.clone(),
-    })
-    .map_err(|e| Error::Io("create a timer", e))?;
-    events.add_subscriber(Arc::new(Mutex::new(watcher)));
-    for device in virtio_devices {
-        events.add_subscriber(Arc::new(Mutex::new(device.handler)));
-    }
-    let raw_mode =
-        terminal::RawMode::enter().map_err(|e| Error::Io("set the terminal to raw mode", e))?;
-    events.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(
-        legacy.serial.clone(),
-        legacy.serial_input_space,
-    ))));
+        let vcpus = handle.vcpus.clone();
+        let watcher = ExitWatcher::new(ExitEvents {
+            exit: exit.clone(),
+            reset: legacy.reset,
+            power_off: legacy.power_off,
+            power_button: legacy.power_button,
+            termination: signals::install()?,
+            shutdown_timeout: config.shutdown_timeout,
+            halt_probe: shared.halt_probe.clone(),
+            vcpus: vcpus.clone(),
+        })
+        .map_err(|e| Error::Io("create a timer", e))?;
+        events.add_subscriber(Arc::new(Mutex::new(watcher)));
+        for handler in handlers {
+            events.add_subscriber(Arc::new(Mutex::new(handler)));
+        }
+        for subscriber in extra {
+            events.add_subscriber(subscriber);
+        }
+        let raw_mode =
+            terminal::RawMode::enter().map_err(|e| Error::Io("set the terminal to raw mode", e))?;
+        events.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(
+            legacy.serial.clone(),
+            legacy.serial_input_space,
+        ))));
 
-    vcpu::install_kick_handler()?;
-    for (index, fd) in vcpu_fds.into_iter().enumerate() {
-        let spawned = vcpu::spawn(index as u8, fd, shared.clone());
-        let mut threads = vcpus.lock().unwrap_or_else(|e| e.into_inner());
-        match spawned {
-            Ok(thread) => threads.push(thread),
-            Err(e) => {
-                vcpu::stop_all(std::mem::take(&mut threads), &shared.stop);
-                return Err(e);
+        vcpu::install_kick_handler()?;
+        for (index, fd) in vcpu_fds.into_iter().enumerate() {
+            let spawned = vcpu::spawn(index as u8, fd, shared.clone());
+            let mut threads = vcpus.lock().unwrap_or_else(|e| e.into_inner());
+            match spawned {
+                Ok(thread) => threads.push(thread),
+                Err(e) => {
+                    vcpu::stop_all(std::mem::take(&mut threads), &shared.stop);
+                    return Err(e);
+                }
             }
         }
-    }
 
-    let outcome = loop {
-        if let Some(reason) = exit.reason() {
-            break Ok(reason);
-        }
-        if let Err(e) = events.run() {
-            break Err(Error::Io(
-                "wait for events",
-                std::io::Error::other(e.to_string()),
-            ));
-        }
-    };
-    let threads = std::mem::take(&mut *vcpus.lock().unwrap_or_else(|e| e.into_inner()));
-    vcpu::stop_all(threads, &shared.stop);
-    drop(raw_mode);
-    // Guest memory must outlive the vCPUs that map it.
-    drop(memory);
-    outcome
+        let outcome = loop {
+            if let Some(reason) = exit.reason() {
+                break Ok(reason);
+            }
+            if let Err(e) = events.run() {
+                break Err(Error::Io(
+                    "wait for events",
+                    std::io::Error::other(e.to_string()),
+                ));
+            }
+        };
+        let threads = std::mem::take(&mut *vcpus.lock().unwrap_or_else(|e| e.into_inner()));
+        vcpu::stop_all(threads, &shared.stop);
+        drop(raw_mode);
+        // Guest memory must outlive the vCPUs that map it.
+        drop(memory);
+        outcome
+    }
 }

@@ -54,19 +54,37 @@ fn main() -> ExitCode {
             return fail(first.join(" ").trim_start_matches("error: "), 2);
         }
     };
-    let Command::Run(args) = cli.command;
+    let args = match cli.command {
+        Some(Command::Run(args)) => args,
+        None => {
+            let options = match cli.api.into_options() {
+                Ok(options) => options,
+                Err(e) => return fail(&e, 2),
+            };
+            return match moat_vmm::api::run_process(&options) {
+                Ok(exit) => finish(exit),
+                Err(moat_vmm::api::ProcessError::Input(message)) => fail(&message, 2),
+                Err(moat_vmm::api::ProcessError::Vm(e)) => {
+                    fail(&e.to_string(), e.exit_code() as u8)
+                }
+            };
+        }
+    };
     let config = match args.into_config() {
         Ok(config) => config,
         Err(e) => return fail(&e.to_string(), 2),
     };
     match moat_vmm::run(&config) {
-        Ok(exit) => {
-            if let Some(message) = exit.message() {
-                let _ = writeln!(std::io::stderr(), "\r");
-                return fail(&message, exit.exit_code().clamp(0, 255) as u8);
-            }
-            ExitCode::SUCCESS
-        }
+        Ok(exit) => finish(exit),
         Err(e) => fail(&e.to_string(), e.exit_code() as u8),
     }
+}
+
+/// The status for how the VM ended, with its message.
+fn finish(exit: moat_vmm::exit::VmExit) -> ExitCode {
+    if let Some(message) = exit.message() {
+        let _ = writeln!(std::io::stderr(), "\r");
+        return fail(&message, exit.exit_code().clamp(0, 255) as u8);
+    }
+    ExitCode::SUCCESS
 }

@@ -4,7 +4,7 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -201,6 +201,108 @@ fn is_stuck(fd: &VcpuFd) -> bool {
     }
 }
 
+/// Pauses and resumes the vCPUs (`PATCH /vm`). A vCPU parks when it
+/// finds the gate closed after a kick, and counts itself parked.
+#[derive(Default)]
+pub struct PauseGate {
+    /// (pause asked for, vCPUs parked).
+    state: Mutex<(bool, usize)>,
+    changed: Condvar,
+}
+
+impl PauseGate {
+    /// How long [`PauseGate::pause`] waits for every vCPU to park.
+    pub const PARK_TIMEOUT: Duration = Duration::from_secs(2);
+
+    /// Closes the gate and kicks `threads` out of KVM_RUN; returns once
+    /// all of them parked, or false if some did not within
+    /// [`Self::PARK_TIMEOUT`] (one busy in a device, or one that ended).
+    pub fn pause(&self, threads: &[VcpuThread]) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.0 = true;
+        drop(state);
+        let deadline = Instant::now() + Self::PARK_TIMEOUT;
+        loop {
+            for thread in threads {
+                thread.kick();
+            }
+            let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if state.1 >= threads.len() {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            let wait = (deadline - now).min(Duration::from_millis(10));
+            let _ = self.changed.wait_timeout(state, wait);
+        }
+    }
+
+    /// Opens the gate: parked vCPUs run again.
+    pub fn resume(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.0 = false;
+        self.changed.notify_all();
+    }
+
+    /// Whether a pause was asked for.
+    pub fn is_paused(&self) -> bool {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).0
+    }
+
+    /// Called by a vCPU between runs: parks while the gate is closed and
+    /// the VM is not stopping.
+    fn park_while_paused(&self, stop: &AtomicBool) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !state.0 {
+            return;
+        }
+        state.1 += 1;
+        self.changed.notify_all();
+        while state.0 && !stop.load(Ordering::SeqCst) {
+            state = self
+                .changed
+                .wait_timeout(state, Duration::from_millis(50))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        state.1 -= 1;
+    }
+}
+
+/// vCPU exits by kind, for the metrics.
+#[derive(Default)]
+pub struct ExitCounters {
+    /// Port reads.
+    pub io_in: AtomicU64,
+    /// Port writes.
+    pub io_out: AtomicU64,
+    /// MMIO reads.
+    pub mmio_read: AtomicU64,
+    /// MMIO writes.
+    pub mmio_write: AtomicU64,
+    /// HLT, interrupt-window and signal exits.
+    pub other: AtomicU64,
+    /// Exits that ended the VM (triple fault, KVM errors, ...).
+    pub failures: AtomicU64,
+}
+
+impl ExitCounters {
+    /// The counters by Firecracker's metric names.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        vec![
+            ("exit_io_in", get(&self.io_in)),
+            ("exit_io_out", get(&self.io_out)),
+            ("exit_mmio_read", get(&self.mmio_read)),
+            ("exit_mmio_write", get(&self.mmio_write)),
+            ("exit_other", get(&self.other)),
+            ("failures", get(&self.failures)),
+        ]
+    }
+}
+
 /// State shared by all vCPU threads.
 #[derive(Clone)]
 pub struct Shared {
@@ -216,6 +318,10 @@ pub struct Shared {
     pub first_run: FirstRun,
     /// Whether the guest has halted for good.
     pub halt_probe: Arc<HaltProbe>,
+    /// Pauses the vCPUs.
+    pub pause: Arc<PauseGate>,
+    /// Exits by kind.
+    pub exits: Arc<ExitCounters>,
 }
 
 /// The host processor's brand-string leaves, for the guest's model name.
@@ -263,6 +369,7 @@ fn run(index: u8, mut fd: VcpuFd, shared: &Shared) {
         let _ = shared.first_run.set(Instant::now());
     }
     while !shared.stop.load(Ordering::SeqCst) {
+        shared.pause.park_while_paused(&shared.stop);
         let outcome = match fd.run() {
             Ok(exit) => handle_exit(index, exit, shared),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -276,6 +383,7 @@ fn run(index: u8, mut fd: VcpuFd, shared: &Shared) {
             }),
         };
         if let Some(exit) = outcome {
+            shared.exits.failures.fetch_add(1, Ordering::Relaxed);
             shared.exit.raise(exit);
             break;
         }
@@ -285,26 +393,34 @@ fn run(index: u8, mut fd: VcpuFd, shared: &Shared) {
 
 /// Handles one exit; returns why the VM must stop, if it must.
 fn handle_exit(cpu: u8, exit: VcpuExit, shared: &Shared) -> Option<VmExit> {
+    let count = |c: &AtomicU64| c.fetch_add(1, Ordering::Relaxed);
     match exit {
         VcpuExit::IoIn(port, data) => {
+            count(&shared.exits.io_in);
             shared.pio.read(u64::from(port), data);
             None
         }
         VcpuExit::IoOut(port, data) => {
+            count(&shared.exits.io_out);
             shared.pio.write(u64::from(port), data);
             None
         }
         VcpuExit::MmioRead(addr, data) => {
+            count(&shared.exits.mmio_read);
             shared.mmio.read(addr, data);
             None
         }
         VcpuExit::MmioWrite(addr, data) => {
+            count(&shared.exits.mmio_write);
             shared.mmio.write(addr, data);
             None
         }
         // With the in-kernel LAPIC, HLT is handled by KVM; an exit here is
         // harmless and the next KVM_RUN waits for an interrupt.
-        VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen => None,
+        VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen => {
+            count(&shared.exits.other);
+            None
+        }
         VcpuExit::Shutdown => Some(VmExit::TripleFault { cpu }),
         VcpuExit::SystemEvent(kind, _) => match kind {
             KVM_SYSTEM_EVENT_SHUTDOWN => Some(VmExit::GuestPowerOff),

@@ -94,9 +94,38 @@ pub fn open_disk(disk: &DiskConfig) -> Result<(File, u64), ConfigError> {
     Ok((file, size))
 }
 
+/// A device and its name in logs and metrics.
+pub type Named = (String, Box<dyn VirtioDevice>);
+
+/// The names of `config`'s devices, in [`devices`]' order: `block_<id>`
+/// (or `block_vda`, ...), `net_<id>` (or `net_eth0`, ...), `vsock`,
+/// `entropy`.
+pub fn device_names(config: &VmConfig) -> Vec<String> {
+    let mut names: Vec<String> = config
+        .disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| match &d.id {
+            Some(id) => format!("block_{id}"),
+            None => format!("block_vd{}", char::from(b'a' + (i % 26) as u8)),
+        })
+        .collect();
+    names.extend(config.nets.iter().enumerate().map(|(i, n)| match &n.id {
+        Some(id) => format!("net_{id}"),
+        None => format!("net_eth{i}"),
+    }));
+    if config.vsock.is_some() {
+        names.push("vsock".into());
+    }
+    if config.rng != RngConfig::Off {
+        names.push("entropy".into());
+    }
+    names
+}
+
 /// Every virtio device `config` asks for, with its host side opened, in
 /// the order the guest finds them: disks, network cards, vsock, rng.
-pub fn devices(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, ConfigError> {
+pub fn devices(config: &VmConfig) -> Result<Vec<Named>, ConfigError> {
     let count = config.disks.len()
         + config.nets.len()
         + usize::from(config.vsock.is_some())
@@ -119,7 +148,7 @@ pub fn devices(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, ConfigEr
         })?;
         devices.push(Box::new(rng));
     }
-    Ok(devices)
+    Ok(device_names(config).into_iter().zip(devices).collect())
 }
 
 /// The vsock device, listening at its socket and at each forward's.
@@ -182,6 +211,8 @@ pub struct Attached {
     pub slot: MmioSlot,
     /// Its event-loop handler.
     pub handler: QueueHandler,
+    /// The transport, for the API and the metrics.
+    pub transport: Arc<Mutex<MmioTransport>>,
 }
 
 /// Puts each device behind a virtio-mmio transport on `mmio`, wires its
@@ -190,17 +221,18 @@ pub fn attach(
     vm: &VmFd,
     memory: &GuestMemoryMmap,
     mmio: &mut Bus,
-    devices: Vec<Box<dyn VirtioDevice>>,
+    devices: Vec<Named>,
 ) -> Result<Vec<Attached>, Error> {
     let io = |what| move |e| Error::Io(what, e);
     let mut attached = Vec::with_capacity(devices.len());
-    for (index, device) in devices.into_iter().enumerate() {
+    for (index, (name, device)) in devices.into_iter().enumerate() {
         let slot = slot(index);
         let interrupt = Arc::new(Interrupt::new().map_err(io("create an eventfd"))?);
         vm.register_irqfd(interrupt.irq_fd(), slot.irq)
             .map_err(KvmOp::Irqfd.err())?;
-        let transport = MmioTransport::new(device, memory.clone(), interrupt)
+        let mut transport = MmioTransport::new(device, memory.clone(), interrupt)
             .map_err(io("create an eventfd"))?;
+        transport.set_name(&name);
         let mut events = Vec::new();
         for (queue, event) in transport.queue_events().iter().enumerate() {
             for base in [slot.base, slot.cmdline_base] {
@@ -219,10 +251,11 @@ pub fn attach(
         attached.push(Attached {
             slot,
             handler: QueueHandler {
-                transport,
+                transport: transport.clone(),
                 events,
                 watching_backend: false,
             },
+            transport,
         });
     }
     Ok(attached)

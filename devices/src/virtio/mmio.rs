@@ -124,6 +124,15 @@ pub struct MmioTransport {
     active: bool,
     /// The window that owns the device, once the guest has read a DeviceID.
     owner: Option<u8>,
+    /// The device's name in logs and metrics.
+    name: String,
+    /// Bumped when the device changes its config space.
+    config_generation: u32,
+    /// Queue notifications served.
+    notifications: u64,
+    /// Times the device went to NEEDS_RESET, and the last reason.
+    needs_reset: u64,
+    last_error: Option<String>,
 }
 
 /// One of the windows a transport is reachable at (see the module notes).
@@ -184,7 +193,49 @@ impl MmioTransport {
             status: 0,
             active: false,
             owner: None,
+            name: String::from("virtio"),
+            config_generation: 0,
+            notifications: 0,
+            needs_reset: 0,
+            last_error: None,
         })
+    }
+
+    /// Names the device for logs and metrics (`block_rootfs`, `net_eth0`).
+    pub fn set_name(&mut self, name: &str) {
+        self.name = name.to_string();
+    }
+
+    /// The device's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The device's counters and the transport's, for the metrics.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        let mut counters = self.device.counters();
+        counters.push(("queue_event_count", self.notifications));
+        counters.push(("needs_reset_count", self.needs_reset));
+        counters
+    }
+
+    /// Why the device last went to NEEDS_RESET.
+    pub fn last_error(&self) -> Option<&str> {
+        self.last_error.as_deref()
+    }
+
+    /// The device model, for the VMM to reach its own methods.
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        self.device.as_mut()
+    }
+
+    /// The device changed its config space: a new generation, and a
+    /// config-change interrupt once the driver is up (virtio 1.2, 2.5.1).
+    pub fn config_changed(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        if self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+            self.interrupt.signal_config_change();
+        }
     }
 
     /// One eventfd per queue, signalled when the driver notifies it.
@@ -209,6 +260,7 @@ impl MmioTransport {
         if !self.active || index >= self.queues.len() {
             return;
         }
+        self.notifications += 1;
         if let Err(e) = self.device.process_queue(index, &self.mem, &self.interrupt) {
             self.fail(&e.0);
         }
@@ -236,7 +288,15 @@ impl MmioTransport {
 
     /// The device hit an error the driver caused: stop it and ask for a
     /// reset (virtio 1.2, 2.1.2).
-    fn fail(&mut self, _reason: &str) {
+    fn fail(&mut self, reason: &str) {
+        // Once per failure: the device stays stopped until the driver
+        // resets it.
+        log::error!(
+            "{}: the guest's driver broke the device ({reason}); it is stopped until the driver resets it (NEEDS_RESET)",
+            self.name
+        );
+        self.needs_reset += 1;
+        self.last_error = Some(reason.to_string());
         self.active = false;
         self.device.reset();
         self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
@@ -337,7 +397,7 @@ impl MmioTransport {
             QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready)),
             INTERRUPT_STATUS => self.interrupt.status(),
             STATUS => self.status,
-            CONFIG_GENERATION => 0,
+            CONFIG_GENERATION => self.config_generation,
             _ => 0,
         }
     }
@@ -470,6 +530,10 @@ mod tests {
     }
 
     impl VirtioDevice for Recorder {
+        fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+            self
+        }
+
         fn device_type(&self) -> u32 {
             42
         }

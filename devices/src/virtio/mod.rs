@@ -81,6 +81,15 @@ pub trait VirtioDevice: Send {
     /// Forget the queues and any in-flight state (device reset).
     fn reset(&mut self);
 
+    /// The device's counters for the metrics, by name (cumulative).
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
+
+    /// The device as `Any`, for the VMM to reach a device type's own
+    /// methods (a disk's backing file).
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
+
     /// A host descriptor whose readiness this device serves (a TAP), if any.
     fn backend_fd(&self) -> Option<RawFd> {
         None

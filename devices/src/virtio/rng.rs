@@ -221,6 +221,10 @@ fn getrandom(buf: &mut [u8]) -> Result<(), DeviceError> {
 }
 
 impl VirtioDevice for Rng {
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+
     fn device_type(&self) -> u32 {
         VIRTIO_ID_RNG
     }

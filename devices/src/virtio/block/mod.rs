@@ -46,9 +46,29 @@ impl Block {
                 sectors: size / SECTOR_SIZE,
                 read_only,
                 serial,
+                counters: request::Counters::default(),
             },
             queue: None,
         }
+    }
+
+    /// Puts `file` of `size` bytes behind the device in place of the old
+    /// backing file (between requests: the event loop serves them one
+    /// queue notification at a time). The caller tells the guest the new
+    /// capacity with a config-change interrupt.
+    pub fn replace_backing(&mut self, file: File, size: u64) {
+        self.disk.file = file;
+        self.disk.sectors = size / SECTOR_SIZE;
+    }
+
+    /// The disk's size in sectors.
+    pub fn sectors(&self) -> u64 {
+        self.disk.sectors
+    }
+
+    /// Whether the guest may write.
+    pub fn read_only(&self) -> bool {
+        self.disk.read_only
     }
 
     /// The config space (virtio 1.2, 5.2.4): capacity, size_max (unused),
@@ -85,6 +105,22 @@ impl VirtioDevice for Block {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         super::read_config_bytes(&self.config(), offset, data);
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let c = self.disk.counters;
+        vec![
+            ("read_bytes", c.read_bytes),
+            ("write_bytes", c.write_bytes),
+            ("read_count", c.read_count),
+            ("write_count", c.write_count),
+            ("flush_count", c.flush_count),
+            ("invalid_reqs_count", c.invalid_reqs_count),
+        ]
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
     }
 
     fn activate(&mut self, _acked_features: u64, queues: Vec<Queue>) -> Result<(), DeviceError> {

@@ -51,6 +51,24 @@ pub(super) struct Disk {
     pub sectors: u64,
     pub read_only: bool,
     pub serial: [u8; 20],
+    pub counters: Counters,
+}
+
+/// What the disk has done, for the metrics (Firecracker's names).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Bytes read from the disk into the guest.
+    pub read_bytes: u64,
+    /// Bytes written from the guest to the disk.
+    pub write_bytes: u64,
+    /// Read requests done.
+    pub read_count: u64,
+    /// Write requests done.
+    pub write_count: u64,
+    /// Flushes done.
+    pub flush_count: u64,
+    /// Requests answered IOERR or UNSUPP.
+    pub invalid_reqs_count: u64,
 }
 
 /// Why a request failed, for the status byte.
@@ -100,6 +118,9 @@ impl Disk {
                 Err(IoError) => (VIRTIO_BLK_S_IOERR, 0),
             }
         };
+        if status != VIRTIO_BLK_S_OK {
+            self.counters.invalid_reqs_count += 1;
+        }
         mem.write_obj(status as u8, status_addr)
             .map_err(|_| DeviceError("status byte is outside guest memory".into()))?;
         Ok(written + 1)
@@ -127,6 +148,8 @@ impl Disk {
                 let offset = self.range(header.sector, data_len)?;
                 let mut iov = iovecs(mem, &writable, 0, data_len)?;
                 transfer(&self.file, &mut iov, offset, Direction::FromDisk).map_err(|_| IoError)?;
+                self.counters.read_count += 1;
+                self.counters.read_bytes += data_len as u64;
                 Ok(Some(data_len as u32))
             }
             VIRTIO_BLK_T_OUT => {
@@ -138,10 +161,13 @@ impl Disk {
                 let header_len = std::mem::size_of::<Header>();
                 let mut iov = iovecs(mem, &readable, header_len, len)?;
                 transfer(&self.file, &mut iov, offset, Direction::ToDisk).map_err(|_| IoError)?;
+                self.counters.write_count += 1;
+                self.counters.write_bytes += len as u64;
                 Ok(Some(0))
             }
             VIRTIO_BLK_T_FLUSH => {
                 self.file.sync_data().map_err(|_| IoError)?;
+                self.counters.flush_count += 1;
                 Ok(Some(0))
             }
             VIRTIO_BLK_T_GET_ID => {

@@ -95,6 +95,20 @@ pub struct NetDrops {
     pub rx: u64,
 }
 
+/// Frames and bytes that went through, for the metrics. Bytes count the
+/// virtio-net header, as the guest's buffers hold it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetCounters {
+    /// Frames given to the guest.
+    pub rx_packets: u64,
+    /// Their bytes.
+    pub rx_bytes: u64,
+    /// Frames sent to the backend.
+    pub tx_packets: u64,
+    /// Their bytes.
+    pub tx_bytes: u64,
+}
+
 /// A receive buffer taken off the ring: its head, and the guest memory of
 /// its descriptors (all checked, all device-writable).
 struct RxChain {
@@ -124,6 +138,7 @@ pub struct Net {
     /// polling it, or a level-triggered error would spin the event loop.
     backend_broken: bool,
     drops: NetDrops,
+    counters: NetCounters,
     /// Offer checksum and TSO offloads.
     offload: bool,
 }
@@ -145,6 +160,7 @@ impl Net {
             rx_blocked: false,
             backend_broken: false,
             drops: NetDrops::default(),
+            counters: NetCounters::default(),
             offload,
         }
     }
@@ -323,7 +339,13 @@ impl Net {
         } else {
             1
         };
+        self.count_rx(len);
         self.publish(mem, count, len)
+    }
+
+    fn count_rx(&mut self, len: usize) {
+        self.counters.rx_packets += 1;
+        self.counters.rx_bytes += len as u64;
     }
 
     /// Gives the frame in the bounce buffer to the guest. `Ok(false)`: not
@@ -358,6 +380,7 @@ impl Net {
             write_at(mem, &chain.parts, 0, &self.rx_frame[offset..offset + n])?;
             offset += n;
         }
+        self.count_rx(len);
         self.publish(mem, count, len)?;
         Ok(true)
     }
@@ -403,7 +426,10 @@ impl Net {
             let sent = usable
                 && (NET_HDR_LEN..=MAX_FRAME).contains(&len)
                 && self.backend.send_from(&slices).is_ok();
-            if !sent {
+            if sent {
+                self.counters.tx_packets += 1;
+                self.counters.tx_bytes += len as u64;
+            } else {
                 self.drops.tx += 1;
             }
             txq.add_used(mem, head, 0)
@@ -423,6 +449,22 @@ impl Net {
 }
 
 impl VirtioDevice for Net {
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let c = self.counters;
+        vec![
+            ("rx_packets_count", c.rx_packets),
+            ("rx_bytes_count", c.rx_bytes),
+            ("tx_packets_count", c.tx_packets),
+            ("tx_bytes_count", c.tx_bytes),
+            ("rx_dropped_frames", self.drops.rx),
+            ("tx_dropped_frames", self.drops.tx),
+        ]
+    }
+
     fn device_type(&self) -> u32 {
         VIRTIO_ID_NET
     }
