@@ -9,6 +9,7 @@ PACKAGES=(
     libc6-dev binutils util-linux coreutils findutils
     kmod acpica-tools curl
     mmdebstrap iproute2 nftables
+    python3 python3-venv
 )
 
 missing=()

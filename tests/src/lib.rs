@@ -193,6 +193,28 @@ pub fn image(key: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("build-images.sh did not report {key}"))
 }
 
+/// The Python of the API tests' venv (firecracker-python, schemathesis),
+/// made by `scripts/python-env.sh` on first use.
+pub fn python() -> PathBuf {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON
+        .get_or_init(|| {
+            let script = repo_root().join("scripts/python-env.sh");
+            let out = Command::new(&script)
+                .stderr(Stdio::inherit())
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+            assert!(
+                out.status.success(),
+                "{} failed: {}",
+                script.display(),
+                out.status
+            );
+            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+        })
+        .clone()
+}
+
 /// A scratch directory for one test, removed when dropped.
 pub struct Scratch(PathBuf);
 

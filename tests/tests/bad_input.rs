@@ -399,3 +399,61 @@ fn a_bad_shutdown_timeout_is_rejected() {
         "--shutdown-timeout: 'soon' is not a number of seconds",
     );
 }
+
+#[test]
+fn api_mode_flags_and_config_files_are_checked() {
+    let scratch = Scratch::new("bad-api-input");
+    let write = |name: &str, text: &str| {
+        let path = scratch.path(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let k = kernel();
+    let cases: Vec<(PathBuf, &str)> = vec![
+        (write("garbage.json", "{ not json"), "key must be a string"),
+        (write("unknown.json", r#"{"frobnicate": 1}"#), "unknown field `frobnicate`"),
+        (
+            write("balloon.json", r#"{"balloon": {"amount_mib": 1, "deflate_on_oom": false}}"#),
+            "moat does not support a balloon device yet",
+        ),
+        (
+            write("cpus.json", r#"{"machine-config": {"vcpu_count": 99, "mem_size_mib": 128}}"#),
+            "vcpu_count 99 is not 1 to 32",
+        ),
+        (
+            write("nokernel.json", r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 128}}"#),
+            "without a boot source",
+        ),
+        (
+            write(
+                "drive.json",
+                &format!(
+                    r#"{{"boot-source": {{"kernel_image_path": "{k}"}},
+                        "drives": [{{"drive_id": "a", "is_root_device": false, "path_on_host": "/nonexistent.img"}}]}}"#
+                ),
+            ),
+            "drive a: path_on_host /nonexistent.img: No such file",
+        ),
+    ];
+    for (file, expected) in &cases {
+        let path = file.to_str().unwrap();
+        assert_rejected(
+            &["--config-file", path, "--no-api"],
+            std::slice::from_ref(file),
+            expected,
+        );
+    }
+    assert_rejected(
+        &["--config-file", "/nonexistent.json", "--no-api"],
+        &[],
+        "--config-file: cannot read /nonexistent.json",
+    );
+    assert_rejected(&["--api-sock", "/tmp/x.sock", "--id", "a/b"], &[], "--id: 'a/b'");
+    assert_rejected(&["--api-sock", "/tmp/x.sock", "--level", "loud"], &[], "--level: 'loud'");
+    assert_rejected(&[], &[], "give --api-sock PATH");
+    assert_rejected(
+        &["--api-sock", "/nonexistent-dir/api.sock"],
+        &[],
+        "--api-sock: cannot listen on /nonexistent-dir/api.sock",
+    );
+}

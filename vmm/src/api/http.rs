@@ -389,9 +389,27 @@ fn accept_all(listener: &UnixListener, connections: &mut Vec<Connection>) {
             Ok((stream, _)) => {
                 let _ = stream.set_nonblocking(true);
                 if connections.len() >= MAX_CONNECTIONS {
-                    let message = format!("too many API connections (at most {MAX_CONNECTIONS})");
-                    let _ = (&stream).write(&Response::fault(429, &message).to_bytes(true));
-                    continue;
+                    // Clients that keep a connection per URL (requests'
+                    // pools do) leave many idle: the longest idle one
+                    // makes room. Only when every client is mid-request
+                    // is the new one refused.
+                    let idle = connections
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, c)| c.input.is_empty() && c.output.is_empty())
+                        .min_by_key(|(_, c)| c.last_active)
+                        .map(|(i, _)| i);
+                    match idle {
+                        Some(i) => {
+                            connections.remove(i);
+                        }
+                        None => {
+                            let message =
+                                format!("too many API connections (at most {MAX_CONNECTIONS})");
+                            let _ = (&stream).write(&Response::fault(429, &message).to_bytes(true));
+                            continue;
+                        }
+                    }
                 }
                 connections.push(Connection::new(stream));
             }
@@ -538,16 +556,30 @@ mod tests {
             seen.find("/a").unwrap() < seen.find("/b").unwrap(),
             "{seen}"
         );
-        // More clients than the limit: the extra one is told so.
-        let mut extra: Vec<UnixStream> = (0..MAX_CONNECTIONS)
+        // Idle clients make room for new ones.
+        let idle: Vec<UnixStream> = (0..MAX_CONNECTIONS)
             .map(|_| UnixStream::connect(&path).unwrap())
             .collect();
-        let last = extra.last_mut().unwrap();
+        let mut fresh = UnixStream::connect(&path).unwrap();
+        assert!(roundtrip(&mut fresh, b"GET /idle HTTP/1.1\r\n\r\n").contains("/idle"));
+        drop(idle);
+        drop(fresh);
+        drop(_stalled);
+        // Clients that all hold a started request: a new one is told no.
+        std::thread::sleep(Duration::from_millis(100));
+        let mut busy: Vec<UnixStream> = (0..MAX_CONNECTIONS + 1)
+            .map(|_| {
+                let mut s = UnixStream::connect(&path).unwrap();
+                s.write_all(b"GET /slow HTTP/1.1\r\n").unwrap();
+                std::thread::sleep(Duration::from_millis(5));
+                s
+            })
+            .collect();
+        let last = busy.last_mut().unwrap();
         let mut reply = String::new();
         let _ = last.read_to_string(&mut reply);
         assert!(reply.starts_with("HTTP/1.1 429"), "{reply}");
-        drop(extra);
-        drop(_stalled);
+        drop(busy);
         // Once the server has seen them go, a new client is served.
         let served = (0..100).any(|_| {
             std::thread::sleep(Duration::from_millis(10));
