@@ -126,6 +126,27 @@ impl Setup {
         cmd
     }
 
+    /// moat in its API mode, booting the same guest from a config file
+    /// while it serves the API: what the API thread costs in memory.
+    fn moat_api(&self, hold_ms: u64, run: usize) -> Command {
+        let dir = std::env::temp_dir();
+        let config = dir.join(format!("moat-bench-{}-{run}.json", std::process::id()));
+        let sock = dir.join(format!("moat-bench-{}-{run}.sock", std::process::id()));
+        let text = format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{}", "initrd_path": "{}", "boot_args": "{CMDLINE} reboot=k -- {hold_ms}"}}, "machine-config": {{"vcpu_count": 1, "mem_size_mib": {GUEST_MIB}}}}}"#,
+            self.kernel.display(),
+            self.initramfs.display()
+        );
+        std::fs::write(&config, text).unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
+        let mut cmd = Command::new(&self.moat);
+        cmd.arg("--api-sock")
+            .arg(sock)
+            .arg("--config-file")
+            .arg(config)
+            .arg("--boot-timer");
+        cmd
+    }
+
     /// QEMU's microvm machine, configured as close to moat's machine as
     /// it goes: no ACPI, no option ROMs, no RTC, COM1 on stdio. It has no
     /// i8042, so the guest reboots by triple fault and -no-reboot ends QEMU.
@@ -372,6 +393,35 @@ fn launch(mut cmd: Command, sample_memory: bool) -> Result<Launch, String> {
     Ok(result)
 }
 
+/// Time from exec of `moat --api-sock` until its socket accepts a
+/// connection (what an orchestrator waits for before configuring a VM).
+fn api_socket_ready(setup: &Setup) -> Result<Duration, String> {
+    let sock = std::env::temp_dir().join(format!("moat-bench-ready-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&sock);
+    let started = Instant::now();
+    let mut child = Command::new(&setup.moat)
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("spawn moat --api-sock: {e}"))?;
+    let ready = loop {
+        if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
+            break Ok(started.elapsed());
+        }
+        if started.elapsed() > BOOT_TIMEOUT {
+            break Err("moat's API socket never accepted a connection".to_string());
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&sock);
+    ready
+}
+
 /// Writes `mib` MiB of fresh memory, then frees it. In the rig this takes
 /// a cost out of the next boot that belongs to the rig, not to the VMM:
 /// the pages a finished guest ran from hold QEMU TCG's translated code,
@@ -456,6 +506,8 @@ fn measure(setup: &Setup, place: &str) -> Result<(String, String), String> {
     let mut moat_held = Vec::new();
     let mut qemu_boots = Vec::new();
     let mut qemu_held = Vec::new();
+    let mut api_held = Vec::new();
+    let mut api_ready = Vec::new();
     // Interleaved, so that drift in the machine hits both alike.
     for run in 0..setup.runs {
         eprintln!("vm bench: boot {}/{}", run + 1, setup.runs);
@@ -465,6 +517,8 @@ fn measure(setup: &Setup, place: &str) -> Result<(String, String), String> {
         };
         moat_boots.push(timed(setup.moat(0), false)?);
         moat_held.push(timed(setup.moat(HOLD_MS), true)?);
+        api_held.push(timed(setup.moat_api(HOLD_MS, run), true)?);
+        api_ready.push(api_socket_ready(setup)?);
         if let Some(qemu) = &setup.qemu {
             qemu_boots.push(timed(setup.qemu(qemu, 0), false)?);
             qemu_held.push(timed(setup.qemu(qemu, HOLD_MS), true)?);
@@ -526,6 +580,20 @@ fn measure(setup: &Setup, place: &str) -> Result<(String, String), String> {
         unit: "KiB",
         moat: med_kib(&moat_held, |l| l.rss_peak),
         qemu: med_kib(&qemu_held, |l| l.rss_peak),
+    });
+    rows.push(Row {
+        key: "api_socket_ready_ms",
+        what: "exec -> API socket accepts (moat --api-sock)".into(),
+        unit: "ms",
+        moat: median(api_ready.iter().map(|d| d.as_secs_f64() * 1e3).collect()),
+        qemu: None,
+    });
+    rows.push(Row {
+        key: "api_rss_after_boot_kib",
+        what: "RSS w/o guest RAM, booted, API served".into(),
+        unit: "KiB",
+        moat: med_kib(&api_held, |l| l.rss_after_boot),
+        qemu: None,
     });
     rows.push(Row {
         key: "launches_per_s_1",

@@ -411,17 +411,29 @@ fn api_mode_flags_and_config_files_are_checked() {
     let k = kernel();
     let cases: Vec<(PathBuf, &str)> = vec![
         (write("garbage.json", "{ not json"), "key must be a string"),
-        (write("unknown.json", r#"{"frobnicate": 1}"#), "unknown field `frobnicate`"),
         (
-            write("balloon.json", r#"{"balloon": {"amount_mib": 1, "deflate_on_oom": false}}"#),
+            write("unknown.json", r#"{"frobnicate": 1}"#),
+            "unknown field `frobnicate`",
+        ),
+        (
+            write(
+                "balloon.json",
+                r#"{"balloon": {"amount_mib": 1, "deflate_on_oom": false}}"#,
+            ),
             "moat does not support a balloon device yet",
         ),
         (
-            write("cpus.json", r#"{"machine-config": {"vcpu_count": 99, "mem_size_mib": 128}}"#),
+            write(
+                "cpus.json",
+                r#"{"machine-config": {"vcpu_count": 99, "mem_size_mib": 128}}"#,
+            ),
             "vcpu_count 99 is not 1 to 32",
         ),
         (
-            write("nokernel.json", r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 128}}"#),
+            write(
+                "nokernel.json",
+                r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 128}}"#,
+            ),
             "without a boot source",
         ),
         (
@@ -448,8 +460,16 @@ fn api_mode_flags_and_config_files_are_checked() {
         &[],
         "--config-file: cannot read /nonexistent.json",
     );
-    assert_rejected(&["--api-sock", "/tmp/x.sock", "--id", "a/b"], &[], "--id: 'a/b'");
-    assert_rejected(&["--api-sock", "/tmp/x.sock", "--level", "loud"], &[], "--level: 'loud'");
+    assert_rejected(
+        &["--api-sock", "/tmp/x.sock", "--id", "a/b"],
+        &[],
+        "--id: 'a/b'",
+    );
+    assert_rejected(
+        &["--api-sock", "/tmp/x.sock", "--level", "loud"],
+        &[],
+        "--level: 'loud'",
+    );
     assert_rejected(&[], &[], "give --api-sock PATH");
     assert_rejected(
         &["--api-sock", "/nonexistent-dir/api.sock"],

@@ -96,9 +96,14 @@ struct Moat {
 
 impl Moat {
     fn start(dir: &Path) -> Moat {
+        Moat::start_with(dir, &[])
+    }
+
+    fn start_with(dir: &Path, extra: &[&str]) -> Moat {
         let sock = dir.join("api.sock");
         let child = Command::new(moat_bin())
             .args(["--api-sock", sock.to_str().unwrap(), "--id", "spec-check"])
+            .args(extra)
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -228,4 +233,83 @@ fn requests_generated_from_the_openapi_spec_get_documented_answers_and_never_a_5
         "{body}"
     );
     assert!(moat.alive());
+}
+
+/// `Seccomp:` of every thread of `pid`, by thread name.
+fn seccomp_modes(pid: u32) -> Vec<(String, String)> {
+    let mut modes = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let name = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
+        let mode = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .unwrap_or("?")
+            .trim()
+            .to_string();
+        modes.push((name.trim().to_string(), mode));
+    }
+    modes
+}
+
+#[test]
+fn every_moat_thread_runs_under_a_seccomp_filter_unless_turned_off() {
+    need_kvm();
+    for (extra, want) in [(&[][..], "2"), (&["--no-seccomp"][..], "0")] {
+        let scratch = Scratch::new("seccomp-threads");
+        let moat = Moat::start_with(&scratch.path(""), extra);
+        let sock = moat.sock.clone();
+        let kernel = idle_kernel(&scratch.path("idle.elf"));
+        let boot = format!(r#"{{"kernel_image_path": "{}"}}"#, kernel.display());
+        assert_eq!(request(&sock, "PUT", "/boot-source", &boot).0, 204);
+        assert_eq!(
+            request(
+                &sock,
+                "PUT",
+                "/machine-config",
+                r#"{"vcpu_count": 2, "mem_size_mib": 64}"#
+            )
+            .0,
+            204
+        );
+        assert_eq!(
+            request(
+                &sock,
+                "PUT",
+                "/actions",
+                r#"{"action_type": "InstanceStart"}"#
+            )
+            .0,
+            204
+        );
+        // The API answering after its filter is in is part of the proof.
+        assert_eq!(request(&sock, "GET", "/", "").0, 200);
+        // Each vCPU installs its filter as its thread starts: give them a
+        // moment.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let modes = loop {
+            let modes = seccomp_modes(moat.child.id());
+            let names: Vec<&str> = modes.iter().map(|(n, _)| n.as_str()).collect();
+            let settled = ["moat", "api", "vcpu0", "vcpu1"]
+                .iter()
+                .all(|t| names.contains(t))
+                && modes.iter().all(|(n, m)| n.starts_with("kvm") || m == want);
+            if settled || Instant::now() > deadline {
+                break modes;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let names: Vec<&str> = modes.iter().map(|(n, _)| n.as_str()).collect();
+        for thread in ["moat", "api", "vcpu0", "vcpu1"] {
+            assert!(names.contains(&thread), "no thread {thread}: {modes:?}");
+        }
+        for (name, mode) in &modes {
+            // KVM's own kernel threads carry the process's name prefix.
+            if name.starts_with("kvm") {
+                continue;
+            }
+            assert_eq!(mode, want, "thread {name} with {extra:?}: {modes:?}");
+        }
+    }
 }

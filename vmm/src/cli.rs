@@ -90,6 +90,10 @@ pub struct ApiArgs {
     #[arg(long)]
     pub boot_timer: bool,
 
+    /// No seccomp filters (Firecracker's flag; as `moat run --seccomp off`).
+    #[arg(long)]
+    pub no_seccomp: bool,
+
     /// KVM device node.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
     pub kvm: PathBuf,
@@ -127,6 +131,7 @@ impl ApiArgs {
             metrics_path: self.metrics_path,
             boot_timer: self.boot_timer,
             kvm_device: self.kvm,
+            seccomp: !self.no_seccomp,
         })
     }
 }
@@ -213,6 +218,11 @@ pub struct RunArgs {
     /// first entered KVM_RUN. moat's benchmark /init writes it first thing.
     #[arg(long)]
     pub boot_timer: bool,
+
+    /// seccomp filters on moat's threads (docs/security.md): on, or off
+    /// to debug a forbidden system call.
+    #[arg(long, value_name = "on|off", default_value = "on")]
+    pub seccomp: String,
 }
 
 /// `--boot-protocol` values.
@@ -292,6 +302,16 @@ impl RunArgs {
             rng: config::parse_rng(&self.rng)?,
             boot_timer: self.boot_timer,
             shutdown_timeout: config::parse_seconds("--shutdown-timeout", &self.shutdown_timeout)?,
+            seccomp: match self.seccomp.as_str() {
+                "on" => true,
+                "off" => false,
+                other => {
+                    return Err(ConfigError::Syntax {
+                        option: "--seccomp",
+                        problem: format!("'{other}': expected on or off"),
+                    })
+                }
+            },
         })
     }
 }

@@ -362,6 +362,8 @@ pub struct VmConfig {
     /// How long the guest has to shut down after a termination signal
     /// pressed its power button (zero: no button, stop at once).
     pub shutdown_timeout: Duration,
+    /// Install the seccomp filters (see [`crate::seccomp`]).
+    pub seccomp: bool,
 }
 
 /// Parses a `key=value[,key=value]` list where only `allowed` keys may

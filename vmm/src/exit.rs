@@ -53,6 +53,8 @@ pub enum VmExit {
     },
     /// moat received a termination signal.
     Signal(i32),
+    /// A moat thread could not be set up (its seccomp filter).
+    ThreadSetup(String),
 }
 
 impl VmExit {
@@ -86,6 +88,7 @@ impl VmExit {
             VmExit::Unexpected { cpu, exit } => format!("vCPU {cpu}: unhandled KVM exit {exit}"),
             VmExit::KvmError { cpu, error } => format!("KVM_RUN failed on vCPU {cpu}: {error}"),
             VmExit::Signal(signo) => format!("stopped by signal {signo}"),
+            VmExit::ThreadSetup(error) => error.clone(),
         })
     }
 }

@@ -15,6 +15,7 @@ pub mod error;
 pub mod exit;
 pub mod logger;
 pub mod metrics;
+pub mod seccomp;
 pub mod shutdown;
 pub mod signals;
 pub mod terminal;
@@ -60,6 +61,7 @@ pub struct Vm {
     legacy: vm::LegacyDevices,
     handlers: Vec<virtio::QueueHandler>,
     handle: VmHandle,
+    vmm_filter: Option<Arc<seccompiler::BpfProgram>>,
 }
 
 /// What the API needs to reach in a running VM.
@@ -136,6 +138,18 @@ impl Vm {
         let (entry, page_table) =
             vm::load_guest(&memory, config, &mut kernel, initramfs.as_mut(), &slots)?;
 
+        // The seccomp filters, compiled before anything runs.
+        let filters = if config.seccomp {
+            seccomp::install_sigsys_handler().map_err(|e| Error::Internal(e.to_string()))?;
+            let program = |kind| seccomp::program(kind).map_err(|e| Error::Internal(e.to_string()));
+            Some((
+                Arc::new(program(seccomp::ThreadKind::Vcpu)?),
+                Arc::new(program(seccomp::ThreadKind::Vmm)?),
+            ))
+        } else {
+            None
+        };
+
         // vCPUs, all configured before any starts.
         let vcpu_fds = (0..config.cpus)
             .map(|index| vcpu::create(&kvm, &vm_fd, index, config.cpus, entry, page_table))
@@ -150,6 +164,7 @@ impl Vm {
             halt_probe: Arc::new(HaltProbe::new(vcpu_fds.len())),
             pause: Arc::new(vcpu::PauseGate::default()),
             exits: Arc::new(vcpu::ExitCounters::default()),
+            seccomp: filters.as_ref().map(|(vcpu, _)| vcpu.clone()),
         };
         let handle = VmHandle {
             vcpus: Arc::new(Mutex::new(Vec::with_capacity(vcpu_fds.len()))),
@@ -173,6 +188,7 @@ impl Vm {
             legacy,
             handlers: virtio_devices.into_iter().map(|d| d.handler).collect(),
             handle,
+            vmm_filter: filters.map(|(_, vmm)| vmm),
         })
     }
 
@@ -192,6 +208,7 @@ impl Vm {
             legacy,
             handlers,
             handle,
+            vmm_filter,
             ..
         } = self;
         let exit = shared.exit.clone();
@@ -241,6 +258,14 @@ impl Vm {
             }
         }
 
+        // From here on the VMM thread only serves the VM.
+        if let Some(filter) = &vmm_filter {
+            if let Err(e) = seccomp::install(seccomp::ThreadKind::Vmm, filter) {
+                let threads = std::mem::take(&mut *vcpus.lock().unwrap_or_else(|e| e.into_inner()));
+                vcpu::stop_all(threads, &shared.stop);
+                return Err(Error::Internal(e.to_string()));
+            }
+        }
         let outcome = loop {
             if let Some(reason) = exit.reason() {
                 break Ok(reason);

@@ -54,6 +54,19 @@ pub fn restore() {
     }
 }
 
+/// Restores the saved settings from a signal handler: never waits for the
+/// lock (whoever holds it is restoring them already).
+pub fn restore_from_signal() {
+    let Ok(mut saved) = SAVED.try_lock() else {
+        return;
+    };
+    if let Some(original) = saved.take() {
+        // SAFETY: tcsetattr is async-signal-safe; original is this
+        // terminal's termios.
+        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &original) };
+    }
+}
+
 fn install_panic_hook() {
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {

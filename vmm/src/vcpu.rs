@@ -322,6 +322,8 @@ pub struct Shared {
     pub pause: Arc<PauseGate>,
     /// Exits by kind.
     pub exits: Arc<ExitCounters>,
+    /// The vCPU seccomp filter, installed by each thread before it runs.
+    pub seccomp: Option<Arc<seccompiler::BpfProgram>>,
 }
 
 /// The host processor's brand-string leaves, for the guest's model name.
@@ -364,6 +366,14 @@ pub fn stop_all(threads: Vec<VcpuThread>, stop: &AtomicBool) {
 }
 
 fn run(index: u8, mut fd: VcpuFd, shared: &Shared) {
+    if let Some(filter) = &shared.seccomp {
+        if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu, filter) {
+            shared
+                .exit
+                .raise(VmExit::ThreadSetup(format!("vCPU {index}: {e}")));
+            return;
+        }
+    }
     KVM_RUN.with(|run| run.set(fd.get_kvm_run()));
     if index == 0 {
         let _ = shared.first_run.set(Instant::now());

@@ -225,6 +225,10 @@ impl VirtioDevice for Rng {
         self
     }
 
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        vec![("entropy_bytes", self.bytes)]
+    }
+
     fn device_type(&self) -> u32 {
         VIRTIO_ID_RNG
     }

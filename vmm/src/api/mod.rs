@@ -221,6 +221,7 @@ pub struct Controller {
     id: String,
     kvm_device: PathBuf,
     boot_timer: bool,
+    seccomp: bool,
     running: Option<VmHandle>,
     metrics: Arc<Mutex<Option<MetricsSink>>>,
 }
@@ -235,12 +236,13 @@ pub enum Next {
 
 impl Controller {
     /// A controller for instance `id`.
-    pub fn new(id: &str, kvm_device: PathBuf, boot_timer: bool) -> Self {
+    pub fn new(id: &str, kvm_device: PathBuf, boot_timer: bool, seccomp: bool) -> Self {
         Self {
             resources: VmResources::default(),
             id: id.to_string(),
             kvm_device,
             boot_timer,
+            seccomp,
             running: None,
             metrics: Arc::new(Mutex::new(None)),
         }
@@ -325,9 +327,9 @@ impl Controller {
 
     /// Builds the VM the resources describe.
     pub fn start(&mut self) -> Result<Box<Vm>, Fault> {
-        let config = self
-            .resources
-            .vm_config(self.kvm_device.clone(), self.boot_timer)?;
+        let config =
+            self.resources
+                .vm_config(self.kvm_device.clone(), self.boot_timer, self.seccomp)?;
         log::info!("starting the microVM: {config:?}");
         let vm = Vm::build(&config).map_err(|e| Fault(e.to_string()))?;
         self.running = Some(vm.handle());
@@ -655,6 +657,8 @@ pub struct ProcessOptions {
     pub boot_timer: bool,
     /// The KVM device.
     pub kvm_device: PathBuf,
+    /// Install the seccomp filters.
+    pub seccomp: bool,
 }
 
 /// Why moat ended before or while running a VM in API mode.
@@ -701,8 +705,12 @@ pub fn run_process(options: &ProcessOptions) -> Result<VmExit, ProcessError> {
     check_id(&options.id).map_err(input)?;
     logger::init(&options.id, &options.log)
         .map_err(|e| ProcessError::Input(format!("--log-path: {e}")))?;
-    let mut controller =
-        Controller::new(&options.id, options.kvm_device.clone(), options.boot_timer);
+    let mut controller = Controller::new(
+        &options.id,
+        options.kvm_device.clone(),
+        options.boot_timer,
+        options.seccomp,
+    );
     if let Some(path) = &options.metrics_path {
         controller
             .put_metrics(&Metrics {
@@ -745,9 +753,27 @@ pub fn run_process(options: &ProcessOptions) -> Result<VmExit, ProcessError> {
                     .try_clone()
                     .map_err(|e| ProcessError::Vm(Error::Io("clone an eventfd", e)))?,
             };
+            let filter = if options.seccomp {
+                crate::seccomp::install_sigsys_handler()
+                    .and_then(|()| crate::seccomp::program(crate::seccomp::ThreadKind::Api))
+                    .map(Some)
+                    .map_err(|e| ProcessError::Vm(Error::Internal(e.to_string())))?
+            } else {
+                None
+            };
             std::thread::Builder::new()
                 .name("api".into())
-                .spawn(move || http::serve(listener, |request| courier.answer(request)))
+                .spawn(move || {
+                    if let Some(filter) = filter {
+                        if let Err(e) =
+                            crate::seccomp::install(crate::seccomp::ThreadKind::Api, &filter)
+                        {
+                            log::error!("{e}; the API thread stops");
+                            return;
+                        }
+                    }
+                    http::serve(listener, |request| courier.answer(request))
+                })
                 .map_err(|e| ProcessError::Vm(Error::Io("start the API thread", e)))?;
             log::info!("API listening on {}", path.display());
             Some((rx, wake))
@@ -919,7 +945,7 @@ mod tests {
 
     #[test]
     fn the_controller_gathers_resources_and_refuses_what_is_wrong() {
-        let mut c = Controller::new("t", "/dev/kvm".into(), false);
+        let mut c = Controller::new("t", "/dev/kvm".into(), false, true);
         let r = call(&mut c, ApiCall::GetInstance);
         assert!(r.body.unwrap().contains("\"Not started\""));
         let r = call(&mut c, ApiCall::GetMachineConfig);

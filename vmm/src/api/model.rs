@@ -708,7 +708,12 @@ impl VmResources {
     }
 
     /// The VM these resources describe, or why there is none.
-    pub fn vm_config(&self, kvm_device: PathBuf, boot_timer: bool) -> Result<VmConfig, Fault> {
+    pub fn vm_config(
+        &self,
+        kvm_device: PathBuf,
+        boot_timer: bool,
+        seccomp: bool,
+    ) -> Result<VmConfig, Fault> {
         let Some(boot) = &self.boot_source else {
             return fault("cannot start the microVM without a boot source (PUT /boot-source)");
         };
@@ -750,6 +755,7 @@ impl VmResources {
                 .map_or(Ok(RngConfig::Off), EntropyDevice::validate)?,
             boot_timer,
             shutdown_timeout: Duration::from_secs(10),
+            seccomp,
         })
     }
 }
@@ -795,7 +801,7 @@ mod tests {
         );
         let resources = VmResources::from_json(&text).unwrap();
         // The root drive goes first, as with PUT /drives.
-        let config = resources.vm_config("/dev/kvm".into(), false).unwrap();
+        let config = resources.vm_config("/dev/kvm".into(), false, true).unwrap();
         assert_eq!((config.cpus, config.memory), (2, 256 << 20));
         assert_eq!(config.cmdline, "console=ttyS0 root=/dev/vda rw");
         assert_eq!(config.disks[0].id.as_deref(), Some("rootfs"));
@@ -878,7 +884,7 @@ mod tests {
     #[test]
     fn starting_without_a_kernel_says_so() {
         let err = VmResources::default()
-            .vm_config("/dev/kvm".into(), false)
+            .vm_config("/dev/kvm".into(), false, true)
             .unwrap_err();
         assert!(err.0.contains("boot source"), "{err}");
     }

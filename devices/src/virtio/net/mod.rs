@@ -213,7 +213,10 @@ impl Net {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(delivered),
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     // A broken backend loses its input, not the device.
-                    Err(_) => {
+                    Err(e) => {
+                        log::error!(
+                            "virtio-net: reading the TAP failed ({e}); the card receives nothing more"
+                        );
                         self.backend_broken = true;
                         return Ok(delivered);
                     }

@@ -213,6 +213,15 @@ impl VirtioDevice for Vsock {
         self
     }
 
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let stats = self.muxer.stats();
+        vec![
+            ("conn_resets", stats.resets),
+            ("rx_dropped_packets", stats.dropped),
+            ("control_dropped_packets", stats.control_dropped),
+        ]
+    }
+
     fn device_type(&self) -> u32 {
         VIRTIO_ID_VSOCK
     }
