@@ -9,6 +9,12 @@ use std::os::fd::{AsRawFd, RawFd};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+/// A new non-blocking eventfd that is not inherited across exec: every
+/// eventfd moat makes comes from here.
+pub fn new_eventfd() -> io::Result<EventFd> {
+    EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)
+}
+
 /// An eventfd that devices write to in order to signal something.
 #[derive(Debug)]
 pub struct EventFdTrigger(EventFd);
@@ -16,7 +22,7 @@ pub struct EventFdTrigger(EventFd);
 impl EventFdTrigger {
     /// A new non-blocking eventfd.
     pub fn new() -> io::Result<Self> {
-        EventFd::new(EFD_NONBLOCK).map(Self)
+        new_eventfd().map(Self)
     }
 
     /// Another handle to the same eventfd.
@@ -53,6 +59,21 @@ impl vm_superio::Trigger for EventFdTrigger {
 mod tests {
     use super::*;
     use vm_superio::Trigger;
+
+    /// Whether `fd` is closed on exec.
+    pub(crate) fn cloexec(fd: RawFd) -> bool {
+        // SAFETY: F_GETFD only reads the descriptor's flags.
+        unsafe { libc::fcntl(fd, libc::F_GETFD) & libc::FD_CLOEXEC != 0 }
+    }
+
+    #[test]
+    fn eventfds_and_their_clones_are_closed_on_exec() {
+        let trigger = EventFdTrigger::new().unwrap();
+        assert!(cloexec(trigger.as_raw_fd()));
+        assert!(cloexec(trigger.try_clone().unwrap().as_raw_fd()));
+        let interrupt = crate::virtio::Interrupt::new().unwrap();
+        assert!(cloexec(interrupt.irq_fd().as_raw_fd()));
+    }
 
     #[test]
     fn trigger_is_seen_through_a_clone() {

@@ -279,6 +279,12 @@ impl RunArgs {
             .iter()
             .map(|d| config::parse_disk(d))
             .collect::<Result<Vec<_>, _>>()?;
+        let nets = self
+            .net
+            .iter()
+            .map(|n| config::parse_net(n))
+            .collect::<Result<Vec<_>, _>>()?;
+        config::check_net_backends(&nets)?;
         Ok(VmConfig {
             kvm_device: self.kvm,
             kernel: self.kernel,
@@ -288,11 +294,7 @@ impl RunArgs {
             memory,
             boot_protocol: self.boot_protocol.into(),
             disks,
-            nets: self
-                .net
-                .iter()
-                .map(|n| config::parse_net(n))
-                .collect::<Result<Vec<_>, _>>()?,
+            nets,
             vsock: self.vsock.as_deref().map(config::parse_vsock).transpose()?,
             forwards: self
                 .forward
@@ -384,6 +386,18 @@ mod tests {
         let paths: Vec<_> = cfg.disks.iter().map(|d| d.path.to_str().unwrap()).collect();
         assert_eq!(paths, ["/a", "/b"]);
         assert!(cfg.disks[1].read_only);
+    }
+
+    #[test]
+    fn one_tap_cannot_back_two_cards() {
+        for twice in [["fd=3", "fd=3,mac=02:00:00:00:00:01"], ["tap=t0", "tap=t0"]] {
+            let err = parse(&["--net", twice[0], "--net", twice[1]]).unwrap_err();
+            assert!(
+                err.starts_with("--net: ") && err.contains("given twice"),
+                "{err}"
+            );
+        }
+        assert!(parse(&["--net", "fd=3", "--net", "fd=4"]).is_ok());
     }
 
     #[test]

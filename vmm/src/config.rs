@@ -220,6 +220,24 @@ pub fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
     })
 }
 
+/// Refuses two cards on one TAP: a descriptor given twice would have two
+/// owners (each closing it), a name twice is refused by the kernel later.
+pub fn check_net_backends(nets: &[NetConfig]) -> Result<(), ConfigError> {
+    for (i, net) in nets.iter().enumerate() {
+        if nets[..i].iter().any(|other| other.backend == net.backend) {
+            let what = match &net.backend {
+                NetBackendConfig::Tap(name) => format!("tap={name}"),
+                NetBackendConfig::Fd(fd) => format!("fd={fd}"),
+            };
+            return Err(ConfigError::Syntax {
+                option: "--net",
+                problem: format!("{what} is given twice; each card needs its own TAP"),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// A virtio-vsock device: the guest's CID and the host's Unix socket
 /// (Firecracker's hybrid protocol; the guest reaches `SOCKET_<port>`).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 
 use std::sync::Mutex;
 
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 /// The reason a VM stopped running.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -105,7 +105,7 @@ impl ExitSignal {
     pub fn new() -> std::io::Result<Self> {
         Ok(Self {
             reason: Mutex::new(None),
-            event: EventFd::new(EFD_NONBLOCK)?,
+            event: moat_devices::trigger::new_eventfd()?,
         })
     }
 

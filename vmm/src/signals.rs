@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicI32, Ordering};
 
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::register_signal_handler;
 
 use crate::error::Error;
@@ -26,7 +26,8 @@ extern "C" fn on_signal(signo: libc::c_int, _: *mut libc::siginfo_t, _: *mut lib
 
 /// Installs the handlers; returns the eventfd they signal.
 pub fn install() -> Result<EventFd, Error> {
-    let event = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Io("create an eventfd", e))?;
+    let event =
+        moat_devices::trigger::new_eventfd().map_err(|e| Error::Io("create an eventfd", e))?;
     // The handler's copy is never closed, so it outlives every signal.
     let handler_copy = event
         .try_clone()

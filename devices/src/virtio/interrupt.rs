@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 /// InterruptStatus bit: a queue has used buffers.
 pub const INT_VRING: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
@@ -23,7 +23,7 @@ impl Interrupt {
     pub fn new() -> std::io::Result<Self> {
         Ok(Self {
             status: AtomicU32::new(0),
-            irq: EventFd::new(EFD_NONBLOCK)?,
+            irq: crate::trigger::new_eventfd()?,
         })
     }
 

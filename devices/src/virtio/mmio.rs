@@ -22,7 +22,7 @@ use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
 };
 use virtio_queue::{Queue, QueueT};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::{GuestMemoryMmap, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::bus::BusDevice;
@@ -97,7 +97,15 @@ impl QueueConfig {
         let (lo, hi) = split(self.device);
         queue.set_used_ring_address(lo, hi);
         queue.set_ready(true);
-        (queue.size() == self.size && queue.is_valid(mem)).then_some(queue)
+        // virtio-queue refuses (and logs) a size that is not a power of
+        // two and addresses without the ring's alignment by keeping what it
+        // had: a queue with another size, or at address 0. Any such
+        // refusal fails the activation.
+        let took = queue.size() == self.size
+            && queue.desc_table() == self.desc
+            && queue.avail_ring() == self.driver
+            && queue.used_ring() == self.device;
+        (took && queue.is_valid(mem)).then_some(queue)
     }
 }
 
@@ -178,7 +186,7 @@ impl MmioTransport {
             .collect();
         let queue_events = queues
             .iter()
-            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .map(|_| crate::trigger::new_eventfd())
             .collect::<std::io::Result<Vec<_>>>()?;
         Ok(Self {
             device,
@@ -432,7 +440,9 @@ impl MmioTransport {
             {
                 if let Some(queue) = self.selected_queue() {
                     match offset {
-                        QUEUE_NUM => queue.size = value as u16,
+                        // A size beyond 16 bits is no size (0), not the
+                        // low half of one.
+                        QUEUE_NUM => queue.size = u16::try_from(value).unwrap_or(0),
                         QUEUE_READY => queue.ready = value == 1,
                         QUEUE_DESC_LOW => set_low(&mut queue.desc, value),
                         QUEUE_DESC_HIGH => set_high(&mut queue.desc, value),
@@ -664,6 +674,64 @@ mod tests {
     fn a_driver_without_version_1_is_refused() {
         let (mut t, _, mem) = setup(Recorder::default());
         assert!(Driver::init(&mut t, &mem, 1 << 5, &[16, 8]).is_err());
+    }
+
+    /// Sets up both queues with `size` entries at `desc`, `avail` and
+    /// `used` (inside guest memory), then writes DRIVER_OK.
+    fn configure_queues(t: &mut MmioTransport, size: u32, desc: u64, avail: u64, used: u64) {
+        test_driver::write32(t, STATUS, 1);
+        test_driver::write32(t, STATUS, 3);
+        test_driver::write32(t, DRIVER_FEATURES_SEL, 1);
+        test_driver::write32(t, DRIVER_FEATURES, 1);
+        test_driver::write32(t, STATUS, 0xb);
+        for q in 0..2u64 {
+            let at = |base: u64| base + q * 0x1_0000;
+            test_driver::write32(t, QUEUE_SEL, q as u32);
+            test_driver::write32(t, QUEUE_NUM, size);
+            test_driver::write32(t, QUEUE_DESC_LOW, at(desc) as u32);
+            test_driver::write32(t, QUEUE_DRIVER_LOW, at(avail) as u32);
+            test_driver::write32(t, QUEUE_DEVICE_LOW, at(used) as u32);
+            test_driver::write32(t, QUEUE_READY, 1);
+        }
+        test_driver::write32(t, STATUS, 0xf);
+    }
+
+    #[test]
+    fn well_placed_queues_activate() {
+        let (mut t, _, _) = setup(Recorder::default());
+        configure_queues(&mut t, 8, 0x2_0000, 0x2_1000, 0x2_2000);
+        assert!(t.is_active());
+    }
+
+    #[test]
+    fn misaligned_rings_fail_activation_instead_of_running_at_address_0() {
+        // Descriptor tables need 16-byte alignment, used rings 4 (virtio
+        // 1.2, 2.7): virtio-queue refuses these addresses, and the queue
+        // must not then run at the address it had (0).
+        for (desc, avail, used) in [
+            (0x2_0000, 0x2_1000, 0x2_2002),
+            (0x2_0008, 0x2_1000, 0x2_2000),
+            (0x2_0000, 0x2_1001, 0x2_2000),
+        ] {
+            let (mut t, log, _) = setup(Recorder::default());
+            configure_queues(&mut t, 8, desc, avail, used);
+            assert!(!t.is_active(), "{desc:#x} {avail:#x} {used:#x}");
+            assert_ne!(t.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+            assert!(log
+                .lock()
+                .unwrap()
+                .iter()
+                .all(|l| !l.starts_with("activate")));
+        }
+    }
+
+    #[test]
+    fn a_queue_size_beyond_16_bits_is_not_cut_to_a_valid_one() {
+        // 0x10008 must not run as an 8-entry queue.
+        let (mut t, _, _) = setup(Recorder::default());
+        configure_queues(&mut t, 0x1_0008, 0x2_0000, 0x2_1000, 0x2_2000);
+        assert!(!t.is_active());
+        assert_ne!(t.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use moat_devices::virtio::block::Block;
 use vm_superio::Trigger;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use self::http::{Request, Response};
@@ -745,7 +745,7 @@ pub fn run_process(options: &ProcessOptions) -> Result<VmExit, ProcessError> {
         Some(path) => {
             let listener = bind(path).map_err(input)?;
             let (tx, rx) = mpsc::channel::<Envelope>();
-            let wake = EventFd::new(EFD_NONBLOCK)
+            let wake = moat_devices::trigger::new_eventfd()
                 .map_err(|e| ProcessError::Vm(Error::Io("create an eventfd", e)))?;
             let courier = Courier {
                 calls: Mutex::new(tx),

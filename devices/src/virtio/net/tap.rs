@@ -12,23 +12,18 @@ use vm_memory::VolatileSlice;
 
 use super::{NetBackend, NET_HDR_LEN};
 
-const IFF_TAP: u16 = 0x0002;
-const IFF_NO_PI: u16 = 0x1000;
-const IFF_VNET_HDR: u16 = 0x4000;
-// _IOW('T', 202, int), _IOR('T', 210, unsigned int), _IOW('T', 216, int).
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
-const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
-// _IOW('T', 208, unsigned int).
-const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+// The TUN constants come from libc (linux/if_tun.h).
+const IFF_TAP: u16 = libc::IFF_TAP as u16;
+const IFF_NO_PI: u16 = libc::IFF_NO_PI as u16;
+const IFF_VNET_HDR: u16 = libc::IFF_VNET_HDR as u16;
 /// The TAP may pass frames with a partial checksum.
-pub const TUN_F_CSUM: u32 = 0x01;
+pub const TUN_F_CSUM: u32 = libc::TUN_F_CSUM;
 /// The TAP may pass TCPv4 segmentation offload frames.
-pub const TUN_F_TSO4: u32 = 0x02;
+pub const TUN_F_TSO4: u32 = libc::TUN_F_TSO4;
 /// The TAP may pass TCPv6 segmentation offload frames.
-pub const TUN_F_TSO6: u32 = 0x04;
+pub const TUN_F_TSO6: u32 = libc::TUN_F_TSO6;
 /// IFNAMSIZ, including the NUL.
-const IFNAMSIZ: usize = 16;
+const IFNAMSIZ: usize = libc::IFNAMSIZ;
 
 /// Why a TAP could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -92,15 +87,44 @@ impl IfReq {
     }
 }
 
-fn ioctl(file: &File, request: libc::c_ulong, arg: *mut libc::c_void) -> io::Result<()> {
-    // SAFETY: the TUN ioctls used here read or write at most the object
-    // `arg` points to (an IfReq or a c_int), which the caller owns.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), request, arg) };
+fn check(rc: libc::c_int) -> io::Result<()> {
     if rc < 0 {
         Err(io::Error::last_os_error())
     } else {
         Ok(())
     }
+}
+
+/// TUNSETIFF or TUNGETIFF on `file`: the kernel reads and writes `req`.
+fn ifreq_ioctl(file: &File, set: bool, req: &mut IfReq) -> io::Result<()> {
+    let request = if set {
+        libc::TUNSETIFF
+    } else {
+        libc::TUNGETIFF
+    };
+    // SAFETY: both requests take a `struct ifreq`, which IfReq lays out
+    // (40 bytes, checked by a test); the kernel touches nothing else.
+    check(unsafe { libc::ioctl(file.as_raw_fd(), request, req as *mut IfReq) })
+}
+
+/// TUNSETVNETHDRSZ on `file`: the kernel reads `len`.
+fn set_vnet_header_size(file: &File, len: libc::c_int) -> io::Result<()> {
+    // SAFETY: the request reads one c_int from the pointer, ours.
+    check(unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            libc::TUNSETVNETHDRSZ,
+            &len as *const libc::c_int,
+        )
+    })
+}
+
+/// Whether the TAP `name` was opened with IFF_NO_PI, from its sysfs
+/// flags; None when sysfs cannot say.
+fn no_pi_from_sysfs(name: &str) -> Option<bool> {
+    let text = std::fs::read_to_string(format!("/sys/class/net/{name}/tun_flags")).ok()?;
+    let flags = u32::from_str_radix(text.trim().trim_start_matches("0x"), 16).ok()?;
+    Some(flags & u32::from(IFF_NO_PI) != 0)
 }
 
 fn set_nonblocking(file: &File) -> io::Result<()> {
@@ -138,11 +162,9 @@ impl Tap {
             _pad: [0; 22],
         };
         req.name[..name.len()].copy_from_slice(name.as_bytes());
-        ioctl(&file, TUNSETIFF, (&mut req as *mut IfReq).cast()).map_err(|source| {
-            TapError::Attach {
-                name: name.to_string(),
-                source,
-            }
+        ifreq_ioctl(&file, true, &mut req).map_err(|source| TapError::Attach {
+            name: name.to_string(),
+            source,
         })?;
         Self::finish(file, req.name())
     }
@@ -157,14 +179,31 @@ impl Tap {
         // SAFETY: the descriptor is open and the user handed it to moat to
         // own; nothing else in moat uses it.
         let file = unsafe { File::from_raw_fd(fd) };
+        // An inherited descriptor comes without close-on-exec; moat's own
+        // have it.
+        // SAFETY: F_SETFD on a descriptor we own; no memory is involved.
+        check(unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) })
+            .map_err(|e| bad(format!("cannot set close-on-exec: {e}")))?;
         let mut req = IfReq {
             name: [0; IFNAMSIZ],
             flags: 0,
             _pad: [0; 22],
         };
-        ioctl(&file, TUNGETIFF, (&mut req as *mut IfReq).cast())
-            .map_err(|e| bad(format!("TUNGETIFF failed: {e}")))?;
-        if req.flags & IFF_TAP == 0 || req.flags & IFF_VNET_HDR == 0 {
+        ifreq_ioctl(&file, false, &mut req).map_err(|e| bad(format!("TUNGETIFF failed: {e}")))?;
+        // Without IFF_NO_PI every frame would carry 4 more bytes the guest
+        // would read as the start of its virtio-net header. TUNGETIFF
+        // cannot tell: it reports IFF_NOFILTER in the same bit. sysfs can.
+        let no_pi = match no_pi_from_sysfs(&req.name()) {
+            Some(no_pi) => no_pi,
+            None => {
+                log::warn!(
+                    "TAP {} (fd {fd}): /sys/class/net is not readable, so moat cannot check that it was opened with IFF_NO_PI",
+                    req.name()
+                );
+                true
+            }
+        };
+        if req.flags & IFF_TAP == 0 || !no_pi || req.flags & IFF_VNET_HDR == 0 {
             return Err(bad(
                 "it must be a TAP opened with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR".into(),
             ));
@@ -177,13 +216,7 @@ impl Tap {
             name: name.clone(),
             source,
         };
-        let mut hdr_len = NET_HDR_LEN as libc::c_int;
-        ioctl(
-            &file,
-            TUNSETVNETHDRSZ,
-            (&mut hdr_len as *mut libc::c_int).cast(),
-        )
-        .map_err(setup)?;
+        set_vnet_header_size(&file, NET_HDR_LEN as libc::c_int).map_err(setup)?;
         set_nonblocking(&file).map_err(setup)?;
         Ok(Tap { file, name })
     }
@@ -227,13 +260,13 @@ impl NetBackend for Tap {
     fn set_offload(&mut self, flags: u32) -> io::Result<()> {
         // TUNSETOFFLOAD takes the flags by value, not by pointer.
         // SAFETY: an ioctl on our descriptor with an integer argument.
-        let rc =
-            unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETOFFLOAD, flags as libc::c_ulong) };
-        if rc < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
+        check(unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                libc::TUNSETOFFLOAD,
+                flags as libc::c_ulong,
+            )
+        })
     }
 }
 
@@ -258,6 +291,52 @@ mod tests {
         let fd = std::os::fd::IntoRawFd::into_raw_fd(file);
         let err = Tap::from_fd(fd).unwrap_err().to_string();
         assert!(err.contains("TUNGETIFF failed"), "{err}");
+    }
+
+    /// A TAP descriptor opened with `flags`, or None without /dev/net/tun
+    /// or the right to create a TAP.
+    fn tap_fd(name: &str, flags: u16) -> Option<RawFd> {
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .ok()?;
+        let mut req = IfReq {
+            name: [0; IFNAMSIZ],
+            flags,
+            _pad: [0; 22],
+        };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        ifreq_ioctl(&file, true, &mut req).ok()?;
+        let fd = std::os::fd::IntoRawFd::into_raw_fd(file);
+        // As a parent process would hand it over: no close-on-exec.
+        // SAFETY: F_SETFD on the descriptor we just made.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+        Some(fd)
+    }
+
+    #[test]
+    fn an_inherited_tap_without_no_pi_is_refused() {
+        let name = format!("mt{}", std::process::id() % 100_000);
+        let Some(fd) = tap_fd(&name, IFF_TAP | IFF_VNET_HDR) else {
+            // Creating a TAP needs CAP_NET_ADMIN; the guest tests run as root.
+            // SAFETY: geteuid has no arguments and cannot fail.
+            let euid = unsafe { libc::geteuid() };
+            assert_ne!(euid, 0, "root could not create a TAP");
+            return;
+        };
+        let err = Tap::from_fd(fd).unwrap_err().to_string();
+        assert!(err.contains("IFF_NO_PI"), "{err}");
+        let Some(fd) = tap_fd(&format!("{name}b"), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR) else {
+            panic!("could create one TAP but not a second");
+        };
+        // SAFETY: F_GETFD only reads the descriptor's flags.
+        let inherited = unsafe { libc::fcntl(fd, libc::F_GETFD) } & libc::FD_CLOEXEC;
+        assert_eq!(inherited, 0, "the test's descriptor starts without it");
+        let tap = Tap::from_fd(fd).unwrap();
+        // SAFETY: as above.
+        let now = unsafe { libc::fcntl(tap.as_raw_fd(), libc::F_GETFD) } & libc::FD_CLOEXEC;
+        assert_ne!(now, 0, "moat marks an inherited TAP close-on-exec");
     }
 
     #[test]
