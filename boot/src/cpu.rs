@@ -39,6 +39,20 @@ const LEAF_EXT_TOPOLOGY: u32 = 0xb;
 const LEAF_V2_EXT_TOPOLOGY: u32 = 0x1f;
 const LEAF_AMD_SIZE_IDS: u32 = 0x8000_0008;
 const LEAF_AMD_EXT_APIC_ID: u32 = 0x8000_001e;
+/// Leaf 1 ECX: Intel VMX.
+const LEAF1_ECX_VMX: u32 = 1 << 5;
+/// Thermal and power management.
+const LEAF_POWER: u32 = 0x6;
+/// Leaf 6 EAX: the APIC timer keeps running in deep C-states.
+const LEAF6_EAX_ARAT: u32 = 1 << 2;
+/// Architectural performance monitoring.
+const LEAF_PMU: u32 = 0xa;
+/// Extended features (AMD and Intel).
+const LEAF_EXT_FEATURES: u32 = 0x8000_0001;
+/// Leaf 0x80000001 ECX: AMD SVM.
+const LEAF_EXT_ECX_SVM: u32 = 1 << 2;
+/// AMD SVM revision and features.
+const LEAF_SVM_FEATURES: u32 = 0x8000_000a;
 const TOPOLOGY_LEVEL_SMT: u32 = 1;
 const TOPOLOGY_LEVEL_CORE: u32 = 2;
 
@@ -75,7 +89,10 @@ pub fn configure_cpuid(entries: &mut [kvm_cpuid_entry2], index: u8, count: u8) {
                 // processors sharing this cache - 1 (only the L3 is shared).
                 let level = (entry.eax >> 5) & 0x7;
                 let sharing = if level >= 3 { count - 1 } else { 0 };
-                entry.eax = (entry.eax & 0x3fff) | ((count - 1) << 26) | ((sharing & 0xfff) << 14);
+                // Six bits: above 64 vCPUs the field says 64, not count
+                // modulo 64.
+                let cores = (count - 1).min(0x3f);
+                entry.eax = (entry.eax & 0x3fff) | (cores << 26) | ((sharing & 0xfff) << 14);
             }
             LEAF_EXT_TOPOLOGY | LEAF_V2_EXT_TOPOLOGY => {
                 entry.edx = apic_id;
@@ -105,6 +122,35 @@ pub fn configure_cpuid(entries: &mut [kvm_cpuid_entry2], index: u8, count: u8) {
                 entry.eax = apic_id;
                 entry.ebx = (entry.ebx & !0xffff) | apic_id;
                 entry.ecx &= !0x7ff;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// moat's CPUID policy, on top of what KVM supports (the rest passes
+/// through as KVM reports it, with the topology leaves rewritten by
+/// [`configure_cpuid`]):
+///
+/// - nested virtualization (Intel VMX, AMD SVM and its leaf 0x8000000A) is
+///   hidden unless `nested`: a guest hypervisor is attack surface in the
+///   host's KVM most guests never need;
+/// - the architectural PMU (leaf 0xA) is hidden: performance counters leak
+///   timing about the host and moat does not set up their MSRs;
+/// - of thermal and power management (leaf 6) only ARAT stays: the guest
+///   controls no power states.
+pub fn apply_cpuid_policy(entries: &mut [kvm_cpuid_entry2], nested: bool) {
+    for entry in entries.iter_mut() {
+        match entry.function {
+            1 if !nested => entry.ecx &= !LEAF1_ECX_VMX,
+            LEAF_EXT_FEATURES if !nested => entry.ecx &= !LEAF_EXT_ECX_SVM,
+            LEAF_SVM_FEATURES if !nested => {
+                (entry.eax, entry.ebx, entry.ecx, entry.edx) = (0, 0, 0, 0);
+            }
+            LEAF_PMU => (entry.eax, entry.ebx, entry.ecx, entry.edx) = (0, 0, 0, 0),
+            LEAF_POWER => {
+                entry.eax &= LEAF6_EAX_ARAT;
+                (entry.ebx, entry.ecx, entry.edx) = (0, 0, 0);
             }
             _ => {}
         }
@@ -312,6 +358,61 @@ mod tests {
             function,
             index,
             ..Default::default()
+        }
+    }
+
+    fn host_like() -> Vec<kvm_cpuid_entry2> {
+        let mut leaf1 = entry(1, 0);
+        leaf1.ecx = LEAF1_ECX_VMX | 1;
+        let mut ext = entry(LEAF_EXT_FEATURES, 0);
+        ext.ecx = LEAF_EXT_ECX_SVM | 1;
+        let mut svm = entry(LEAF_SVM_FEATURES, 0);
+        svm.eax = 1;
+        svm.edx = 0xff;
+        let mut pmu = entry(LEAF_PMU, 0);
+        pmu.eax = 0x0703_0805;
+        let mut power = entry(LEAF_POWER, 0);
+        power.eax = LEAF6_EAX_ARAT | 0b11;
+        power.ecx = 0b1001;
+        vec![leaf1, ext, svm, pmu, power]
+    }
+
+    #[test]
+    fn nested_virtualization_pmu_and_power_leaves_are_hidden_by_default() {
+        let mut entries = host_like();
+        apply_cpuid_policy(&mut entries, false);
+        let get = |f| entries.iter().find(|e| e.function == f).unwrap();
+        assert_eq!(get(1).ecx & LEAF1_ECX_VMX, 0, "VMX");
+        assert_eq!(get(1).ecx & 1, 1, "other leaf 1 bits stay");
+        assert_eq!(get(LEAF_EXT_FEATURES).ecx & LEAF_EXT_ECX_SVM, 0, "SVM");
+        assert_eq!(get(LEAF_EXT_FEATURES).ecx & 1, 1);
+        let svm = get(LEAF_SVM_FEATURES);
+        assert_eq!((svm.eax, svm.ebx, svm.ecx, svm.edx), (0, 0, 0, 0));
+        let pmu = get(LEAF_PMU);
+        assert_eq!((pmu.eax, pmu.ebx, pmu.ecx, pmu.edx), (0, 0, 0, 0));
+        let power = get(LEAF_POWER);
+        assert_eq!((power.eax, power.ecx), (LEAF6_EAX_ARAT, 0), "only ARAT");
+    }
+
+    #[test]
+    fn nested_keeps_vmx_and_svm() {
+        let mut entries = host_like();
+        apply_cpuid_policy(&mut entries, true);
+        let get = |f| entries.iter().find(|e| e.function == f).unwrap();
+        assert_ne!(get(1).ecx & LEAF1_ECX_VMX, 0);
+        assert_ne!(get(LEAF_EXT_FEATURES).ecx & LEAF_EXT_ECX_SVM, 0);
+        assert_eq!(get(LEAF_SVM_FEATURES).edx, 0xff);
+        assert_eq!(get(LEAF_PMU).eax, 0, "the PMU stays hidden");
+    }
+
+    #[test]
+    fn leaf4_core_count_saturates_instead_of_overflowing() {
+        for (count, cores) in [(1u8, 1u32), (64, 64), (65, 64), (254, 64)] {
+            let mut entries = [entry(LEAF_CACHE_PARAMS, 0)];
+            entries[0].eax = 3 << 5; // an L3 cache
+            configure_cpuid(&mut entries, 0, count);
+            assert_eq!((entries[0].eax >> 26) + 1, cores, "{count} vCPUs");
+            assert_eq!((entries[0].eax >> 5) & 7, 3, "the cache level stays");
         }
     }
 

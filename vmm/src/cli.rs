@@ -219,6 +219,11 @@ pub struct RunArgs {
     #[arg(long)]
     pub boot_timer: bool,
 
+    /// Show the host's VMX or SVM to the guest, so it can run VMs of its
+    /// own (hidden by default: docs/security.md).
+    #[arg(long)]
+    pub nested: bool,
+
     /// seccomp filters on moat's threads (docs/security.md): on, or off
     /// to debug a forbidden system call.
     #[arg(long, value_name = "on|off", default_value = "on")]
@@ -304,6 +309,7 @@ impl RunArgs {
             rng: config::parse_rng(&self.rng)?,
             boot_timer: self.boot_timer,
             shutdown_timeout: config::parse_seconds("--shutdown-timeout", &self.shutdown_timeout)?,
+            nested: self.nested,
             seccomp: match self.seccomp.as_str() {
                 "on" => true,
                 "off" => false,

@@ -382,6 +382,8 @@ pub struct VmConfig {
     pub shutdown_timeout: Duration,
     /// Install the seccomp filters (see [`crate::seccomp`]).
     pub seccomp: bool,
+    /// Let the guest see VMX/SVM (nested virtualization).
+    pub nested: bool,
 }
 
 /// Parses a `key=value[,key=value]` list where only `allowed` keys may

@@ -152,7 +152,17 @@ impl Vm {
 
         // vCPUs, all configured before any starts.
         let vcpu_fds = (0..config.cpus)
-            .map(|index| vcpu::create(&kvm, &vm_fd, index, config.cpus, entry, page_table))
+            .map(|index| {
+                vcpu::create(
+                    &kvm,
+                    &vm_fd,
+                    index,
+                    config.cpus,
+                    entry,
+                    page_table,
+                    config.nested,
+                )
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let exit = Arc::new(ExitSignal::new().map_err(|e| Error::Io("create an eventfd", e))?);
         let shared = vcpu::Shared {

@@ -64,6 +64,7 @@ pub fn create(
     count: u8,
     entry: EntryPoint,
     page_table: u64,
+    nested: bool,
 ) -> Result<VcpuFd, Error> {
     let fd = vm
         .create_vcpu(u64::from(index))
@@ -72,6 +73,7 @@ pub fn create(
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(KvmOp::GetSupportedCpuid.err())?;
     cpu::configure_cpuid(cpuid.as_mut_slice(), index, count);
+    cpu::apply_cpuid_policy(cpuid.as_mut_slice(), nested);
     if kvm.check_extension(Cap::TscDeadlineTimer) {
         cpu::set_tsc_deadline(cpuid.as_mut_slice());
     }

@@ -756,6 +756,7 @@ impl VmResources {
             boot_timer,
             shutdown_timeout: Duration::from_secs(10),
             seccomp,
+            nested: false,
         })
     }
 }
