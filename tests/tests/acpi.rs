@@ -192,13 +192,17 @@ fn without_acpi_a_powered_off_guest_halts_and_moat_reports_it() {
 
 /// Host side: start moat, wait for the guest's marker, SIGTERM moat, and
 /// report how long moat took to exit after it.
-const SIGTERM_AFTER_READY: &str = r#"log=/tmp/moat-term-$$.log
-"$@" >"$log" 2>&1 & moat=$!
+const SIGTERM_AFTER_READY: &str = r#"log=/tmp/moat-term-$$.log; fifo=/tmp/moat-term-$$.fifo
+mkfifo "$fifo"
+# The console goes out as it comes (a run that hangs shows where) and
+# into the log the script watches.
+tee "$log" <"$fifo" & tee=$!
+"$@" >"$fifo" 2>&1 & moat=$!
 until grep -q guest-is-ready "$log"; do kill -0 $moat 2>/dev/null || break; sleep 0.2; done
 read -r t0 _ </proc/uptime
 kill -TERM $moat; wait $moat; rc=$?
 read -r t1 _ </proc/uptime
-cat "$log"; rm -f "$log"
+wait $tee; rm -f "$log" "$fifo"
 echo "HOST-EXIT-AFTER-TERM=$(echo "$t0 $t1" | awk '{ printf "%.1f", $2 - $1 }')"
 exit $rc"#;
 

@@ -271,6 +271,10 @@ impl MmioTransport {
         self.notifications += 1;
         if let Err(e) = self.device.process_queue(index, &self.mem, &self.interrupt) {
             self.fail(&e.0);
+        } else if self.device.wants_more(index) {
+            if let Some(event) = self.queue_events.get(index) {
+                let _ = event.write(1);
+            }
         }
     }
 

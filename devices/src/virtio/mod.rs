@@ -81,6 +81,15 @@ pub trait VirtioDevice: Send {
     /// Forget the queues and any in-flight state (device reset).
     fn reset(&mut self);
 
+    /// Whether the last [`VirtioDevice::process_queue`] of queue `index`
+    /// stopped at its budget with work left: the transport then signals
+    /// the queue again, so the event loop serves everything else first and
+    /// comes back. A guest that keeps its ring full cannot hold the event
+    /// loop (or delay a termination signal).
+    fn wants_more(&self, _index: usize) -> bool {
+        false
+    }
+
     /// The device's counters for the metrics, by name (cumulative).
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()

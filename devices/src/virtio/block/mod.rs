@@ -25,11 +25,16 @@ pub const SECTOR_SIZE: u64 = 512;
 pub const QUEUE_SIZE: u16 = 256;
 /// Most data segments in one request (the SEG_MAX config field).
 pub const SEG_MAX: u32 = 128;
+/// Most requests served in one wakeup of the event loop (see
+/// [`VirtioDevice::wants_more`]).
+pub const REQUEST_BUDGET: u32 = 64;
 
 /// A virtio-blk device.
 pub struct Block {
     disk: request::Disk,
     queue: Option<Queue>,
+    /// The last wakeup stopped at [`REQUEST_BUDGET`].
+    more: bool,
 }
 
 impl Block {
@@ -49,6 +54,7 @@ impl Block {
                 counters: request::Counters::default(),
             },
             queue: None,
+            more: false,
         }
     }
 
@@ -135,6 +141,11 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.queue = None;
+        self.more = false;
+    }
+
+    fn wants_more(&self, _index: usize) -> bool {
+        self.more
     }
 
     fn process_queue(
@@ -148,12 +159,19 @@ impl VirtioDevice for Block {
             .as_mut()
             .ok_or_else(|| DeviceError("queue not set up".into()))?;
         let ring_error = |e: virtio_queue::Error| DeviceError(format!("bad queue: {e}"));
-        let mut completed = false;
+        let mut completed = 0u32;
+        self.more = false;
         // No notifications while the ring is being drained; turning them
-        // back on reports requests that arrived meanwhile.
-        loop {
+        // back on reports requests that arrived meanwhile. At the budget,
+        // stop with notifications still off: the transport signals the
+        // queue again (`wants_more`) and the next wakeup goes on.
+        'drain: loop {
             queue.disable_notification(mem).map_err(ring_error)?;
             loop {
+                if completed >= REQUEST_BUDGET {
+                    self.more = true;
+                    break 'drain;
+                }
                 let chain = queue
                     .iter(mem)
                     .map_err(|e| DeviceError(format!("bad available ring: {e}")))?
@@ -164,13 +182,13 @@ impl VirtioDevice for Block {
                 queue
                     .add_used(mem, head, used_len)
                     .map_err(|e| DeviceError(format!("bad used ring: {e}")))?;
-                completed = true;
+                completed += 1;
             }
             if !queue.enable_notification(mem).map_err(ring_error)? {
                 break;
             }
         }
-        if completed && queue.needs_notification(mem).unwrap_or(true) {
+        if completed > 0 && queue.needs_notification(mem).unwrap_or(true) {
             interrupt.signal_used_queue();
         }
         Ok(())

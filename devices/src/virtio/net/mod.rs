@@ -117,6 +117,10 @@ struct RxChain {
     len: usize,
 }
 
+/// Most frames sent in one wakeup of the event loop (see
+/// [`VirtioDevice::wants_more`]).
+pub const TX_BUDGET: usize = 128;
+
 /// A virtio-net device.
 pub struct Net {
     backend: Box<dyn NetBackend>,
@@ -139,6 +143,8 @@ pub struct Net {
     backend_broken: bool,
     drops: NetDrops,
     counters: NetCounters,
+    /// The last transmit wakeup stopped at [`TX_BUDGET`].
+    tx_more: bool,
     /// Offer checksum and TSO offloads.
     offload: bool,
 }
@@ -161,6 +167,7 @@ impl Net {
             backend_broken: false,
             drops: NetDrops::default(),
             counters: NetCounters::default(),
+            tx_more: false,
             offload,
         }
     }
@@ -396,10 +403,18 @@ impl Net {
             .ok_or_else(|| DeviceError("not activated".into()))?;
         let ring_error = |e: virtio_queue::Error| DeviceError(format!("bad tx ring: {e}"));
         let mut used = false;
+        let mut frames = 0;
+        self.tx_more = false;
         // No notifications while the ring is being drained; turning them
-        // back on reports frames queued meanwhile.
+        // back on reports frames queued meanwhile. At the budget, stop with
+        // them off: the transport signals the queue again.
         txq.disable_notification(mem).map_err(ring_error)?;
         loop {
+            if frames >= TX_BUDGET {
+                self.tx_more = true;
+                break;
+            }
+            frames += 1;
             let chain = txq
                 .iter(mem)
                 .map_err(|e| DeviceError(format!("bad tx ring: {e}")))?
@@ -454,6 +469,10 @@ impl Net {
 impl VirtioDevice for Net {
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
         self
+    }
+
+    fn wants_more(&self, index: usize) -> bool {
+        index == TX && self.tx_more
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
@@ -517,6 +536,7 @@ impl VirtioDevice for Net {
         self.rx_room = 0;
         self.rx_len = 0;
         self.rx_blocked = false;
+        self.tx_more = false;
     }
 
     fn backend_fd(&self) -> Option<RawFd> {

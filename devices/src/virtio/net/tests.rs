@@ -265,6 +265,30 @@ fn a_frame_too_big_for_a_non_mergeable_buffer_is_dropped_and_counted() {
 }
 
 #[test]
+fn one_wakeup_sends_at_most_a_budget_of_frames_and_asks_for_another() {
+    let mut r = rig(all_features());
+    let f = frame(60);
+    r.mem.write_slice(&f, GuestAddress(BUFS)).unwrap();
+    let total = TX_BUDGET + 3;
+    for _ in 0..total {
+        r.driver.queues[1].add_chain(&r.mem, &[(BUFS, f.len() as u32, false)]);
+    }
+    let event = r.transport.queue_events()[1].try_clone().unwrap();
+    let _ = event.read();
+    let mut sent = Vec::new();
+    loop {
+        r.transport.process_queue(1);
+        sent.push(r.driver.queues[1].take_used(&r.mem).len());
+        if event.read().is_err() {
+            break;
+        }
+        assert!(sent.len() < 10, "{sent:?}");
+    }
+    assert_eq!(sent, [TX_BUDGET, 3]);
+    assert_eq!(r.wire.lock().unwrap().from_guest.len(), total);
+}
+
+#[test]
 fn hostile_transmit_chains_drop_the_frame_not_the_device() {
     let mut r = rig(all_features());
     // Outside guest memory; device-writable only; far too long; too short.
