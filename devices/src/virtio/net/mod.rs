@@ -432,7 +432,16 @@ impl Net {
             let mut slices = Vec::new();
             let mut len = 0usize;
             let mut usable = true;
-            for d in chain.take_while(|d| !d.is_write_only()) {
+            // A chain must end within the queue's size: virtio-queue stops
+            // a looping one there, with the last descriptor still pointing
+            // on (a descriptor chained to itself would otherwise go out as
+            // one frame of 256 copies).
+            let mut ended = false;
+            for d in chain {
+                if d.is_write_only() {
+                    ended = true;
+                    break;
+                }
                 match mem.get_slice(d.addr(), d.len() as usize) {
                     Ok(slice) => {
                         len = len.saturating_add(slice.len());
@@ -440,7 +449,11 @@ impl Net {
                     }
                     Err(_) => usable = false,
                 }
+                if !d.has_next() {
+                    ended = true;
+                }
             }
+            usable &= ended;
             let sent = usable
                 && (NET_HDR_LEN..=MAX_FRAME).contains(&len)
                 && self.backend.send_from(&slices).is_ok();

@@ -10,7 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::*;
 use crate::bus::BusDevice;
 use crate::virtio::mmio::MmioTransport;
-use crate::virtio::test_driver::{Desc, Driver, DESC_WRITE};
+use crate::virtio::test_driver::{Desc, Driver, DESC_NEXT, DESC_WRITE};
 
 #[derive(Default)]
 struct Wire {
@@ -286,6 +286,40 @@ fn one_wakeup_sends_at_most_a_budget_of_frames_and_asks_for_another() {
     }
     assert_eq!(sent, [TX_BUDGET, 3]);
     assert_eq!(r.wire.lock().unwrap().from_guest.len(), total);
+}
+
+#[test]
+fn a_transmit_descriptor_chained_to_itself_is_dropped_not_sent_256_times() {
+    let mut r = rig(all_features());
+    let f = frame(60);
+    r.mem.write_slice(&f, GuestAddress(BUFS)).unwrap();
+    let head = r.driver.queues[1].add_raw(
+        &r.mem,
+        &[Desc {
+            addr: BUFS,
+            len: f.len() as u32,
+            flags: DESC_NEXT,
+            next: 0,
+        }],
+    );
+    assert_eq!(head, 0);
+    r.transport.process_queue(1);
+    assert!(
+        r.wire.lock().unwrap().from_guest.is_empty(),
+        "a looping chain was sent"
+    );
+    let dropped = r
+        .transport
+        .counters()
+        .into_iter()
+        .find(|(name, _)| *name == "tx_dropped_frames")
+        .map(|(_, n)| n);
+    assert_eq!(dropped, Some(1));
+    assert!(!r.needs_reset());
+    // The next, well-formed frame goes out.
+    r.driver.queues[1].add_chain(&r.mem, &[(BUFS, f.len() as u32, false)]);
+    r.transport.process_queue(1);
+    assert_eq!(r.wire.lock().unwrap().from_guest, vec![f]);
 }
 
 #[test]
