@@ -29,7 +29,11 @@ console=/tmp/moat-console-$$.log
 report=/tmp/moat-report-$$.log
 : >"$report"
 start_moat() {
-    "$moat" "$@" >"$console" 2>&1 </dev/null & pid=$!
+    # The console goes out as it comes (a run that hangs shows where) and
+    # into the file the script watches.
+    mkfifo /tmp/moat-fifo-$$
+    tee "$console" </tmp/moat-fifo-$$ & tee=$!
+    "$moat" "$@" >/tmp/moat-fifo-$$ 2>&1 </dev/null & pid=$!
     case " $* " in *" --api-sock "*) ;; *) return ;; esac
     i=0; until [ -S "$sock" ]; do
         i=$((i+1)); [ $i -ge 200 ] && { echo "HOST: no API socket" >>"$report"; break; }
@@ -55,7 +59,7 @@ until_console() {
 }
 finish() {
     wait $pid; rc=$?
-    cat "$console"; cat "$report"; exit $rc
+    wait $tee; cat "$report"; exit $rc
 }
 "#;
 
@@ -109,7 +113,7 @@ api PUT /actions '{{"action_type": "FlushMetrics"}}'
 api GET /vm/config
 api PUT /actions '{{"action_type": "SendCtrlAltDel"}}'
 wait $pid; rc=$?
-cat "$console"; cat "$report"
+wait $tee; cat "$report"
 echo "HOST-METRICS=$(tail -n 2 /tmp/moat-api-fc.metrics | head -n 1)"
 echo "HOST-LOG-LINES=$(grep -c INFO /tmp/moat-api-fc.log)"
 echo "HOST-SOCKET-LEFT=$([ -e "$sock" ] && echo yes || echo no)"

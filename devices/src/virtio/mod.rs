@@ -19,7 +19,7 @@ use std::fmt;
 use std::os::fd::RawFd;
 
 pub use interrupt::Interrupt;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 
 /// Guest memory as devices see it.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
@@ -129,6 +129,41 @@ pub trait VirtioDevice: Send {
         mem: &GuestMemoryMmap,
         interrupt: &Interrupt,
     ) -> Result<(), DeviceError>;
+}
+
+/// Whether the chain at `head` of `queue` uses an indirect descriptor
+/// table. moat offers no VIRTIO_F_INDIRECT_DESC, so a driver that uses one
+/// breaks the negotiation; virtio-queue would follow the table anyway, so
+/// the devices look first. Walks at most the queue's size of descriptors
+/// (a loop ends there); unreadable descriptors count as no indirection
+/// (the chain itself then fails as it would).
+pub fn chain_uses_indirect(mem: &GuestMemoryMmap, queue: &Queue, head: u16) -> bool {
+    use vm_memory::Bytes;
+    const DESC_SIZE: u64 = 16;
+    let size = queue.size();
+    let table = queue.desc_table();
+    let mut index = head;
+    for _ in 0..size {
+        if index >= size {
+            return false;
+        }
+        let at = table.checked_add(u64::from(index) * DESC_SIZE);
+        let read = |offset: u64| -> Option<u16> {
+            mem.read_obj::<u16>(vm_memory::GuestAddress(at?.checked_add(offset)?))
+                .ok()
+        };
+        let (Some(flags), Some(next)) = (read(12), read(14)) else {
+            return false;
+        };
+        if flags & virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16 != 0 {
+            return true;
+        }
+        if flags & virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16 == 0 {
+            return false;
+        }
+        index = next;
+    }
+    false
 }
 
 /// The iovec for a slice of guest memory, for readv/writev/preadv/pwritev.

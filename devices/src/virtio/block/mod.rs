@@ -178,6 +178,12 @@ impl VirtioDevice for Block {
                     .next();
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
+                if super::chain_uses_indirect(mem, queue, head) {
+                    return Err(DeviceError(
+                        "a request uses an indirect descriptor table, which moat never offered"
+                            .into(),
+                    ));
+                }
                 let used_len = self.disk.handle(mem, chain)?;
                 queue
                     .add_used(mem, head, used_len)

@@ -461,6 +461,35 @@ fn one_wakeup_serves_at_most_a_budget_of_requests_and_asks_for_another() {
 }
 
 #[test]
+fn a_request_behind_an_indirect_table_needs_reset() {
+    // moat never offers VIRTIO_F_INDIRECT_DESC; a driver that uses it
+    // anyway gets NEEDS_RESET, not a request read through the table.
+    let mut r = rig("indirect", false);
+    let table = 0xa_0000u64;
+    let entries = [
+        (HEADER, 16u32, DESC_NEXT, 1u16),
+        (DATA, 512, DESC_NEXT | DESC_WRITE, 2),
+        (STATUS, 1, DESC_WRITE, 0),
+    ];
+    for (i, (addr, len, flags, next)) in entries.iter().enumerate() {
+        let at = table + 16 * i as u64;
+        r.mem.write_obj(*addr, GuestAddress(at)).unwrap();
+        r.mem.write_obj(*len, GuestAddress(at + 8)).unwrap();
+        r.mem.write_obj(*flags, GuestAddress(at + 12)).unwrap();
+        r.mem.write_obj(*next, GuestAddress(at + 14)).unwrap();
+    }
+    r.header(0, 0);
+    let (status, _) = r.submit_raw(&[Desc {
+        addr: table,
+        len: 48,
+        flags: virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16,
+        next: 0,
+    }]);
+    assert_eq!(status, 0xff, "the request was not carried out");
+    assert!(r.needs_reset());
+}
+
+#[test]
 fn data_may_share_a_descriptor_with_the_header_or_the_status() {
     let mut r = rig("shared", false);
     // A write whose header and data are one readable buffer.

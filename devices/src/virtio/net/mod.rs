@@ -273,7 +273,7 @@ impl Net {
             let head = chain.head_index();
             let mut parts = Vec::new();
             let mut len = 0usize;
-            let mut usable = true;
+            let mut usable = !super::chain_uses_indirect(mem, rxq, head);
             for d in chain {
                 let part = (d.addr(), d.len() as usize);
                 usable &= d.is_write_only() && mem.get_slice(part.0, part.1).is_ok();
@@ -427,6 +427,7 @@ impl Net {
                 break;
             };
             let head = chain.head_index();
+            let indirect = super::chain_uses_indirect(mem, txq, head);
             // The frame is the chain's readable descriptors, sent straight
             // from guest memory.
             let mut slices = Vec::new();
@@ -453,7 +454,7 @@ impl Net {
                     ended = true;
                 }
             }
-            usable &= ended;
+            usable &= ended && !indirect;
             let sent = usable
                 && (NET_HDR_LEN..=MAX_FRAME).contains(&len)
                 && self.backend.send_from(&slices).is_ok();
