@@ -198,9 +198,21 @@ mkfifo "$fifo"
 # into the log the script watches.
 tee "$log" <"$fifo" & tee=$!
 "$@" >"$fifo" 2>&1 & moat=$!
-until grep -q guest-is-ready "$log"; do kill -0 $moat 2>/dev/null || break; sleep 0.2; done
+i=0; until grep -q guest-is-ready "$log"; do
+    kill -0 $moat 2>/dev/null || break
+    i=$((i+1)); [ $i -ge 600 ] && break
+    sleep 0.2
+done
 read -r t0 _ </proc/uptime
-kill -TERM $moat; wait $moat; rc=$?
+kill -TERM $moat
+# moat ends within the shutdown timeout; one still running after 60 s is
+# stuck: where its threads wait goes on the console, and it is stopped.
+i=0; while kill -0 $moat 2>/dev/null && [ $i -lt 600 ]; do i=$((i+1)); sleep 0.1; done
+if kill -0 $moat 2>/dev/null; then
+    for t in /proc/$moat/task/*; do echo "HOST-MOAT-STUCK $(cat $t/comm) $(cat $t/wchan) $(cut -d' ' -f3 $t/stat)"; done
+    kill -9 $moat
+fi
+wait $moat; rc=$?
 read -r t1 _ </proc/uptime
 wait $tee; rm -f "$log" "$fifo"
 echo "HOST-EXIT-AFTER-TERM=$(echo "$t0 $t1" | awk '{ printf "%.1f", $2 - $1 }')"

@@ -57,8 +57,19 @@ until_console() {
         sleep 0.1
     done
 }
+# Waits for moat to end; one still running after $1 seconds (default
+# 180) is stuck: where its threads wait goes on the console, and it is
+# stopped.
+wait_moat() {
+    i=0; while kill -0 $pid 2>/dev/null && [ $i -lt $((${1:-180} * 10)) ]; do i=$((i+1)); sleep 0.1; done
+    if kill -0 $pid 2>/dev/null; then
+        for t in /proc/$pid/task/*; do echo "HOST-MOAT-STUCK $(cat $t/comm) $(cat $t/wchan) $(cut -d' ' -f3 $t/stat)"; done
+        kill -9 $pid
+    fi
+    wait $pid
+}
 finish() {
-    wait $pid; rc=$?
+    wait_moat; rc=$?
     wait $tee; cat "$report"; exit $rc
 }
 "#;
@@ -112,7 +123,7 @@ api PUT /machine-config '{{"vcpu_count": 1, "mem_size_mib": 128}}'
 api PUT /actions '{{"action_type": "FlushMetrics"}}'
 api GET /vm/config
 api PUT /actions '{{"action_type": "SendCtrlAltDel"}}'
-wait $pid; rc=$?
+wait_moat; rc=$?
 wait $tee; cat "$report"
 echo "HOST-METRICS=$(tail -n 2 /tmp/moat-api-fc.metrics | head -n 1)"
 echo "HOST-LOG-LINES=$(grep -c INFO /tmp/moat-api-fc.log)"

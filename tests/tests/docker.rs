@@ -51,8 +51,17 @@ tee $log <$log.fifo & tee=$!
 until [ -e /sys/class/net/$TAP ]; do kill -0 $moat 2>/dev/null || break; sleep 0.1; done
 ip addr add $HOST_CIDR dev $TAP && ip link set $TAP up
 httpd -f -p ${HOST_CIDR%/*}:8080 -h $www & web=$!
-ready= first= version= created= down=0
+ready= first= version= created= down=0 quiet=0 size=0
 while kill -0 $moat 2>/dev/null; do
+    # A guest whose console stays silent for 5 minutes is stuck (the
+    # slowest step, a first docker run, prints within 2): say where moat's
+    # threads are, on the console at once, and stop it.
+    now=$(wc -c <$log)
+    if [ "$now" = "$size" ]; then quiet=$((quiet+1)); else quiet=0; size=$now; fi
+    if [ $quiet -ge 600 ]; then
+        for t in /proc/$moat/task/*; do echo "HOST-MOAT-QUIET $(cat $t/comm) $(cat $t/wchan) $(cut -d' ' -f3 $t/stat)"; done
+        kill -9 $moat
+    fi
     # moat must end once the guest is powered off: if it does not, say
     # where its threads wait, and stop it.
     if grep -q 'reboot: Power down' $log; then
