@@ -150,9 +150,10 @@ pub fn file_with(path: &Path, contents: &[u8]) -> std::fs::File {
     file
 }
 
-/// Runs `resources/build-images.sh ARGS` and reads its KEY=PATH lines.
-fn build_images(args: &[&str]) -> HashMap<String, PathBuf> {
-    let script = repo_root().join("resources/build-images.sh");
+/// Runs the repository's script `path` with `args` (its stderr shown) and
+/// returns its stdout; a script that fails fails the test.
+fn run_script(path: &str, args: &[&str]) -> String {
+    let script = repo_root().join(path);
     let out = Command::new(&script)
         .args(args)
         .stderr(Stdio::inherit())
@@ -164,7 +165,12 @@ fn build_images(args: &[&str]) -> HashMap<String, PathBuf> {
         script.display(),
         out.status
     );
-    String::from_utf8_lossy(&out.stdout)
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `resources/build-images.sh ARGS` and reads its KEY=PATH lines.
+fn build_images(args: &[&str]) -> HashMap<String, PathBuf> {
+    run_script("resources/build-images.sh", args)
         .lines()
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| (k.to_string(), PathBuf::from(v)))
@@ -198,20 +204,7 @@ pub fn image(key: &str) -> PathBuf {
 pub fn python() -> PathBuf {
     static PYTHON: OnceLock<PathBuf> = OnceLock::new();
     PYTHON
-        .get_or_init(|| {
-            let script = repo_root().join("scripts/python-env.sh");
-            let out = Command::new(&script)
-                .stderr(Stdio::inherit())
-                .output()
-                .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-            assert!(
-                out.status.success(),
-                "{} failed: {}",
-                script.display(),
-                out.status
-            );
-            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-        })
+        .get_or_init(|| PathBuf::from(run_script("scripts/python-env.sh", &[]).trim()))
         .clone()
 }
 

@@ -552,7 +552,7 @@ type Envelope = (ApiCall, Sender<Response>);
 
 /// The API thread's end: sends calls and wakes the VMM thread.
 struct Courier {
-    calls: Mutex<Sender<Envelope>>,
+    calls: Sender<Envelope>,
     wake: EventFd,
 }
 
@@ -564,12 +564,7 @@ impl Courier {
             Err(response) => response,
             Ok(call) => {
                 let (tx, rx) = mpsc::channel();
-                let sent = self
-                    .calls
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .send((call, tx))
-                    .is_ok();
+                let sent = self.calls.send((call, tx)).is_ok();
                 let _ = self.wake.write(1);
                 match sent.then(|| rx.recv().ok()).flatten() {
                     Some(response) => response,
@@ -748,7 +743,7 @@ pub fn run_process(options: &ProcessOptions) -> Result<VmExit, ProcessError> {
             let wake = moat_devices::trigger::new_eventfd()
                 .map_err(|e| ProcessError::Vm(Error::Io("create an eventfd", e)))?;
             let courier = Courier {
-                calls: Mutex::new(tx),
+                calls: tx,
                 wake: wake
                     .try_clone()
                     .map_err(|e| ProcessError::Vm(Error::Io("clone an eventfd", e)))?,
