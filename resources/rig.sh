@@ -3,8 +3,8 @@
 # /dev/kvm, under QEMU microvm with TCG and emulated SVM (this host's own
 # /dev/kvm cannot run a Linux guest to userspace).
 #
-#   rig.sh [--timeout SECS] [--file PATH]... [--disk PATH]... [--mem MiB]
-#          [--cpus N] -- COMMAND [ARGS...]
+#   rig.sh [--timeout SECS] [--diag-after SECS] [--file PATH]...
+#          [--disk PATH]... [--mem MiB] [--cpus N] -- COMMAND [ARGS...]
 #
 # COMMAND (with the shared libraries and loader that ldd lists, if it is a
 # dynamic ELF) and each --file PATH are copied into L1 at their absolute host
@@ -19,6 +19,9 @@
 #
 # --mem sets L1's memory (default 2048 MiB), --cpus its vCPUs (default 1;
 # TCG runs each in its own host thread).
+# --diag-after SECS: if COMMAND still runs SECS after it started, L1 prints
+# "RIG-DIAG" lines to its console (every thread's state, wait channel,
+# syscall, kernel stack and guest time; twice, 10 s apart).
 # Exit status: COMMAND's exit status in L1; 124 on timeout (default 300 s,
 # 0 for none);
 # 125 if the rig itself failed (images, QEMU, L1 crash/panic).
@@ -33,10 +36,11 @@ verbose=${RIG_VERBOSE:-0}
 [[ $verbose == 0 ]] && verbose=
 
 die() { echo "rig: $*" >&2; exit 125; }
-usage() { sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 125; }
+usage() { sed -n '2,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 125; }
 elapsed() { printf '%.2f' "$(bc <<<"$EPOCHREALTIME - $start")"; }
 
 timeout_s=300
+diag_after=
 mem=2048
 cpus=1
 files=()
@@ -45,6 +49,8 @@ while [[ $# -gt 0 ]]; do
     case $1 in
         --timeout) [[ $# -ge 2 ]] || usage; timeout_s=$2; shift 2 ;;
         --timeout=*) timeout_s=${1#*=}; shift ;;
+        --diag-after) [[ $# -ge 2 ]] || usage; diag_after=$2; shift 2 ;;
+        --diag-after=*) diag_after=${1#*=}; shift ;;
         --file) [[ $# -ge 2 ]] || usage; files+=("$2"); shift 2 ;;
         --file=*) files+=("${1#*=}"); shift ;;
         --disk) [[ $# -ge 2 ]] || usage; disks+=("$2"); shift 2 ;;
@@ -62,6 +68,7 @@ done
 # timeout(1) treats 0 as "no time limit", which interactive use wants.
 [[ $timeout_s =~ ^[0-9]+$ ]] || die "--timeout wants a number of seconds (0: no limit)"
 [[ $mem =~ ^[0-9]+$ ]] || die "--mem wants MiB"
+[[ -z $diag_after || $diag_after =~ ^[0-9]+$ ]] || die "--diag-after wants a number of seconds"
 [[ $cpus =~ ^[1-8]$ ]] || die "--cpus wants 1 to 8"
 
 abspath() { if [[ $1 == /* ]]; then echo "$1"; else echo "$PWD/$1"; fi; }
@@ -192,6 +199,7 @@ cp "$RIG_INITRAMFS" "$initrd"
 "$here/lib/pack-cpio.sh" "$stage" >>"$initrd"
 
 append="console=ttyS1 reboot=t panic=-1 8250.nr_uarts=2 i8042.noaux i8042.nokbd tsc=reliable no_timer_check"
+[[ -n $diag_after ]] && append+=" rig.diag=$diag_after"
 # TCG's TSC runs at the host's rate. L1 calibrates it against the PIT, which
 # under TCG fails about one boot in six; L1 then marks its TSC unstable and
 # its KVM gives L2 a clock that stalls L2's boot. Tell L1 the rate instead.

@@ -740,6 +740,9 @@ fn path_str(path: &Path) -> String {
     path.to_string_lossy().into_owned()
 }
 
+/// How long before the harness's timeout the rig reports on its threads.
+const DIAG_BEFORE_TIMEOUT_S: u64 = 25;
+
 /// The command that runs `moat ARGS` on `backend`, with `files` available
 /// at the same paths (the rig copies them into its VM).
 pub fn moat_command(
@@ -760,6 +763,11 @@ pub fn moat_command(
             // The rig's own timeout is a backstop behind the harness's.
             cmd.arg("--timeout")
                 .arg((timeout.as_secs() + 30).to_string());
+            // L1 reports what a command still running shortly before the
+            // harness gives up is doing (twice, 10 s apart).
+            if let Some(after) = timeout.as_secs().checked_sub(DIAG_BEFORE_TIMEOUT_S) {
+                cmd.arg("--diag-after").arg(after.to_string());
+            }
             for file in files {
                 cmd.arg("--file").arg(file);
             }
@@ -860,10 +868,18 @@ fn run_command(
             let text = console_text(&output.bytes.lock().unwrap());
             let l1 = l1_log
                 .map(|path| {
-                    let text = std::fs::read(path).unwrap_or_default();
+                    let text = console_text(&std::fs::read(path).unwrap_or_default());
+                    let diag: Vec<&str> =
+                        text.lines().filter(|l| l.starts_with("RIG-DIAG")).collect();
+                    let plain: String = text
+                        .lines()
+                        .filter(|l| !l.starts_with("RIG-DIAG"))
+                        .map(|l| format!("{l}\n"))
+                        .collect();
                     format!(
-                        "\n--- L1 console tail ---\n{}",
-                        tail(&console_text(&text), 20)
+                        "\n--- L1 console tail ---\n{}\n--- L1's report on its threads ---\n{}",
+                        tail(&plain, 20),
+                        diag.join("\n")
                     )
                 })
                 .unwrap_or_default();
