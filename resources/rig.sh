@@ -115,10 +115,12 @@ done <<<"$images"
 [[ -f $RIG_KERNEL && -f $RIG_INITRAMFS ]] || die "build-images.sh gave no RIG_KERNEL/RIG_INITRAMFS"
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/moat-rig.XXXXXX")
-feeder='' watcher='' saved_tty=''
+feeder='' watcher='' stall_watcher='' monitor_reader='' saved_tty=''
 # shellcheck disable=SC2317  # called from the EXIT trap
 cleanup() {
     if [[ -n $watcher ]]; then kill "$watcher" 2>/dev/null || true; fi
+    if [[ -n $stall_watcher ]]; then kill "$stall_watcher" 2>/dev/null || true; fi
+    if [[ -n $monitor_reader ]]; then kill "$monitor_reader" 2>/dev/null || true; fi
     # The feeder runs in its own process group (setsid): end all of it.
     if [[ -n $feeder ]]; then kill -- "-$feeder" 2>/dev/null || true; fi
     if [[ -n $saved_tty ]]; then stty "$saved_tty" 2>/dev/null || true; fi
@@ -199,6 +201,10 @@ cp "$RIG_INITRAMFS" "$initrd"
 "$here/lib/pack-cpio.sh" "$stage" >>"$initrd"
 
 append="console=ttyS1 reboot=t panic=-1 8250.nr_uarts=2 i8042.noaux i8042.nokbd tsc=reliable no_timer_check"
+# A periodic tick (no high-resolution one-shot timer, no tickless idle): a
+# timer interrupt lost by TCG's nested SVM would otherwise leave L1 halted
+# with no timer armed, for good (docs/testing.md).
+append+=" highres=off nohz=off"
 [[ -n $diag_after ]] && append+=" rig.diag=$diag_after"
 # TCG's TSC runs at the host's rate. L1 calibrates it against the PIT, which
 # under TCG fails about one boot in six; L1 then marks its TSC unstable and
@@ -215,7 +221,7 @@ rcfile=${RIG_L1_LOG:-$tmp/rc}
 qemu=(
     qemu-system-x86_64
     -M microvm,acpi=off,x-option-roms=off,rtc=off -accel tcg -cpu max -m "$mem" -smp "$cpus"
-    -nodefaults -no-user-config -display none -monitor none -no-reboot
+    -nodefaults -no-user-config -display none -no-reboot
     -kernel "$RIG_KERNEL" -initrd "$initrd" -append "$append"
     -chardev stdio,id=con,signal=off -serial chardev:con
     # microvm creates only one ISA serial port itself; add COM2 by hand.
@@ -241,6 +247,39 @@ if [[ -n $verbose ]]; then
         echo "rig: /rig/cmd started $(elapsed) s after rig.sh start ($(grep -ao -m1 'RIG-START.*' "$rcfile" | tr -d '\r') of L1)" >&2
     ) &
     watcher=$!
+fi
+
+# --diag-after: if L1 has not reported on its threads 20 s after it was
+# asked to, L1 itself is stalled; then QEMU's monitor (on a pipe pair) tells
+# where L1's processor is: three samples of its instruction pointer (an
+# address in moat's kernel, L1's or, in guest mode, L2's) and whether it is
+# halted, printed on stderr.
+if [[ -n $diag_after ]]; then
+    mkfifo "$tmp/monitor.in" "$tmp/monitor.out"
+    # shellcheck disable=SC2054  # commas belong to QEMU options
+    qemu+=(-chardev "pipe,id=monitor,path=$tmp/monitor" -mon chardev=monitor,mode=readline)
+    cat "$tmp/monitor.out" >"$tmp/monitor.log" 2>/dev/null &
+    monitor_reader=$!
+    (
+        set +e
+        # ($$ is rig.sh: the watcher ends with it.)
+        for ((i = 0; i < diag_after + 20; i++)); do
+            sleep 1
+            kill -0 $$ 2>/dev/null || exit 0
+        done
+        grep -q 'RIG-DIAG report 1' "$rcfile" 2>/dev/null && exit 0
+        echo "rig: L1 did not report on its threads $diag_after s after /rig/cmd started: L1 is stalled; where its processor is:" >&2
+        for sample in 1 2 3; do
+            echo 'info registers' >"$tmp/monitor.in"
+            sleep 1
+            line=$(tr -d '\r' <"$tmp/monitor.log" | grep -a 'RIP=' | tail -n1)
+            rip=$(grep -o 'RIP=[0-9a-f]*' <<<"$line" | cut -d= -f2)
+            sym=$(nm -n "$RIG_KERNEL" 2>/dev/null |
+                awk -v a="$rip" '$1 <= a { s = $3 } $1 > a { exit } END { print s }')
+            echo "rig: L1 processor sample $sample: RIP=$rip (${sym:-?}) $(grep -o 'CPL=[0-9].*' <<<"$line")" >&2
+        done
+    ) &
+    stall_watcher=$!
 fi
 
 [[ -t 0 ]] && saved_tty=$(stty -g 2>/dev/null || true)

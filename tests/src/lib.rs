@@ -741,7 +741,7 @@ fn path_str(path: &Path) -> String {
 }
 
 /// How long before the harness's timeout the rig reports on its threads.
-const DIAG_BEFORE_TIMEOUT_S: u64 = 25;
+const DIAG_BEFORE_TIMEOUT_S: u64 = 45;
 
 /// The command that runs `moat ARGS` on `backend`, with `files` available
 /// at the same paths (the rig copies them into its VM).
