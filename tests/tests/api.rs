@@ -208,6 +208,11 @@ exit $rc
         metrics["vcpu"]["exit_io_out"].as_u64().unwrap() > 0,
         "{metrics}"
     );
+    assert!(
+        metrics["uart"]["write_count"].as_u64().unwrap() > 0,
+        "{metrics}"
+    );
+    assert_eq!(metrics["uart"]["missed_write_count"], 0, "{metrics}");
     assert!(value(c, "HOST-LOG-LINES").parse::<u32>().unwrap() >= 3);
     assert_eq!(value(c, "HOST-SOCKET-LEFT"), "no");
 }

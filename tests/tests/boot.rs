@@ -194,6 +194,30 @@ cat "$log"; exit $rc"#;
     );
 }
 
+#[test]
+fn a_stdout_nobody_reads_costs_console_output_not_the_vm() {
+    // moat's stdout is a pipe held open and never read, so it is full
+    // after 64 KiB. The guest writes 96 KiB to its console and powers off:
+    // moat must end (a vCPU blocked writing to stdout would hold the UART
+    // lock, and the guest with it, for ever).
+    let host = r#"fifo=/tmp/moat-unread-$$.fifo err=/tmp/moat-unread-$$.err
+mkfifo "$fifo"
+exec 3<>"$fifo"
+"$@" >&3 2>"$err" & moat=$!
+i=0; while kill -0 $moat 2>/dev/null && [ $i -lt 1200 ]; do i=$((i+1)); sleep 0.1; done
+if kill -0 $moat 2>/dev/null; then echo HOST-MOAT-STUCK; kill -9 $moat; fi
+wait $moat; rc=$?
+cat "$err"; rm -f "$fifo" "$err"
+exit $rc"#;
+    let out = Guest::vmlinux()
+        .host_script(host)
+        .script("head -c 98304 /dev/zero | tr '\\0' x")
+        .run()
+        .unwrap();
+    assert!(!out.console.contains("HOST-MOAT-STUCK"), "{}", out.tail(10));
+    assert_eq!(out.status, 0, "{}", out.tail(10));
+}
+
 /// moat's boot-timer line: (first KVM_RUN, marker) in ms since moat started.
 fn boot_timer_ms(console: &str) -> Option<(f64, f64)> {
     let line = console

@@ -39,6 +39,10 @@ use crate::exit::{ExitSignal, VmExit};
 use crate::shutdown::{ExitEvents, ExitWatcher};
 use crate::vcpu::{HaltProbe, VcpuThread};
 
+/// How long moat waits, when the VM has ended, for the console's buffered
+/// output to reach stdout.
+const CONSOLE_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// An event-loop subscriber moat's callers add (the API's).
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
@@ -61,7 +65,14 @@ pub struct Vm {
     legacy: vm::LegacyDevices,
     handlers: Vec<virtio::QueueHandler>,
     handle: VmHandle,
-    vmm_filter: Option<Arc<seccompiler::BpfProgram>>,
+    filters: Option<Filters>,
+}
+
+/// The seccomp programs of moat's VM threads.
+struct Filters {
+    vcpu: Arc<seccompiler::BpfProgram>,
+    vmm: Arc<seccompiler::BpfProgram>,
+    console: Arc<seccompiler::BpfProgram>,
 }
 
 /// What the API needs to reach in a running VM.
@@ -77,12 +88,17 @@ pub struct VmHandle {
     pub power_button: Arc<moat_devices::trigger::EventFdTrigger>,
     /// The virtio devices by name, in the guest's order.
     pub devices: Vec<Arc<Mutex<MmioTransport>>>,
+    /// The console's output counters.
+    pub console: Arc<console::OutputCounters>,
 }
 
 impl VmHandle {
     /// Every counter group, for a metrics line.
     pub fn metric_groups(&self) -> Vec<metrics::Group> {
-        let mut groups = vec![("vcpu".to_string(), self.exits.snapshot())];
+        let mut groups = vec![
+            ("vcpu".to_string(), self.exits.snapshot()),
+            ("uart".to_string(), self.console.snapshot()),
+        ];
         for device in &self.devices {
             let device = device.lock().unwrap_or_else(|e| e.into_inner());
             groups.push((device.name().to_string(), device.counters()));
@@ -142,10 +158,11 @@ impl Vm {
         let filters = if config.seccomp {
             seccomp::install_sigsys_handler().map_err(|e| Error::Internal(e.to_string()))?;
             let program = |kind| seccomp::program(kind).map_err(|e| Error::Internal(e.to_string()));
-            Some((
-                Arc::new(program(seccomp::ThreadKind::Vcpu)?),
-                Arc::new(program(seccomp::ThreadKind::Vmm)?),
-            ))
+            Some(Filters {
+                vcpu: Arc::new(program(seccomp::ThreadKind::Vcpu)?),
+                vmm: Arc::new(program(seccomp::ThreadKind::Vmm)?),
+                console: Arc::new(program(seccomp::ThreadKind::Console)?),
+            })
         } else {
             None
         };
@@ -174,7 +191,7 @@ impl Vm {
             halt_probe: Arc::new(HaltProbe::new(vcpu_fds.len())),
             pause: Arc::new(vcpu::PauseGate::default()),
             exits: Arc::new(vcpu::ExitCounters::default()),
-            seccomp: filters.as_ref().map(|(vcpu, _)| vcpu.clone()),
+            seccomp: filters.as_ref().map(|f| f.vcpu.clone()),
         };
         let handle = VmHandle {
             vcpus: Arc::new(Mutex::new(Vec::with_capacity(vcpu_fds.len()))),
@@ -187,6 +204,7 @@ impl Vm {
                     .map_err(|e| Error::Io("clone an eventfd", e))?,
             ),
             devices: virtio_devices.iter().map(|d| d.transport.clone()).collect(),
+            console: legacy.console_out.counters(),
         };
         Ok(Vm {
             config: config.clone(),
@@ -198,7 +216,7 @@ impl Vm {
             legacy,
             handlers: virtio_devices.into_iter().map(|d| d.handler).collect(),
             handle,
-            vmm_filter: filters.map(|(_, vmm)| vmm),
+            filters,
         })
     }
 
@@ -218,7 +236,7 @@ impl Vm {
             legacy,
             handlers,
             handle,
-            vmm_filter,
+            filters,
             ..
         } = self;
         let exit = shared.exit.clone();
@@ -255,6 +273,13 @@ impl Vm {
             legacy.serial_input_space,
         ))));
 
+        let console_writer = legacy
+            .console_out
+            .start_writer(
+                std::io::stdout(),
+                filters.as_ref().map(|f| f.console.clone()),
+            )
+            .map_err(|e| Error::Io("start the console output thread", e))?;
         vcpu::install_kick_handler()?;
         for (index, fd) in vcpu_fds.into_iter().enumerate() {
             let spawned = vcpu::spawn(index as u8, fd, shared.clone());
@@ -269,8 +294,8 @@ impl Vm {
         }
 
         // From here on the VMM thread only serves the VM.
-        if let Some(filter) = &vmm_filter {
-            if let Err(e) = seccomp::install(seccomp::ThreadKind::Vmm, filter) {
+        if let Some(filters) = &filters {
+            if let Err(e) = seccomp::install(seccomp::ThreadKind::Vmm, &filters.vmm) {
                 let threads = std::mem::take(&mut *vcpus.lock().unwrap_or_else(|e| e.into_inner()));
                 vcpu::stop_all(threads, &shared.stop);
                 return Err(Error::Internal(e.to_string()));
@@ -289,6 +314,8 @@ impl Vm {
         };
         let threads = std::mem::take(&mut *vcpus.lock().unwrap_or_else(|e| e.into_inner()));
         vcpu::stop_all(threads, &shared.stop);
+        // The guest's last words, unless stdout has stopped taking them.
+        console_writer.finish(CONSOLE_FLUSH_TIMEOUT);
         drop(raw_mode);
         // Guest memory must outlive the vCPUs that map it.
         drop(memory);

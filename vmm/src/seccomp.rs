@@ -34,14 +34,25 @@ pub enum ThreadKind {
     Vmm,
     /// The API thread.
     Api,
+    /// The thread writing the console's output to stdout.
+    Console,
 }
 
 impl ThreadKind {
+    /// Every kind.
+    pub const ALL: [ThreadKind; 4] = [
+        ThreadKind::Vcpu,
+        ThreadKind::Vmm,
+        ThreadKind::Api,
+        ThreadKind::Console,
+    ];
+
     fn name(self) -> &'static str {
         match self {
             ThreadKind::Vcpu => "a vCPU thread",
             ThreadKind::Vmm => "the VMM thread",
             ThreadKind::Api => "the API thread",
+            ThreadKind::Console => "the console output thread",
         }
     }
 }
@@ -231,6 +242,10 @@ pub fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
             // FIONBIO for new connections; TCSETS for the SIGSYS handler.
             rules.insert(libc::SYS_ioctl, arg_in(1, &[libc::FIONBIO, libc::TCSETS]));
         }
+        ThreadKind::Console => {
+            // Writes to stdout are in COMMON; TCSETS for the SIGSYS handler.
+            rules.insert(libc::SYS_ioctl, arg_in(1, &[libc::TCSETS]));
+        }
     }
     rules
 }
@@ -400,6 +415,24 @@ mod tests {
     }
 
     #[test]
+    fn the_console_thread_can_write_and_nothing_else_of_note() {
+        let forbidden: [fn() -> i64; 4] = [
+            || sys(libc::SYS_openat, AT_FDCWD, path(c"/etc/passwd"), 0),
+            || sys(libc::SYS_socket, AF_UNIX, STREAM, 0),
+            || sys(libc::SYS_ioctl, -1, kvm_run() as i64, 0),
+            || sys(libc::SYS_epoll_ctl, -1, 0, -1),
+        ];
+        for (i, call) in forbidden.into_iter().enumerate() {
+            let status = in_filtered_child(ThreadKind::Console, call);
+            assert!(killed_by_sigsys(status), "probe {i}: status {status:#x}");
+        }
+        let write = in_filtered_child(ThreadKind::Console, || {
+            sys(libc::SYS_write, -1, path(c"x"), 1)
+        });
+        assert!(libc::WIFEXITED(write) && libc::WEXITSTATUS(write) == 0);
+    }
+
+    #[test]
     fn the_api_thread_cannot_open_files_or_connect() {
         let forbidden: [fn() -> i64; 2] = [
             || sys(libc::SYS_openat, AT_FDCWD, path(c"/etc/passwd"), 0),
@@ -419,7 +452,7 @@ mod tests {
     fn what_the_sigsys_handler_needs_is_in_every_filter() {
         // A call the handler makes that its own filter forbids would kill
         // the process without a word (SIGSYS is blocked in the handler).
-        for kind in [ThreadKind::Vcpu, ThreadKind::Vmm, ThreadKind::Api] {
+        for kind in ThreadKind::ALL {
             let rules = rules(kind);
             for call in [libc::SYS_write, libc::SYS_exit_group] {
                 assert!(rules.contains_key(&call), "{kind:?} lacks {call}");
@@ -450,7 +483,7 @@ mod tests {
 
     #[test]
     fn every_filter_compiles() {
-        for kind in [ThreadKind::Vcpu, ThreadKind::Vmm, ThreadKind::Api] {
+        for kind in ThreadKind::ALL {
             assert!(!program(kind).unwrap().is_empty());
         }
     }

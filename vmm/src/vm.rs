@@ -24,7 +24,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use crate::boot_timer::{self, FirstRun};
 use crate::bus::Bus;
 use crate::config::{self, ConfigError, VmConfig};
-use crate::console::ConsoleSerial;
+use crate::console::{ConsoleOut, ConsoleSerial, OutputLimits};
 use crate::error::{Error, KvmOp};
 
 /// The KVM API version every kernel since 2.6.22 reports.
@@ -280,6 +280,8 @@ fn write_acpi_tables(
 pub struct LegacyDevices {
     /// COM1, shared with the console input pump.
     pub serial: Arc<Mutex<ConsoleSerial>>,
+    /// COM1's output, for the writer thread.
+    pub console_out: ConsoleOut,
     /// Signalled when the guest drains COM1's receive FIFO.
     pub serial_input_space: EventFdTrigger,
     /// Signalled when the guest resets (the i8042's reset line, or the
@@ -300,10 +302,11 @@ pub fn attach_legacy_devices(vm: &VmFd, pio: &mut Bus) -> Result<LegacyDevices, 
     vm.register_irqfd(serial_irq.event_fd(), COM1_IRQ)
         .map_err(KvmOp::Irqfd.err())?;
     let serial_input_space = eventfd()?;
+    let console_out = ConsoleOut::new(OutputLimits::default());
     let serial = Arc::new(Mutex::new(Serial::new(
         serial_irq,
         clone(&serial_input_space)?,
-        std::io::stdout(),
+        console_out.clone(),
     )));
     let reset = eventfd()?;
     let i8042 = Arc::new(Mutex::new(I8042::new(clone(&reset)?)));
@@ -326,6 +329,7 @@ pub fn attach_legacy_devices(vm: &VmFd, pio: &mut Bus) -> Result<LegacyDevices, 
         .map_err(overlap)?;
     Ok(LegacyDevices {
         serial,
+        console_out,
         serial_input_space,
         reset,
         power_off,
