@@ -176,9 +176,21 @@ pub(crate) fn iovec(slice: &vm_memory::VolatileSlice<'_, ()>) -> libc::iovec {
     }
 }
 
-/// At most IOV_MAX iovecs: more makes readv/writev fail with EINVAL.
-fn iov_count(iov: &[libc::iovec]) -> libc::c_int {
-    iov.len().min(libc::UIO_MAXIOV as usize) as libc::c_int
+/// The iovec count for readv/writev: more than IOV_MAX is an error here,
+/// never a shorter list (which would send or fill part of a frame and call
+/// it whole).
+fn iov_count(iov: &[libc::iovec]) -> std::io::Result<libc::c_int> {
+    if iov.len() > libc::UIO_MAXIOV as usize {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "{} buffer pieces, more than the {} one system call takes",
+                iov.len(),
+                libc::UIO_MAXIOV
+            ),
+        ));
+    }
+    Ok(iov.len() as libc::c_int)
 }
 
 fn io_result(n: isize) -> std::io::Result<usize> {
@@ -196,9 +208,10 @@ pub(crate) fn readv(
     bufs: &[vm_memory::VolatileSlice<'_, ()>],
 ) -> std::io::Result<usize> {
     let iov: Vec<libc::iovec> = bufs.iter().map(iovec).collect();
+    let count = iov_count(&iov)?;
     // SAFETY: every iovec covers a VolatileSlice the caller holds, valid
     // for the length of the call; the kernel writes only inside them.
-    io_result(unsafe { libc::readv(fd, iov.as_ptr(), iov_count(&iov)) })
+    io_result(unsafe { libc::readv(fd, iov.as_ptr(), count) })
 }
 
 /// writev(2) to `fd` straight from `bufs`.
@@ -207,6 +220,39 @@ pub(crate) fn writev(
     bufs: &[vm_memory::VolatileSlice<'_, ()>],
 ) -> std::io::Result<usize> {
     let iov: Vec<libc::iovec> = bufs.iter().map(iovec).collect();
+    let count = iov_count(&iov)?;
     // SAFETY: as in `readv`; the kernel only reads the buffers.
-    io_result(unsafe { libc::writev(fd, iov.as_ptr(), iov_count(&iov)) })
+    io_result(unsafe { libc::writev(fd, iov.as_ptr(), count) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    fn pipe() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills the two descriptors, which we then own.
+        let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK) };
+        assert_eq!(rc, 0);
+        // SAFETY: both were just created and are owned by nobody else.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
+
+    #[test]
+    fn more_buffer_pieces_than_a_system_call_takes_is_an_error_not_a_shorter_write() {
+        let mut bytes = vec![7u8; 1025];
+        let (read_end, write_end) = pipe();
+        let slices: Vec<vm_memory::VolatileSlice<'_, ()>> = bytes
+            .chunks_mut(1)
+            .map(vm_memory::VolatileSlice::from)
+            .collect();
+        assert!(writev(write_end.as_raw_fd(), &slices).is_err());
+        assert_eq!(
+            writev(write_end.as_raw_fd(), &slices[..1024]).unwrap(),
+            1024
+        );
+        assert!(readv(read_end.as_raw_fd(), &slices).is_err());
+        assert_eq!(readv(read_end.as_raw_fd(), &slices[..1024]).unwrap(), 1024);
+    }
 }
