@@ -970,6 +970,42 @@ pub fn parse_test_result(console: &str) -> (Option<i32>, String) {
     (rc, body[..end].to_string())
 }
 
+/// Writes a tiny ELF kernel that enables interrupts and idles in HLT
+/// forever: a guest that stays up on any KVM (the PVM one cannot run a
+/// Linux guest for long) and never powers off by itself, so requests that
+/// act on a running VM act on one.
+pub fn idle_kernel(path: &Path) -> PathBuf {
+    const LOAD: u64 = 0x10_0000;
+    const CODE_AT: u64 = 64 + 56;
+    // sti; 1: hlt; jmp 1b
+    let code = [0xfb, 0xf4, 0xeb, 0xfd];
+    let size = CODE_AT + code.len() as u64;
+    let mut elf = Vec::new();
+    elf.extend([0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    elf.extend(2u16.to_le_bytes()); // ET_EXEC
+    elf.extend(0x3eu16.to_le_bytes()); // x86-64
+    elf.extend(1u32.to_le_bytes());
+    elf.extend((LOAD + CODE_AT).to_le_bytes()); // entry
+    elf.extend(64u64.to_le_bytes()); // program headers
+    elf.extend(0u64.to_le_bytes()); // no section headers
+    elf.extend(0u32.to_le_bytes());
+    elf.extend(64u16.to_le_bytes());
+    elf.extend(56u16.to_le_bytes());
+    elf.extend(1u16.to_le_bytes());
+    elf.extend([0u8; 6]);
+    elf.extend(1u32.to_le_bytes()); // PT_LOAD
+    elf.extend(5u32.to_le_bytes()); // R+X
+    elf.extend(0u64.to_le_bytes()); // from file offset 0
+    elf.extend(LOAD.to_le_bytes());
+    elf.extend(LOAD.to_le_bytes());
+    elf.extend(size.to_le_bytes());
+    elf.extend(size.to_le_bytes());
+    elf.extend(0x1000u64.to_le_bytes());
+    elf.extend(code);
+    std::fs::write(path, elf).unwrap();
+    path.to_path_buf()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -228,6 +228,31 @@ pub struct RunArgs {
     /// to debug a forbidden system call.
     #[arg(long, value_name = "on|off", default_value = "on")]
     pub seccomp: String,
+
+    /// Run in a jail rooted at DIR (needs root; docs/security.md): new
+    /// mount, PID, IPC and UTS namespaces, only the VM's files bound in,
+    /// and, once the VM is built, --uid/--gid with no capabilities.
+    #[arg(long, value_name = "DIR", requires_all = ["uid", "gid"])]
+    pub jail: Option<PathBuf>,
+
+    /// The uid moat runs as in the jail (not 0).
+    #[arg(long, value_name = "N", requires = "jail")]
+    pub uid: Option<u32>,
+
+    /// The gid moat runs as in the jail (not 0).
+    #[arg(long, value_name = "N", requires = "jail")]
+    pub gid: Option<u32>,
+
+    /// A network namespace for the jail to join (e.g. /var/run/netns/NAME);
+    /// TAPs named by --net must be in it.
+    #[arg(long, value_name = "PATH", requires = "jail")]
+    pub netns: Option<PathBuf>,
+
+    /// cgroup v2 limits for the jail: cgroup files and values, e.g.
+    /// cpu.max=50000 100000,memory.max=512M,pids.max=64 (a group under
+    /// /sys/fs/cgroup/moat/, removed when moat ends).
+    #[arg(long, value_name = "FILE=VALUE,...", requires = "jail")]
+    pub cgroup: Option<String>,
 }
 
 /// `--boot-protocol` values.
@@ -262,6 +287,27 @@ fn single_value(
 }
 
 impl RunArgs {
+    /// The jail `--jail` asks for, if any.
+    pub fn jail_config(&self) -> Result<Option<crate::jail::JailConfig>, ConfigError> {
+        let (Some(dir), Some(uid), Some(gid)) = (&self.jail, self.uid, self.gid) else {
+            return Ok(None);
+        };
+        let jail = crate::jail::JailConfig {
+            dir: dir.clone(),
+            uid,
+            gid,
+            netns: self.netns.clone(),
+            cgroup: self
+                .cgroup
+                .as_deref()
+                .map(crate::jail::parse_cgroup)
+                .transpose()?
+                .unwrap_or_default(),
+        };
+        crate::jail::check(&jail)?;
+        Ok(Some(jail))
+    }
+
     /// Parses the option values into a [`VmConfig`]. Checks that need the
     /// host (memory and vCPU limits, files) happen when the VM is built.
     pub fn into_config(self) -> Result<VmConfig, ConfigError> {

@@ -117,6 +117,9 @@ pub enum Error {
     /// An I/O operation on the host failed.
     #[error("cannot {0}: {1}")]
     Io(&'static str, #[source] std::io::Error),
+    /// Entering the jail failed.
+    #[error("jail: {0}")]
+    Jail(String),
     /// Something that should not happen.
     #[error("internal error: {0}")]
     Internal(String),
@@ -131,7 +134,7 @@ impl Error {
             | Error::KvmUnavailable { .. }
             | Error::NotKvm { .. }
             | Error::GuestMemory { .. } => 2,
-            Error::Kvm { .. } | Error::Io(..) | Error::Internal(_) => 1,
+            Error::Kvm { .. } | Error::Io(..) | Error::Jail(_) | Error::Internal(_) => 1,
         }
     }
 }

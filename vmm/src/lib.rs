@@ -13,6 +13,7 @@ pub mod config;
 pub mod console;
 pub mod error;
 pub mod exit;
+pub mod jail;
 pub mod logger;
 pub mod metrics;
 pub mod seccomp;
@@ -50,6 +51,24 @@ pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 /// it ended; errors are problems found before or while building it.
 pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
     Vm::build(config)?.run(Vec::new())
+}
+
+/// As [`run`], in the jail `jail` describes (see [`jail`]): the process
+/// that calls this waits for the jailed moat and exits with its status.
+pub fn run_jailed(config: &VmConfig, jail: &jail::JailConfig) -> Result<VmExit, Error> {
+    let (config, binds) = jail::plan(config)?;
+    let keep: Vec<i32> = config
+        .nets
+        .iter()
+        .filter_map(|n| match n.backend {
+            config::NetBackendConfig::Fd(fd) => Some(fd),
+            config::NetBackendConfig::Tap(_) => None,
+        })
+        .collect();
+    let jailed = jail::enter(jail, &binds, &keep)?;
+    let vm = Vm::build(&config)?;
+    jailed.drop_privileges()?;
+    vm.run(Vec::new())
 }
 
 /// A VM built and ready to run: memory loaded, devices attached, vCPUs
@@ -287,7 +306,7 @@ impl Vm {
             match spawned {
                 Ok(thread) => threads.push(thread),
                 Err(e) => {
-                    vcpu::stop_all(std::mem::take(&mut threads), &shared.stop);
+                    stop_vcpus(std::mem::take(&mut threads), &shared.stop, memory);
                     return Err(e);
                 }
             }
@@ -297,7 +316,7 @@ impl Vm {
         if let Some(filters) = &filters {
             if let Err(e) = seccomp::install(seccomp::ThreadKind::Vmm, &filters.vmm) {
                 let threads = std::mem::take(&mut *vcpus.lock().unwrap_or_else(|e| e.into_inner()));
-                vcpu::stop_all(threads, &shared.stop);
+                stop_vcpus(threads, &shared.stop, memory);
                 return Err(Error::Internal(e.to_string()));
             }
         }
@@ -313,12 +332,23 @@ impl Vm {
             }
         };
         let threads = std::mem::take(&mut *vcpus.lock().unwrap_or_else(|e| e.into_inner()));
-        vcpu::stop_all(threads, &shared.stop);
+        stop_vcpus(threads, &shared.stop, memory);
         // The guest's last words, unless stdout has stopped taking them.
         console_writer.finish(CONSOLE_FLUSH_TIMEOUT);
         drop(raw_mode);
-        // Guest memory must outlive the vCPUs that map it.
-        drop(memory);
         outcome
+    }
+}
+
+/// Stops the vCPU threads, then lets go of guest memory, unless one of
+/// them did not stop: it may still touch that memory, so the mapping then
+/// stays until moat exits.
+fn stop_vcpus(threads: Vec<VcpuThread>, stop: &AtomicBool, memory: GuestMemoryMmap) {
+    if !vcpu::stop_all(threads, stop) {
+        log::warn!(
+            "a vCPU thread did not stop within {:?}; it ends with moat",
+            vcpu::STOP_TIMEOUT
+        );
+        std::mem::forget(memory);
     }
 }

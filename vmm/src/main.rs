@@ -70,11 +70,19 @@ fn main() -> ExitCode {
             };
         }
     };
+    let jail = match args.jail_config() {
+        Ok(jail) => jail,
+        Err(e) => return fail(&e.to_string(), 2),
+    };
     let config = match args.into_config() {
         Ok(config) => config,
         Err(e) => return fail(&e.to_string(), 2),
     };
-    match moat_vmm::run(&config) {
+    let outcome = match &jail {
+        Some(jail) => moat_vmm::run_jailed(&config, jail),
+        None => moat_vmm::run(&config),
+    };
+    match outcome {
         Ok(exit) => finish(exit),
         Err(e) => fail(&e.to_string(), e.exit_code() as u8),
     }

@@ -349,23 +349,32 @@ pub fn spawn(index: u8, fd: VcpuFd, shared: Shared) -> Result<VcpuThread, Error>
 }
 
 /// Stops all vCPU threads: one kick each (which `immediate_exit` makes
-/// impossible to miss) and they leave their loop. A thread still busy in a
-/// device after a second is left to die with the process.
-pub fn stop_all(threads: Vec<VcpuThread>, stop: &AtomicBool) {
+/// impossible to miss) and they leave their loop. Returns whether all of
+/// them ended within [`STOP_TIMEOUT`]; one still busy in a device then is
+/// left to end with the process, and its caller must keep guest memory
+/// mapped, since that thread may still touch it.
+pub fn stop_all(threads: Vec<VcpuThread>, stop: &AtomicBool) -> bool {
     stop.store(true, Ordering::SeqCst);
     for thread in &threads {
         thread.kick();
     }
-    let deadline = Instant::now() + Duration::from_secs(1);
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    let mut all = true;
     for thread in threads {
         while !thread.handle.is_finished() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
         }
         if thread.handle.is_finished() {
             let _ = thread.handle.join();
+        } else {
+            all = false;
         }
     }
+    all
 }
+
+/// How long [`stop_all`] waits for the vCPU threads to end.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(1);
 
 fn run(index: u8, mut fd: VcpuFd, shared: &Shared) {
     if let Some(filter) = &shared.seccomp {
@@ -449,5 +458,37 @@ fn handle_exit(cpu: u8, exit: VcpuExit, shared: &Shared) -> Option<VmExit> {
             cpu,
             exit: format!("{other:?}"),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A thread that ends once `until` is set (the stop flag, or a flag
+    /// `stop_all` knows nothing of: a thread stuck in a device).
+    fn thread_until(until: Arc<AtomicBool>) -> VcpuThread {
+        VcpuThread {
+            handle: std::thread::spawn(move || {
+                while !until.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }),
+        }
+    }
+
+    #[test]
+    fn stop_all_says_whether_every_vcpu_thread_ended() {
+        install_kick_handler().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = vec![thread_until(stop.clone()), thread_until(stop.clone())];
+        assert!(stop_all(threads, &stop));
+
+        let stop = AtomicBool::new(false);
+        let stuck = Arc::new(AtomicBool::new(false));
+        let start = Instant::now();
+        assert!(!stop_all(vec![thread_until(stuck.clone())], &stop));
+        assert!(start.elapsed() >= STOP_TIMEOUT);
+        stuck.store(true, Ordering::SeqCst);
     }
 }
