@@ -24,12 +24,31 @@ fn need_root_and_kvm() {
 
 /// `/proc/PID/status` as (key, value) lines.
 fn status(pid: u32) -> Vec<(String, String)> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
-        .collect()
+    status_of(&format!("/proc/{pid}/status"))
+}
+
+/// The `moat run` arguments of a jailed idle guest, then `extra`.
+fn jailed_args(kernel: &Path, jail: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "size=64M",
+        "--shutdown-timeout",
+        "0",
+        "--jail",
+        jail.to_str().unwrap(),
+        "--uid",
+        NOBODY,
+        "--gid",
+        NOBODY,
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
 }
 
 fn field(status: &[(String, String)], key: &str) -> String {
@@ -98,7 +117,7 @@ fn ns(pid: &str, kind: &str) -> PathBuf {
     std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap()
 }
 
-fn start(args: &[&str]) -> Child {
+fn start(args: &[String]) -> Child {
     Command::new(moat_bin())
         .args(args)
         .stdin(Stdio::null())
@@ -134,23 +153,11 @@ fn a_jailed_moat_has_its_uid_no_capabilities_its_own_namespaces_and_only_the_vms
     let disk = scratch.path("disk.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let jail = scratch.path("jail");
-    let moat = start(&[
-        "run",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--disk",
-        &format!("path={}", disk.display()),
-        "--memory",
-        "size=64M",
-        "--shutdown-timeout",
-        "0",
-        "--jail",
-        jail.to_str().unwrap(),
-        "--uid",
-        NOBODY,
-        "--gid",
-        NOBODY,
-    ]);
+    let moat = start(&jailed_args(
+        &kernel,
+        &jail,
+        &["--disk", &format!("path={}", disk.display())],
+    ));
     let child = jailed_child(moat.id(), NOBODY);
     let s = status(child);
 
@@ -264,28 +271,16 @@ fn cgroup_limits_apply_to_the_jailed_moat_where_cgroup_v2_is_mounted() {
     let scratch = Scratch::new("jail-cgroup");
     let kernel = idle_kernel(&scratch.path("idle.elf"));
     let jail = scratch.path("jail");
-    let args = [
-        "run",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--memory",
-        "size=64M",
-        "--shutdown-timeout",
-        "0",
-        "--jail",
-        jail.to_str().unwrap(),
-        "--uid",
-        NOBODY,
-        "--gid",
-        NOBODY,
-        "--cgroup",
-        "pids.max=64,memory.max=536870912",
-    ];
+    let args = jailed_args(
+        &kernel,
+        &jail,
+        &["--cgroup", "pids.max=64,memory.max=536870912"],
+    );
     let v2 = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").unwrap_or_default();
     if !(v2.contains("pids") && v2.contains("memory")) {
         // This host (cgroup v1, as these build machines) cannot: moat says
         // so in one line and starts nothing.
-        let out = Command::new(moat_bin()).args(args).output().unwrap();
+        let out = Command::new(moat_bin()).args(&args).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{stderr}");
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
