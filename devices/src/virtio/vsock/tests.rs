@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
 
@@ -127,6 +127,20 @@ impl Rig {
     fn pump(&mut self) {
         for _ in 0..4 {
             self.dev.process_backend(&self.mem, &self.irq).unwrap();
+        }
+    }
+
+    /// Pumps until `step` returns something, for a host peer in another
+    /// thread that runs at its own pace; fails after 10 s rather than hang.
+    fn pump_until<T>(&mut self, what: &str, mut step: impl FnMut(&mut Rig) -> Option<T>) -> T {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            self.pump();
+            if let Some(found) = step(self) {
+                return found;
+            }
+            assert!(Instant::now() < deadline, "no {what} within 10 s");
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 
@@ -648,6 +662,10 @@ fn a_guest_sending_to_a_prompt_host_reader_gets_credit_updates() {
     r.op(OP_REQUEST, 11, 7400);
     r.received();
     let (mut server, _) = listener.accept().unwrap();
+    // A reader that stalls ends the count short instead of hanging the test.
+    server
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let reader = std::thread::spawn(move || {
         let mut buf = vec![0u8; 1 << 16];
         let mut total = 0usize;
@@ -665,13 +683,9 @@ fn a_guest_sending_to_a_prompt_host_reader_gets_credit_updates() {
     // Send twice the buffer, never more than the credit moat advertised.
     while sent < 2 * BUF_ALLOC {
         while sent.wrapping_sub(fwd_cnt_seen) + 4096 > BUF_ALLOC {
-            r.pump();
             r.post_rx(4);
-            let updates: Vec<Got> = r.received();
-            assert!(
-                !updates.is_empty(),
-                "stalled at {sent} bytes: no credit update (fwd_cnt {fwd_cnt_seen})"
-            );
+            let what = format!("credit update at {sent} bytes (fwd_cnt {fwd_cnt_seen})");
+            let updates = r.pump_until(&what, |r| Some(r.received()).filter(|u| !u.is_empty()));
             for g in updates {
                 fwd_cnt_seen = fwd_cnt_seen.max(g.header.fwd_cnt);
             }
@@ -683,6 +697,9 @@ fn a_guest_sending_to_a_prompt_host_reader_gets_credit_updates() {
     let mut shut = r.header(OP_SHUTDOWN, 11, 7400, 0);
     shut.flags = SHUTDOWN_SEND | SHUTDOWN_RCV;
     r.send(shut, &[]);
-    r.pump();
+    // moat closes the host end once the last byte is out.
+    r.pump_until("close after the data", |r| {
+        (r.dev.connection_count() == 0).then_some(())
+    });
     assert_eq!(reader.join().unwrap(), 2 * BUF_ALLOC as usize);
 }
