@@ -89,7 +89,7 @@ fn an_echo_service_in_the_guest_answers_a_host_client_through_connect() {
         r#"start_moat "$@"; wait_for guest-ready
 echo "HOST-ECHO=$(echo hello-over-vsock | $VSOCK -u $SOCK 5000)"
 finish"#,
-        "vsock -L 5000 cat &\necho guest-ready\n",
+        "listen_bg echo -L 5000 cat\necho guest-ready\n",
     );
     out.assert_success();
     assert_eq!(
@@ -150,7 +150,7 @@ fn two_hundred_connections_at_once_each_echo_64_kib() {
         r#"start_moat "$@"; wait_for guest-ready
 echo "HOST-MANY=$($VSOCK -n 200 -u $SOCK 5000 65536 2>&1 | tr ' ' _)"
 finish"#,
-        "vsock -L 5000 cat &\necho guest-ready\n",
+        "listen_bg echo -L 5000 cat\necho guest-ready\n",
     );
     out.assert_success();
     assert_eq!(
