@@ -503,6 +503,7 @@ struct Row {
 
 fn measure(setup: &Setup, place: &str) -> Result<(String, String), String> {
     let mut moat_boots = Vec::new();
+    let mut traced_boots = Vec::new();
     let mut moat_held = Vec::new();
     let mut qemu_boots = Vec::new();
     let mut qemu_held = Vec::new();
@@ -516,6 +517,9 @@ fn measure(setup: &Setup, place: &str) -> Result<(String, String), String> {
             launch(cmd, sample_memory)
         };
         moat_boots.push(timed(setup.moat(0), false)?);
+        let mut traced = setup.moat(0);
+        traced.arg("--trace-exits");
+        traced_boots.push(timed(traced, false)?);
         moat_held.push(timed(setup.moat(HOLD_MS), true)?);
         api_held.push(timed(setup.moat_api(HOLD_MS, run), true)?);
         api_ready.push(api_socket_ready(setup)?);
@@ -567,6 +571,13 @@ fn measure(setup: &Setup, place: &str) -> Result<(String, String), String> {
             qemu: med_ms(&qemu_boots, f),
         })
         .collect();
+    rows.push(Row {
+        key: "exit_traced_ms",
+        what: "exec -> VMM exit, moat run --trace-exits".into(),
+        unit: "ms",
+        moat: med_ms(&traced_boots, |l| Some(l.exit)),
+        qemu: None,
+    });
     rows.push(Row {
         key: "rss_after_boot_kib",
         what: "RSS without guest RAM, guest booted".into(),

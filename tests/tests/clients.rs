@@ -6,13 +6,11 @@
 //! directly on any /dev/kvm (the nested PVM one of our build machines
 //! will do); the Python side comes from `scripts/python-env.sh`.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use moat_tests::{idle_kernel, moat_bin, python, repo_root, Scratch};
+use moat_tests::{api_request as request, idle_kernel, moat_bin, python, repo_root, Scratch};
 
 fn need_kvm() {
     assert!(
@@ -24,32 +22,6 @@ fn need_kvm() {
 /// Firecracker's API spec (a copy kept in the repository).
 fn spec() -> PathBuf {
     repo_root().join("tests/python/firecracker-api.yaml")
-}
-
-/// One request on a new connection: (status, body).
-fn request(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut stream = UnixStream::connect(sock).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply).unwrap();
-    let status = reply
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = reply
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    (status, body)
 }
 
 /// moat in API mode, killed when dropped.

@@ -1,15 +1,16 @@
-//! The jail (`moat run --jail DIR --uid N --gid N`), seen from outside:
-//! what the jailed moat is (uid, capabilities, namespaces, root, limits,
-//! descriptors) while its guest runs, and that it ends as an unjailed moat
-//! would. The jail is set up before the guest runs, so these use an idle
-//! ELF guest and run moat directly on any /dev/kvm (the nested PVM one of
-//! our build machines will do), as root.
+//! The jail (`moat run --jail DIR --uid N --gid N`, and the same options
+//! in API mode), seen from outside: what the jailed moat is (uid,
+//! capabilities, namespaces, root, limits, descriptors) while its guest
+//! runs, and that it ends as an unjailed moat would. The jail is set up
+//! before the guest runs, so these use an idle ELF guest and run moat
+//! directly on any /dev/kvm (the nested PVM one of our build machines will
+//! do), as root.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use moat_tests::{idle_kernel, moat_bin, Scratch};
+use moat_tests::{api_request as request, idle_kernel, moat_bin, Scratch};
 
 const NOBODY: &str = "65534";
 
@@ -265,6 +266,132 @@ fn a_jailed_moat_has_its_uid_no_capabilities_its_own_namespaces_and_only_the_vms
     assert_eq!(std::fs::read_dir(&jail).unwrap().count(), 0);
 }
 
+/// The child of `pid` once it runs as `uid`.
+fn child_as(pid: u32, uid: &str) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(child) = child_of(pid) {
+            if field(&status(child), "Uid").split_whitespace().next() == Some(uid) {
+                return child;
+            }
+        }
+        assert!(Instant::now() < deadline, "no child of {pid} as uid {uid}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn chown(path: &Path, id: u32) {
+    std::os::unix::fs::chown(path, Some(id), Some(id)).unwrap();
+}
+
+#[test]
+fn in_api_mode_the_jail_is_the_prepared_directory_and_no_request_is_served_as_root() {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    need_root_and_kvm();
+    let scratch = Scratch::new("jail-api");
+    // What the operator prepares, as for Firecracker's jailer: the VM's
+    // files in the directory, owned by the uid where it must write.
+    let jail = scratch.path("jail");
+    std::fs::create_dir_all(&jail).unwrap();
+    let nobody: u32 = NOBODY.parse().unwrap();
+    chown(&jail, nobody);
+    idle_kernel(&jail.join("idle.elf"));
+    let disk = jail.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    chown(&disk, nobody);
+    let outside = idle_kernel(&scratch.path("outside.elf"));
+
+    let moat = Command::new(moat_bin())
+        .args(["--api-sock", "api.sock", "--id", "jailed", "--jail"])
+        .arg(&jail)
+        .args(["--uid", NOBODY, "--gid", NOBODY])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The socket's path, like every later one, is in the jail.
+    let sock = jail.join("api.sock");
+    let child = child_as(moat.id(), NOBODY);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "no {}", sock.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Before any request: no capability left.
+    let s = status(child);
+    for key in ["CapPrm", "CapEff", "CapBnd"] {
+        assert_eq!(field(&s, key), "0000000000000000", "{key}");
+    }
+    assert_eq!(field(&s, "NoNewPrivs"), "1");
+
+    // A host path outside the jail is not there for it.
+    let boot = |path: &str| format!(r#"{{"kernel_image_path": "{path}"}}"#);
+    let start = r#"{"action_type": "InstanceStart"}"#;
+    let (code, body) = request(
+        &sock,
+        "PUT",
+        "/boot-source",
+        &boot(outside.to_str().unwrap()),
+    );
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("No such file"), "{body}");
+
+    // The jail's own paths work, as the uid.
+    assert_eq!(
+        request(&sock, "PUT", "/boot-source", &boot("/idle.elf")).0,
+        204
+    );
+    let machine = r#"{"vcpu_count": 1, "mem_size_mib": 64}"#;
+    assert_eq!(request(&sock, "PUT", "/machine-config", machine).0, 204);
+    let drive = r#"{"drive_id": "d", "path_on_host": "/disk.img", "is_root_device": false, "is_read_only": false}"#;
+    assert_eq!(request(&sock, "PUT", "/drives/d", drive).0, 204);
+    let (code, body) = request(&sock, "PUT", "/actions", start);
+    assert_eq!(code, 204, "{body}");
+    let (_, body) = request(&sock, "GET", "/", "");
+    assert!(body.contains(r#""state":"Running""#), "{body}");
+    // Each thread installs its filter as it starts.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !threads(child)
+        .iter()
+        .all(|(_, s)| field(s, "Seccomp") == "2")
+    {
+        assert!(Instant::now() < deadline, "{:?}", threads(child));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for (name, s) in threads(child) {
+        assert_eq!(field(&s, "CapEff"), "0000000000000000", "thread {name}");
+    }
+
+    // Its root is the directory; its /dev holds a KVM node of the uid's
+    // and the TUN device only, and is not the host's directory's.
+    let root = PathBuf::from(format!("/proc/{child}/root"));
+    assert!(root.join("idle.elf").exists() && root.join("disk.img").exists());
+    assert!(!root.join("etc").exists() && !root.join("proc").exists());
+    let kvm = std::fs::metadata(root.join("dev/kvm")).unwrap();
+    assert!(kvm.file_type().is_char_device());
+    assert_eq!((kvm.uid(), kvm.mode() & 0o777), (nobody, 0o600));
+    assert_eq!(kvm.rdev(), std::fs::metadata("/dev/kvm").unwrap().rdev());
+    let mut dev: Vec<String> = std::fs::read_dir(root.join("dev"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    dev.sort();
+    let expected: Vec<&str> = if Path::new("/dev/net/tun").exists() {
+        vec!["kvm", "net"]
+    } else {
+        vec!["kvm"]
+    };
+    assert_eq!(dev, expected);
+    assert_eq!(std::fs::read_dir(jail.join("dev")).unwrap().count(), 0);
+    assert_eq!(field(&status(child), "NSpid"), format!("{child}\t1"));
+
+    let (code, stderr) = stop(moat);
+    assert_eq!(code, 143, "{stderr}");
+    assert!(!sock.exists(), "the socket outlived moat");
+}
+
 #[test]
 fn cgroup_limits_apply_to_the_jailed_moat_where_cgroup_v2_is_mounted() {
     need_root_and_kvm();
@@ -344,13 +471,19 @@ fn jail_options_that_cannot_work_get_one_line_naming_the_option() {
             "--cgroup: 'cgroup.procs' is not a controller's file",
         ),
     ] {
-        let mut argv = vec!["run", "--kernel", "/nonexistent"];
-        argv.extend(args.iter());
-        let out = Command::new(moat_bin()).args(&argv).output().unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{argv:?}: {stderr}");
-        assert_eq!(stderr.lines().count(), 1, "{argv:?}: {stderr}");
-        assert!(stderr.contains(says), "{argv:?}: {stderr}");
+        // Both modes take the same options.
+        for mode in [
+            &["run", "--kernel", "/nonexistent"][..],
+            &["--api-sock", "/nonexistent/api.sock"][..],
+        ] {
+            let mut argv = mode.to_vec();
+            argv.extend(args.iter());
+            let out = Command::new(moat_bin()).args(&argv).output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{argv:?}: {stderr}");
+            assert_eq!(stderr.lines().count(), 1, "{argv:?}: {stderr}");
+            assert!(stderr.contains(says), "{argv:?}: {stderr}");
+        }
     }
 }
 

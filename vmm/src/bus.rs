@@ -20,6 +20,8 @@ pub struct OverlapError {
 struct Range {
     base: u64,
     len: u64,
+    /// The device's name, for exit tracing.
+    name: Arc<str>,
     device: SharedDevice,
 }
 
@@ -30,11 +32,12 @@ pub struct Bus {
 }
 
 impl Bus {
-    /// Places `device` at `[base, base + len)`.
+    /// Places `device`, called `name`, at `[base, base + len)`.
     pub fn insert(
         &mut self,
         base: u64,
         len: u64,
+        name: &str,
         device: SharedDevice,
     ) -> Result<(), OverlapError> {
         let end = base
@@ -49,16 +52,46 @@ impl Bus {
             return Err(OverlapError { base, len });
         }
         let at = self.ranges.partition_point(|r| r.base < base);
-        self.ranges.insert(at, Range { base, len, device });
+        self.ranges.insert(
+            at,
+            Range {
+                base,
+                len,
+                name: Arc::from(name),
+                device,
+            },
+        );
         Ok(())
+    }
+
+    /// The name of the device whose window holds `addr`, and the offset.
+    pub fn owner(&self, addr: u64) -> Option<(Arc<str>, u64)> {
+        let (range, offset) = self.find_range(addr)?;
+        Some((range.name.clone(), offset))
+    }
+
+    /// The devices' names, each once, in address order.
+    pub fn names(&self) -> Vec<Arc<str>> {
+        let mut names: Vec<Arc<str>> = Vec::new();
+        for range in &self.ranges {
+            if !names.contains(&range.name) {
+                names.push(range.name.clone());
+            }
+        }
+        names
     }
 
     /// The device whose window holds `addr`, and the offset into it.
     fn find(&self, addr: u64) -> Option<(&SharedDevice, u64)> {
+        let (range, offset) = self.find_range(addr)?;
+        Some((&range.device, offset))
+    }
+
+    fn find_range(&self, addr: u64) -> Option<(&Range, u64)> {
         let at = self.ranges.partition_point(|r| r.base <= addr);
         let range = self.ranges.get(at.checked_sub(1)?)?;
         let offset = addr - range.base;
-        (offset < range.len).then_some((&range.device, offset))
+        (offset < range.len).then_some((range, offset))
     }
 
     /// Reads from the device at `addr`. Unclaimed addresses read as all
@@ -121,20 +154,23 @@ mod tests {
         let a = Arc::new(Mutex::new(Probe::default()));
         let b = Arc::new(Mutex::new(Probe::default()));
         let mut bus = Bus::default();
-        bus.insert(0x3f8, 8, b.clone()).unwrap();
-        bus.insert(0x60, 5, a.clone()).unwrap();
+        bus.insert(0x3f8, 8, "b", b.clone()).unwrap();
+        bus.insert(0x60, 5, "a", a.clone()).unwrap();
         let mut data = [0u8; 1];
         assert!(bus.read(0x3fd, &mut data));
         assert_eq!(data, [5]);
         assert!(bus.write(0x64, &[0xfe]));
         assert_eq!(a.lock().unwrap().writes, vec![(4, vec![0xfe])]);
         assert!(b.lock().unwrap().writes.is_empty());
+        assert_eq!(bus.owner(0x3fd), Some((Arc::from("b"), 5)));
+        assert_eq!(bus.owner(0x400), None);
+        assert_eq!(bus.names(), [Arc::from("a"), Arc::from("b")]);
     }
 
     #[test]
     fn unclaimed_addresses_read_all_ones() {
         let mut bus = Bus::default();
-        bus.insert(0x60, 5, Arc::new(Mutex::new(Probe::default())))
+        bus.insert(0x60, 5, "probe", Arc::new(Mutex::new(Probe::default())))
             .unwrap();
         let mut data = [0u8; 4];
         for addr in [0, 0x5f, 0x65, 0xcfc, u64::MAX] {
@@ -148,11 +184,11 @@ mod tests {
     fn overlapping_or_empty_ranges_are_refused() {
         let mut bus = Bus::default();
         let dev = || Arc::new(Mutex::new(Probe::default()));
-        bus.insert(0x100, 0x10, dev()).unwrap();
-        assert!(bus.insert(0x10f, 1, dev()).is_err());
-        assert!(bus.insert(0xf8, 9, dev()).is_err());
-        assert!(bus.insert(0x200, 0, dev()).is_err());
-        assert!(bus.insert(u64::MAX, 2, dev()).is_err());
-        bus.insert(0x110, 1, dev()).unwrap();
+        bus.insert(0x100, 0x10, "dev", dev()).unwrap();
+        assert!(bus.insert(0x10f, 1, "dev", dev()).is_err());
+        assert!(bus.insert(0xf8, 9, "dev", dev()).is_err());
+        assert!(bus.insert(0x200, 0, "dev", dev()).is_err());
+        assert!(bus.insert(u64::MAX, 2, "dev", dev()).is_err());
+        bus.insert(0x110, 1, "dev", dev()).unwrap();
     }
 }

@@ -65,22 +65,9 @@ pub struct ApiArgs {
     #[arg(long, value_name = "ID", default_value = crate::api::DEFAULT_ID)]
     pub id: String,
 
-    /// Write the log to this file or FIFO instead of stderr.
-    #[arg(long, value_name = "PATH")]
-    pub log_path: Option<PathBuf>,
-
-    /// Log level: Error, Warning, Info, Debug, Trace or Off (default
-    /// Warning on stderr, Info with --log-path).
-    #[arg(long, value_name = "LEVEL")]
-    pub level: Option<String>,
-
-    /// Print the level on each log line.
-    #[arg(long)]
-    pub show_level: bool,
-
-    /// Print the source file and line on each log line.
-    #[arg(long)]
-    pub show_log_origin: bool,
+    /// The log.
+    #[command(flatten)]
+    pub log: LogArgs,
 
     /// Write metrics (JSON lines) to this file or FIFO.
     #[arg(long, value_name = "PATH")]
@@ -97,6 +84,10 @@ pub struct ApiArgs {
     /// KVM device node.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
     pub kvm: PathBuf,
+
+    /// The jail.
+    #[command(flatten)]
+    pub jail: JailArgs,
 }
 
 impl ApiArgs {
@@ -111,27 +102,58 @@ impl ApiArgs {
         if self.api_sock.is_some() && self.no_api {
             return Err("--no-api and --api-sock contradict each other".into());
         }
+        let log = self.log.options()?;
+        let jail = self.jail.config().map_err(|e| e.to_string())?;
+        Ok(crate::api::ProcessOptions {
+            api_sock: self.api_sock,
+            config_file: self.config_file,
+            id: self.id,
+            log,
+            metrics_path: self.metrics_path,
+            boot_timer: self.boot_timer,
+            kvm_device: self.kvm,
+            seccomp: !self.no_seccomp,
+            jail,
+        })
+    }
+}
+
+/// The log's options, in both modes.
+#[derive(Debug, clap::Args)]
+pub struct LogArgs {
+    /// Write the log to this file or FIFO instead of stderr.
+    #[arg(long, value_name = "PATH")]
+    pub log_path: Option<PathBuf>,
+
+    /// Log level: Error, Warning, Info, Debug, Trace or Off (default
+    /// Warning on stderr, Info with --log-path).
+    #[arg(long, visible_alias = "log-level", value_name = "LEVEL")]
+    pub level: Option<String>,
+
+    /// Print the level on each log line.
+    #[arg(long)]
+    pub show_level: bool,
+
+    /// Print the source file and line on each log line.
+    #[arg(long)]
+    pub show_log_origin: bool,
+}
+
+impl LogArgs {
+    /// The logger's options, checked.
+    pub fn options(&self) -> Result<crate::logger::LogOptions, String> {
         let level = match &self.level {
             None => None,
             Some(text) => Some(crate::logger::parse_level(text).ok_or_else(|| {
                 format!("--level: '{text}' is not Error, Warning, Info, Debug, Trace or Off")
             })?),
         };
-        Ok(crate::api::ProcessOptions {
-            api_sock: self.api_sock,
-            config_file: self.config_file,
-            id: self.id,
-            log: crate::logger::LogOptions {
-                path: self.log_path,
-                level,
-                show_level: self.show_level,
-                show_origin: self.show_log_origin,
-                module: None,
-            },
-            metrics_path: self.metrics_path,
-            boot_timer: self.boot_timer,
-            kvm_device: self.kvm,
-            seccomp: !self.no_seccomp,
+        Ok(crate::logger::LogOptions {
+            path: self.log_path.clone(),
+            level,
+            show_level: self.show_level,
+            show_origin: self.show_log_origin,
+            module: None,
         })
     }
 }
@@ -229,9 +251,34 @@ pub struct RunArgs {
     #[arg(long, value_name = "on|off", default_value = "on")]
     pub seccomp: String,
 
+    /// Count every VM exit by kind and device, with the time moat spent
+    /// on it: a table on stderr when the VM ends; with =FILE the same as
+    /// JSON into FILE, with =FILE,live also a JSON line per exit.
+    #[arg(
+        long,
+        value_name = "FILE[,live]",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = ""
+    )]
+    pub trace_exits: Option<String>,
+
+    /// The log.
+    #[command(flatten)]
+    pub log: LogArgs,
+
+    /// The jail.
+    #[command(flatten)]
+    pub jail: JailArgs,
+}
+
+/// The jail's options, in both modes.
+#[derive(Debug, clap::Args)]
+pub struct JailArgs {
     /// Run in a jail rooted at DIR (needs root; docs/security.md): new
-    /// mount, PID, IPC and UTS namespaces, only the VM's files bound in,
-    /// and, once the VM is built, --uid/--gid with no capabilities.
+    /// mount, PID, IPC and UTS namespaces and --uid/--gid with no
+    /// capabilities. `moat run` binds only the VM's files into DIR; the
+    /// API mode uses DIR as prepared (paths then name files in it).
     #[arg(long, value_name = "DIR", requires_all = ["uid", "gid"])]
     pub jail: Option<PathBuf>,
 
@@ -244,7 +291,7 @@ pub struct RunArgs {
     pub gid: Option<u32>,
 
     /// A network namespace for the jail to join (e.g. /var/run/netns/NAME);
-    /// TAPs named by --net must be in it.
+    /// the VM's TAPs must be in it.
     #[arg(long, value_name = "PATH", requires = "jail")]
     pub netns: Option<PathBuf>,
 
@@ -253,6 +300,29 @@ pub struct RunArgs {
     /// /sys/fs/cgroup/moat/, removed when moat ends).
     #[arg(long, value_name = "FILE=VALUE,...", requires = "jail")]
     pub cgroup: Option<String>,
+}
+
+impl JailArgs {
+    /// The jail `--jail` asks for, if any.
+    pub fn config(&self) -> Result<Option<crate::jail::JailConfig>, ConfigError> {
+        let (Some(dir), Some(uid), Some(gid)) = (&self.jail, self.uid, self.gid) else {
+            return Ok(None);
+        };
+        let jail = crate::jail::JailConfig {
+            dir: dir.clone(),
+            uid,
+            gid,
+            netns: self.netns.clone(),
+            cgroup: self
+                .cgroup
+                .as_deref()
+                .map(crate::jail::parse_cgroup)
+                .transpose()?
+                .unwrap_or_default(),
+        };
+        crate::jail::check(&jail)?;
+        Ok(Some(jail))
+    }
 }
 
 /// `--boot-protocol` values.
@@ -287,27 +357,6 @@ fn single_value(
 }
 
 impl RunArgs {
-    /// The jail `--jail` asks for, if any.
-    pub fn jail_config(&self) -> Result<Option<crate::jail::JailConfig>, ConfigError> {
-        let (Some(dir), Some(uid), Some(gid)) = (&self.jail, self.uid, self.gid) else {
-            return Ok(None);
-        };
-        let jail = crate::jail::JailConfig {
-            dir: dir.clone(),
-            uid,
-            gid,
-            netns: self.netns.clone(),
-            cgroup: self
-                .cgroup
-                .as_deref()
-                .map(crate::jail::parse_cgroup)
-                .transpose()?
-                .unwrap_or_default(),
-        };
-        crate::jail::check(&jail)?;
-        Ok(Some(jail))
-    }
-
     /// Parses the option values into a [`VmConfig`]. Checks that need the
     /// host (memory and vCPU limits, files) happen when the VM is built.
     pub fn into_config(self) -> Result<VmConfig, ConfigError> {
@@ -356,6 +405,15 @@ impl RunArgs {
             boot_timer: self.boot_timer,
             shutdown_timeout: config::parse_seconds("--shutdown-timeout", &self.shutdown_timeout)?,
             nested: self.nested,
+            trace_exits: self
+                .trace_exits
+                .as_deref()
+                .map(crate::trace::parse)
+                .transpose()
+                .map_err(|problem| ConfigError::Syntax {
+                    option: "--trace-exits",
+                    problem,
+                })?,
             seccomp: match self.seccomp.as_str() {
                 "on" => true,
                 "off" => false,

@@ -384,6 +384,8 @@ pub struct VmConfig {
     pub seccomp: bool,
     /// Let the guest see VMX/SVM (nested virtualization).
     pub nested: bool,
+    /// `--trace-exits`: count and time every VM exit.
+    pub trace_exits: Option<crate::trace::TraceConfig>,
 }
 
 /// Parses a `key=value[,key=value]` list where only `allowed` keys may

@@ -1,5 +1,6 @@
 //! The jail: `moat run --jail DIR --uid N --gid N [--netns PATH]
-//! [--cgroup FILE=VALUE,...]`, so that no separate jailer is needed.
+//! [--cgroup FILE=VALUE,...]`, and the same options in API mode, so that
+//! no separate jailer is needed.
 //!
 //! Before the guest runs, moat shuts itself in, so that a guest that took
 //! over a moat thread (past the seccomp filters) finds little to use:
@@ -24,6 +25,13 @@
 //!    the bounding and ambient sets, no supplementary groups, then the gid
 //!    and uid, after which it holds no capability at all. Only then do the
 //!    vCPUs start and the seccomp filters go on.
+//!
+//! The API mode cannot know the VM's files before its clients name them,
+//! so there the root is DIR as its owner prepared it ([`Layout::Prepared`],
+//! Firecracker's jailer's way: kernel, disks and sockets' directories put
+//! in DIR, readable or writable by the uid), with a /dev of its own holding
+//! a KVM node owned by the uid; moat drops its privileges right after
+//! binding the API socket, before it reads a config file or a request.
 
 use std::collections::BTreeSet;
 use std::ffi::CString;
@@ -175,9 +183,10 @@ pub fn plan(config: &VmConfig) -> Result<(VmConfig, Vec<Bind>), ConfigError> {
             read_only: false,
         });
     }
-    // Sockets: their directories, where moat makes them and, for vsock,
-    // finds the guest-initiated connections' `PATH_PORT` listeners.
-    let mut socket = |option: &'static str, path: &mut PathBuf| -> Result<(), ConfigError> {
+    // Files moat makes (sockets, the exit trace): their directories, where
+    // it makes them and, for vsock, finds the guest-initiated connections'
+    // `PATH_PORT` listeners.
+    let mut made_in_dir = |option: &'static str, path: &mut PathBuf| -> Result<(), ConfigError> {
         let name =
             path.file_name()
                 .map(|n| n.to_os_string())
@@ -201,12 +210,31 @@ pub fn plan(config: &VmConfig) -> Result<(VmConfig, Vec<Bind>), ConfigError> {
         Ok(())
     };
     if let Some(vsock) = &mut config.vsock {
-        socket("--vsock", &mut vsock.socket)?;
+        made_in_dir("--vsock", &mut vsock.socket)?;
     }
     for forward in &mut config.forwards {
-        socket("--forward", &mut forward.host)?;
+        made_in_dir("--forward", &mut forward.host)?;
+    }
+    if let Some(file) = config.trace_exits.as_mut().and_then(|t| t.file.as_mut()) {
+        made_in_dir("--trace-exits", file)?;
     }
     Ok((config, binds))
+}
+
+/// What the jail's root holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// An empty tmpfs with these bound in, each at its own path, made
+    /// read-only once built (`moat run`, whose files are all known first).
+    Only(Vec<Bind>),
+    /// DIR itself, as its owner prepared it (nosuid, nodev), with a /dev of
+    /// its own that holds a KVM device node owned by the jail's uid (made
+    /// like `kvm`) and `/dev/net/tun`: Firecracker's jailer's layout, for
+    /// the API mode, whose paths arrive later and name files in DIR.
+    Prepared {
+        /// The KVM device to make a node like.
+        kvm: PathBuf,
+    },
 }
 
 /// The jailed moat, still root, with the privileges to drop.
@@ -247,10 +275,11 @@ fn cstring(path: &Path) -> Result<CString, Error> {
         .map_err(|_| Error::Jail(format!("{} has a NUL byte", path.display())))
 }
 
-/// Enters the jail (see the module notes). Returns in the jailed moat; the
-/// process that called it waits for that one and exits with its status.
-/// `keep_fds` are descriptors the jailed moat keeps (`--net fd=N`).
-pub fn enter(jail: &JailConfig, binds: &[Bind], keep_fds: &[i32]) -> Result<Jailed, Error> {
+/// Enters the jail (see the module notes), its root laid out as `layout`
+/// says. Returns in the jailed moat; the process that called it waits for
+/// that one and exits with its status. `keep_fds` are descriptors the
+/// jailed moat keeps (`--net fd=N`).
+pub fn enter(jail: &JailConfig, layout: &Layout, keep_fds: &[i32]) -> Result<Jailed, Error> {
     // SAFETY: geteuid only returns a number.
     if unsafe { libc::geteuid() } != 0 {
         return Err(Error::Jail(
@@ -271,7 +300,11 @@ pub fn enter(jail: &JailConfig, binds: &[Bind], keep_fds: &[i32]) -> Result<Jail
     } else {
         Some(make_cgroup(&jail.cgroup)?)
     };
-    let result = split(jail, &dir, binds, keep_fds, cgroup.as_deref());
+    if let Layout::Prepared { kvm } = layout {
+        // Checked here, while a problem can still be told in one line.
+        std::fs::metadata(kvm).map_err(|e| Error::Jail(format!("{}: {e}", kvm.display())))?;
+    }
+    let result = split(jail, &dir, layout, keep_fds, cgroup.as_deref());
     if result.is_err() {
         if let Some(group) = &cgroup {
             let _ = std::fs::remove_dir(group);
@@ -284,7 +317,7 @@ pub fn enter(jail: &JailConfig, binds: &[Bind], keep_fds: &[i32]) -> Result<Jail
 fn split(
     jail: &JailConfig,
     dir: &Path,
-    binds: &[Bind],
+    layout: &Layout,
     keep_fds: &[i32],
     cgroup: Option<&Path>,
 ) -> Result<Jailed, Error> {
@@ -321,7 +354,7 @@ fn split(
         std::fs::write(group.join("cgroup.procs"), "0")
             .map_err(|e| Error::Jail(format!("cannot join cgroup {}: {e}", group.display())))?;
     }
-    build_root(dir, binds)?;
+    build_root(dir, layout, jail)?;
     let hostname = b"moat";
     // SAFETY: the name is ours and its length is given.
     if unsafe { libc::sethostname(hostname.as_ptr().cast(), hostname.len()) } != 0 {
@@ -472,8 +505,8 @@ fn mount(
     Ok(())
 }
 
-/// The jail's root: a tmpfs on `dir` with `binds`, pivoted into.
-fn build_root(dir: &Path, binds: &[Bind]) -> Result<(), Error> {
+/// The jail's root on `dir`, laid out as `layout` says, pivoted into.
+fn build_root(dir: &Path, layout: &Layout, jail: &JailConfig) -> Result<(), Error> {
     // Nothing done here may reach the host's mount table.
     mount(
         None,
@@ -482,6 +515,14 @@ fn build_root(dir: &Path, binds: &[Bind]) -> Result<(), Error> {
         libc::MS_REC | libc::MS_PRIVATE,
         None,
     )?;
+    match layout {
+        Layout::Only(binds) => build_bound_root(dir, binds),
+        Layout::Prepared { kvm } => build_prepared_root(dir, kvm, jail),
+    }
+}
+
+/// [`Layout::Only`]: a tmpfs on `dir` with `binds`, read-only.
+fn build_bound_root(dir: &Path, binds: &[Bind]) -> Result<(), Error> {
     mount(
         Some(Path::new("tmpfs")),
         dir,
@@ -520,6 +561,78 @@ fn build_root(dir: &Path, binds: &[Bind]) -> Result<(), Error> {
         libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID,
         Some("mode=0755,size=1m"),
     )
+}
+
+/// [`Layout::Prepared`]: `dir` bound onto itself without set-user-id
+/// files or devices, over its `dev` a tmpfs with the device nodes moat
+/// needs, owned by the jail's uid so that it can open them once it is no
+/// longer root (the nodes vanish with the mount namespace).
+fn build_prepared_root(dir: &Path, kvm: &Path, jail: &JailConfig) -> Result<(), Error> {
+    mount(Some(dir), dir, None, libc::MS_BIND, None)?;
+    mount(
+        None,
+        dir,
+        None,
+        libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NOSUID | libc::MS_NODEV,
+        None,
+    )?;
+    let dev = dir.join("dev");
+    let made = |path: &Path, result: std::io::Result<()>| match result {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            Err(Error::Jail(format!("cannot make {}: {e}", path.display())))
+        }
+        _ => Ok(()),
+    };
+    made(&dev, std::fs::create_dir(&dev))?;
+    mount(
+        Some(Path::new("tmpfs")),
+        &dev,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        Some("mode=0755,size=64k"),
+    )?;
+    device_node(kvm, &dev.join("kvm"), 0o600, Some((jail.uid, jail.gid)))?;
+    let tun = Path::new("/dev/net/tun");
+    if tun.exists() {
+        made(&dev.join("net"), std::fs::create_dir(dev.join("net")))?;
+        device_node(tun, &dev.join("net/tun"), 0o666, None)?;
+    }
+    enter_root(dir)
+}
+
+/// A character device node at `path` for the device `like` is, with `mode`
+/// and, if given, that owner.
+fn device_node(
+    like: &Path,
+    path: &Path,
+    mode: libc::mode_t,
+    owner: Option<(u32, u32)>,
+) -> Result<(), Error> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta =
+        std::fs::metadata(like).map_err(|e| Error::Jail(format!("{}: {e}", like.display())))?;
+    if !meta.file_type().is_char_device() {
+        return Err(Error::Jail(format!(
+            "{} is not a character device",
+            like.display()
+        )));
+    }
+    let path_c = cstring(path)?;
+    // SAFETY: mknod, chmod (umask aside) and chown with a path we own.
+    unsafe {
+        if libc::mknod(path_c.as_ptr(), libc::S_IFCHR | mode, meta.rdev()) != 0 {
+            return Err(os_error(&format!("cannot make {}", path.display())));
+        }
+        if libc::chmod(path_c.as_ptr(), mode) != 0 {
+            return Err(os_error(&format!("cannot chmod {}", path.display())));
+        }
+        if let Some((uid, gid)) = owner {
+            if libc::chown(path_c.as_ptr(), uid, gid) != 0 {
+                return Err(os_error(&format!("cannot chown {}", path.display())));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Makes `dir` the root: pivot_root, with the host's tree unmounted, or,

@@ -20,6 +20,7 @@ pub mod seccomp;
 pub mod shutdown;
 pub mod signals;
 pub mod terminal;
+pub mod trace;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;
@@ -64,8 +65,9 @@ pub fn run_jailed(config: &VmConfig, jail: &jail::JailConfig) -> Result<VmExit, 
             config::NetBackendConfig::Fd(fd) => Some(fd),
             config::NetBackendConfig::Tap(_) => None,
         })
+        .chain(logger::file_fd())
         .collect();
-    let jailed = jail::enter(jail, &binds, &keep)?;
+    let jailed = jail::enter(jail, &jail::Layout::Only(binds), &keep)?;
     let vm = Vm::build(&config)?;
     jailed.drop_privileges()?;
     vm.run(Vec::new())
@@ -200,6 +202,22 @@ impl Vm {
                 )
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let trace = config
+            .trace_exits
+            .as_ref()
+            .map(|t| trace::ExitTrace::new(t, &mmio.names()).map(Arc::new))
+            .transpose()
+            .map_err(|e| {
+                Error::Config(config::ConfigError::File {
+                    option: "--trace-exits",
+                    path: config
+                        .trace_exits
+                        .as_ref()
+                        .and_then(|t| t.file.clone())
+                        .unwrap_or_default(),
+                    reason: e.to_string(),
+                })
+            })?;
         let exit = Arc::new(ExitSignal::new().map_err(|e| Error::Io("create an eventfd", e))?);
         let shared = vcpu::Shared {
             pio: Arc::new(pio),
@@ -211,6 +229,7 @@ impl Vm {
             pause: Arc::new(vcpu::PauseGate::default()),
             exits: Arc::new(vcpu::ExitCounters::default()),
             seccomp: filters.as_ref().map(|f| f.vcpu.clone()),
+            trace,
         };
         let handle = VmHandle {
             vcpus: Arc::new(Mutex::new(Vec::with_capacity(vcpu_fds.len()))),
@@ -336,6 +355,12 @@ impl Vm {
         // The guest's last words, unless stdout has stopped taking them.
         console_writer.finish(CONSOLE_FLUSH_TIMEOUT);
         drop(raw_mode);
+        if let Some(trace) = &shared.trace {
+            eprint!("{}", trace.table());
+            if let Err(e) = trace.write_summary() {
+                log::error!("--trace-exits: cannot write the summary: {e}");
+            }
+        }
         outcome
     }
 }

@@ -130,6 +130,20 @@ pub fn configure(options: &LogOptions) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The log file's descriptor, if the log goes to a file (the jail keeps it
+/// open).
+pub fn file_fd() -> Option<std::os::fd::RawFd> {
+    let state = LOGGER
+        .get()?
+        .state
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    match &state.sink {
+        Sink::File(file) => Some(std::os::fd::AsRawFd::as_raw_fd(file)),
+        Sink::Stderr => None,
+    }
+}
+
 /// Milliseconds since the epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
 pub fn utc_timestamp(ms: u128) -> String {
     let secs = (ms / 1000) as i64;

@@ -70,7 +70,14 @@ fn main() -> ExitCode {
             };
         }
     };
-    let jail = match args.jail_config() {
+    let log = match args.log.options() {
+        Ok(log) => log,
+        Err(e) => return fail(&e, 2),
+    };
+    if let Err(e) = moat_vmm::logger::init("", &log) {
+        return fail(&format!("--log-path: {e}"), 2);
+    }
+    let jail = match args.jail.config() {
         Ok(jail) => jail,
         Err(e) => return fail(&e.to_string(), 2),
     };

@@ -22,6 +22,9 @@ use crate::exit::{ExitSignal, VmExit};
 use crate::signals;
 use crate::vcpu::{HaltProbe, VcpuThread};
 
+/// The longest a termination signal should wait for the event loop.
+const SIGNAL_LATENCY_GOAL: Duration = Duration::from_millis(100);
+
 /// How often moat asks the vCPUs whether the guest halted for good.
 const HALT_PROBE_PERIOD: Duration = Duration::from_secs(1);
 
@@ -130,7 +133,22 @@ impl MutEventSubscriber for ExitWatcher {
             self.exit.raise(VmExit::GuestPowerOff);
         } else if fd == self.termination.as_raw_fd() {
             let _ = self.termination.read();
-            self.terminate(signals::received().unwrap_or(libc::SIGTERM));
+            let signo = signals::received().unwrap_or(libc::SIGTERM);
+            // What a busy guest costs a signal: the time from the handler
+            // to here (the goal is SIGNAL_LATENCY_GOAL, whatever the guest does).
+            if let Some(waited) = signals::since_received() {
+                let micros = waited.as_micros();
+                if waited > SIGNAL_LATENCY_GOAL {
+                    log::warn!(
+                        "signal {signo} reached the event loop {micros} µs after it arrived"
+                    );
+                } else {
+                    log::info!(
+                        "signal {signo} reached the event loop {micros} µs after it arrived"
+                    );
+                }
+            }
+            self.terminate(signo);
         } else if fd == self.deadline.as_raw_fd() {
             let _ = self.deadline.wait();
             let signo = self.pending_signal.unwrap_or(libc::SIGTERM);

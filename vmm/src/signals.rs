@@ -1,7 +1,8 @@
 //! Termination signals (SIGTERM, SIGINT, SIGHUP) stop the VM through the
 //! event loop, so the terminal is restored and the exit status says why.
 
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::register_signal_handler;
@@ -12,8 +13,24 @@ use crate::error::Error;
 static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
 /// The last termination signal received; 0 if none.
 static RECEIVED: AtomicI32 = AtomicI32::new(0);
+/// When it arrived, in CLOCK_MONOTONIC nanoseconds.
+static RECEIVED_AT: AtomicU64 = AtomicU64::new(0);
+
+/// CLOCK_MONOTONIC in nanoseconds (async-signal-safe).
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    (now.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(now.tv_nsec as u64)
+}
 
 extern "C" fn on_signal(signo: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    RECEIVED_AT.store(monotonic_ns(), Ordering::SeqCst);
     RECEIVED.store(signo, Ordering::SeqCst);
     let fd = WAKE_FD.load(Ordering::SeqCst);
     if fd >= 0 {
@@ -48,5 +65,30 @@ pub fn received() -> Option<i32> {
     match RECEIVED.load(Ordering::SeqCst) {
         0 => None,
         signo => Some(signo),
+    }
+}
+
+/// How long ago the last termination signal arrived, if one did.
+pub fn since_received() -> Option<Duration> {
+    match RECEIVED_AT.load(Ordering::SeqCst) {
+        0 => None,
+        at => Some(Duration::from_nanos(monotonic_ns().saturating_sub(at))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signal_is_timed_from_its_arrival() {
+        install().unwrap();
+        // SAFETY: raise(3) sends SIGHUP to this thread, whose handler is ours.
+        unsafe { libc::raise(libc::SIGHUP) };
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(received(), Some(libc::SIGHUP));
+        let waited = since_received().unwrap();
+        assert!(waited >= Duration::from_millis(30), "{waited:?}");
+        assert!(waited < Duration::from_secs(30), "{waited:?}");
     }
 }

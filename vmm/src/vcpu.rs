@@ -21,6 +21,7 @@ use crate::boot_timer::FirstRun;
 use crate::bus::Bus;
 use crate::error::{Error, KvmOp};
 use crate::exit::{ExitSignal, VmExit};
+use crate::trace::{Exit, ExitKind, ExitTrace, VcpuTrace};
 
 /// The signal used to kick a vCPU thread out of KVM_RUN.
 fn kick_signal() -> i32 {
@@ -326,6 +327,8 @@ pub struct Shared {
     pub exits: Arc<ExitCounters>,
     /// The vCPU seccomp filter, installed by each thread before it runs.
     pub seccomp: Option<Arc<seccompiler::BpfProgram>>,
+    /// `--trace-exits`.
+    pub trace: Option<Arc<ExitTrace>>,
 }
 
 /// The host processor's brand-string leaves, for the guest's model name.
@@ -389,13 +392,36 @@ fn run(index: u8, mut fd: VcpuFd, shared: &Shared) {
     if index == 0 {
         let _ = shared.first_run.set(Instant::now());
     }
+    let mut trace = shared.trace.clone().map(|t| VcpuTrace::new(t, index));
     while !shared.stop.load(Ordering::SeqCst) {
         shared.pause.park_while_paused(&shared.stop);
         let outcome = match fd.run() {
-            Ok(exit) => handle_exit(index, exit, shared),
+            Ok(exit) => match trace.as_mut() {
+                None => handle_exit(index, exit, shared),
+                Some(trace) => {
+                    let started = Instant::now();
+                    let what = describe(&exit);
+                    let outcome = handle_exit(index, exit, shared);
+                    let handling = started.elapsed();
+                    let owner = what.addr.and_then(|addr| match what.kind {
+                        ExitKind::IoIn | ExitKind::IoOut => shared.pio.owner(addr),
+                        _ => shared.mmio.owner(addr),
+                    });
+                    trace.record(what, owner, handling);
+                    outcome
+                }
+            },
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 fd.set_kvm_immediate_exit(0);
                 shared.halt_probe.answer(usize::from(index), &fd);
+                if let Some(trace) = trace.as_mut() {
+                    let kick = Exit {
+                        kind: ExitKind::Interrupted,
+                        addr: None,
+                        len: 0,
+                    };
+                    trace.record(kick, None, Duration::ZERO);
+                }
                 None
             }
             Err(e) => Some(VmExit::KvmError {
@@ -410,6 +436,23 @@ fn run(index: u8, mut fd: VcpuFd, shared: &Shared) {
         }
     }
     KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
+}
+
+/// What `--trace-exits` records of an exit, taken before it is handled.
+fn describe(exit: &VcpuExit) -> Exit {
+    let (kind, addr, len) = match exit {
+        VcpuExit::IoIn(port, data) => (ExitKind::IoIn, Some(u64::from(*port)), data.len()),
+        VcpuExit::IoOut(port, data) => (ExitKind::IoOut, Some(u64::from(*port)), data.len()),
+        VcpuExit::MmioRead(addr, data) => (ExitKind::MmioRead, Some(*addr), data.len()),
+        VcpuExit::MmioWrite(addr, data) => (ExitKind::MmioWrite, Some(*addr), data.len()),
+        VcpuExit::Hlt => (ExitKind::Hlt, None, 0),
+        VcpuExit::IrqWindowOpen => (ExitKind::IrqWindowOpen, None, 0),
+        VcpuExit::Intr => (ExitKind::Interrupted, None, 0),
+        VcpuExit::Shutdown => (ExitKind::Shutdown, None, 0),
+        VcpuExit::SystemEvent(..) => (ExitKind::SystemEvent, None, 0),
+        _ => (ExitKind::Other, None, 0),
+    };
+    Exit { kind, addr, len }
 }
 
 /// Handles one exit; returns why the VM must stop, if it must.

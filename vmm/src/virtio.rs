@@ -245,7 +245,7 @@ pub fn attach(
         let transport = Arc::new(Mutex::new(transport));
         for (window, base) in [slot.base, slot.cmdline_base].into_iter().enumerate() {
             let window = Arc::new(Mutex::new(MmioWindow::new(transport.clone(), window as u8)));
-            mmio.insert(base, MMIO_WINDOW, window)
+            mmio.insert(base, MMIO_WINDOW, &name, window)
                 .map_err(|e| Error::Internal(e.to_string()))?;
         }
         attached.push(Attached {

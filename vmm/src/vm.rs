@@ -321,12 +321,22 @@ pub fn attach_legacy_devices(vm: &VmFd, pio: &mut Bus) -> Result<LegacyDevices, 
     vm.register_irqfd(power_button.event_fd(), GED_IRQ)
         .map_err(KvmOp::Irqfd.err())?;
     let overlap = |e: crate::bus::OverlapError| Error::Internal(e.to_string());
-    pio.insert(u64::from(COM1_PORT), ConsoleSerial::WINDOW, serial.clone())
+    pio.insert(
+        u64::from(COM1_PORT),
+        ConsoleSerial::WINDOW,
+        "serial",
+        serial.clone(),
+    )
+    .map_err(overlap)?;
+    pio.insert(I8042_PORT, I8042::WINDOW, "i8042", i8042)
         .map_err(overlap)?;
-    pio.insert(I8042_PORT, I8042::WINDOW, i8042)
-        .map_err(overlap)?;
-    pio.insert(u64::from(ACPI_POWER_PORT), AcpiPower::WINDOW, acpi_power)
-        .map_err(overlap)?;
+    pio.insert(
+        u64::from(ACPI_POWER_PORT),
+        AcpiPower::WINDOW,
+        "acpi-pm",
+        acpi_power,
+    )
+    .map_err(overlap)?;
     Ok(LegacyDevices {
         serial,
         console_out,
@@ -340,7 +350,7 @@ pub fn attach_legacy_devices(vm: &VmFd, pio: &mut Bus) -> Result<LegacyDevices, 
 /// Places the boot timer (`--boot-timer`) on the port-I/O bus.
 pub fn attach_boot_timer(pio: &mut Bus, first_run: FirstRun) -> Result<(), Error> {
     let timer = Arc::new(Mutex::new(boot_timer::device(first_run)));
-    pio.insert(BOOT_TIMER_PORT, BootTimer::WINDOW, timer)
+    pio.insert(BOOT_TIMER_PORT, BootTimer::WINDOW, "boot-timer", timer)
         .map_err(|e| Error::Internal(e.to_string()))
 }
 

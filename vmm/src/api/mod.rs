@@ -654,6 +654,9 @@ pub struct ProcessOptions {
     pub kvm_device: PathBuf,
     /// Install the seccomp filters.
     pub seccomp: bool,
+    /// A jail to run in (its root is the prepared directory: every path
+    /// given afterwards names a file in it).
+    pub jail: Option<crate::jail::JailConfig>,
 }
 
 /// Why moat ended before or while running a VM in API mode.
@@ -698,14 +701,22 @@ pub fn bind(path: &Path) -> Result<UnixListener, String> {
 pub fn run_process(options: &ProcessOptions) -> Result<VmExit, ProcessError> {
     let input = ProcessError::Input;
     check_id(&options.id).map_err(input)?;
+    // In a jail every path from here on, flags' and the API's alike, names
+    // a file in it, as with Firecracker's jailer; KVM is the jail's node.
+    let (jailed, kvm_device) = match &options.jail {
+        Some(jail) => {
+            let layout = crate::jail::Layout::Prepared {
+                kvm: options.kvm_device.clone(),
+            };
+            let jailed = crate::jail::enter(jail, &layout, &[]).map_err(ProcessError::Vm)?;
+            (Some(jailed), PathBuf::from("/dev/kvm"))
+        }
+        None => (None, options.kvm_device.clone()),
+    };
     logger::init(&options.id, &options.log)
         .map_err(|e| ProcessError::Input(format!("--log-path: {e}")))?;
-    let mut controller = Controller::new(
-        &options.id,
-        options.kvm_device.clone(),
-        options.boot_timer,
-        options.seccomp,
-    );
+    let mut controller =
+        Controller::new(&options.id, kvm_device, options.boot_timer, options.seccomp);
     if let Some(path) = &options.metrics_path {
         controller
             .put_metrics(&Metrics {
@@ -714,6 +725,17 @@ pub fn run_process(options: &ProcessOptions) -> Result<VmExit, ProcessError> {
                 properties: None,
             })
             .map_err(|e| ProcessError::Input(format!("--metrics-path: {e}")))?;
+    }
+    let listener = options
+        .api_sock
+        .as_deref()
+        .map(bind)
+        .transpose()
+        .map_err(input)?;
+    // Nothing from a client or a file is read as root: the jailed moat
+    // drops to its uid before the config file and the first request.
+    if let Some(jailed) = &jailed {
+        jailed.drop_privileges().map_err(ProcessError::Vm)?;
     }
     let resources = match &options.config_file {
         Some(path) => {
@@ -736,9 +758,8 @@ pub fn run_process(options: &ProcessOptions) -> Result<VmExit, ProcessError> {
             .map_err(|e| ProcessError::Input(format!("--config-file: {e}")))?;
     }
 
-    let api = match &options.api_sock {
-        Some(path) => {
-            let listener = bind(path).map_err(input)?;
+    let api = match (&options.api_sock, listener) {
+        (Some(path), Some(listener)) => {
             let (tx, rx) = mpsc::channel::<Envelope>();
             let wake = moat_devices::trigger::new_eventfd()
                 .map_err(|e| ProcessError::Vm(Error::Io("create an eventfd", e)))?;
@@ -773,7 +794,7 @@ pub fn run_process(options: &ProcessOptions) -> Result<VmExit, ProcessError> {
             log::info!("API listening on {}", path.display());
             Some((rx, wake))
         }
-        None => None,
+        _ => None,
     };
 
     let result = (|| {

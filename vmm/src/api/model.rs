@@ -757,6 +757,7 @@ impl VmResources {
             shutdown_timeout: Duration::from_secs(10),
             seccomp,
             nested: false,
+            trace_exits: None,
         })
     }
 }
