@@ -316,7 +316,10 @@ fn a_disk_swapped_under_a_running_guest_shows_its_new_size_and_data() {
     let guest = "echo before=$(cat /sys/block/vda/size) $(head -c 10 /dev/vda); echo ready-for-swap; \
                  i=0; while [ $(cat /sys/block/vda/size) = 2048 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; \
                  echo 3 > /proc/sys/vm/drop_caches; \
-                 echo after=$(cat /sys/block/vda/size) $(head -c 11 /dev/vda)";
+                 echo after=$(cat /sys/block/vda/size) $(head -c 11 /dev/vda); \
+                 i=0; while [ $(cat /sys/block/vda/size) = 6144 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; \
+                 echo 3 > /proc/sys/vm/drop_caches; \
+                 echo back=$(cat /sys/block/vda/size) $(head -c 10 /dev/vda)";
     let host = format!(
         r#"{API_PRELUDE}
 start_moat --api-sock "$sock"
@@ -328,7 +331,10 @@ until_console ready-for-swap
 api PATCH /drives/scratch '{{"drive_id": "scratch", "path_on_host": "/nonexistent.img"}}'
 api PATCH /drives/other '{{"drive_id": "other", "path_on_host": "{second}"}}'
 api PATCH /drives/scratch '{{"drive_id": "scratch", "path_on_host": "{second}"}}'
+# While the guest waits for the swap back (it ends soon after that).
+until_console after=
 api GET /vm/config
+api PATCH /drives/scratch '{{"drive_id": "scratch", "path_on_host": "{first}"}}'
 finish
 "#,
         first = first.display(),
@@ -345,10 +351,10 @@ finish
     out.assert_success();
     let c = &out.console;
     // Before boot a PATCH is refused; a missing file or drive is refused
-    // and the guest keeps its disk; then the swap.
+    // and the guest keeps its disk; then the swap, and a swap back.
     assert_eq!(
         statuses(c, "PATCH", "/drives/scratch"),
-        [400, 400, 204],
+        [400, 400, 204, 204],
         "{}",
         out.tail(30)
     );
@@ -363,5 +369,15 @@ finish
         "{}",
         out.test_output
     );
-    assert!(body_of(c, "GET", "/vm/config")[0].contains("second.img"));
+    assert!(
+        out.test_output.contains("back=2048 FIRST-DISK"),
+        "{}",
+        out.test_output
+    );
+    let config = body_of(c, "GET", "/vm/config");
+    assert!(
+        config.first().is_some_and(|b| b.contains("second.img")),
+        "{config:?}\n{}",
+        out.tail(30)
+    );
 }
