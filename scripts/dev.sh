@@ -7,6 +7,7 @@
 #   scripts/dev.sh bench [VM-BENCH-ARGS...]     set up, build, run every benchmark
 #   scripts/dev.sh rig-soak [N] [SOAK-ARGS...]  boot the rig's configurations N times each
 #   scripts/dev.sh docker [MOAT-RUN-OPTIONS...] set up, build, boot the Docker guest
+#   scripts/dev.sh compare [--runs N]           containers (in the Docker guest) vs microVMs
 #
 # "Set up" installs the Debian packages the guest images and the test rig
 # need (resources/install-deps.sh). A Rust toolchain (rustup) must already
@@ -123,6 +124,16 @@ case $cmd in
         [[ -n ${MOAT_BACKEND:-} ]] && export MOAT_TEST_BACKEND=$MOAT_BACKEND
         cargo run --release --locked -q -p moat-tests --bin rig-soak -- --runs "$runs" "$@"
         ;;
+    compare)
+        # Containers started by dockerd in the Docker guest against moat
+        # microVMs: create/start/delete times and memory per instance,
+        # measured here (docs/containers-vs-microvms.md; tests/src/bin/compare.rs).
+        setup
+        build_moat
+        build_images --docker
+        [[ -n ${MOAT_BACKEND:-} ]] && export MOAT_TEST_BACKEND=$MOAT_BACKEND
+        cargo run --release --locked -q -p moat-tests --bin compare -- "$@"
+        ;;
     docker)
         # The Docker guest (resources/docker, docs/docker.md) with its
         # persistent disk ($MOAT_DOCKER_DISK, made from the built image on
@@ -186,7 +197,7 @@ case $cmd in
                 wait $moat' moat-docker "$MOAT_BIN" "${args[@]}" "${size[@]}" "$@"
         ;;
     *)
-        sed -n '2,16p' "${BASH_SOURCE[0]}" >&2
+        sed -n '2,17p' "${BASH_SOURCE[0]}" >&2
         exit 2
         ;;
 esac
