@@ -10,10 +10,11 @@
 //!    MemAvailable before and after them (memory per running container,
 //!    caches dropped), and `docker rm -f` of each (stop and delete). The
 //!    host side samples that whole VM's resident memory.
-//! 2. microVMs: moat's small guest (1 vCPU, 128 MiB) started N times, from
-//!    moat's exec to the guest's /init on the console and to moat's exit
-//!    (the guest powers off at once), then N idle ones at a time: the host's
-//!    MemAvailable before and after them and each moat's resident memory.
+//! 2. microVMs: the benchmark's guest (moat's kernel, a minimal /init; 1
+//!    vCPU, 128 MiB) started N times, from moat's exec to the /init marker
+//!    on the console and to moat's exit (the guest reboots at once, which
+//!    ends moat), then N idle ones at a time: the host's MemAvailable
+//!    before and after them and each moat's resident memory.
 //!
 //! Both parts run where the guest tests run: directly on a host with KVM,
 //! else inside the test rig (so "host" above is the rig's VM, and every
@@ -64,21 +65,18 @@ echo "HOST-DOCKER-VM-RSS-KIB=$max"
 exit $rc"#;
 
 /// The host's part of 2a: N microVMs one after another, each timed from
-/// exec to the guest's /init marker and to moat's exit.
+/// exec to the guest's /init marker (awk reads the console as it comes: no
+/// polling to slow the machine) and to moat's exit.
 const VM_LIFECYCLE: &str = r#"N=@RUNS@
 ms() { awk '{ printf "%d", $1 * 1000 }' /proc/uptime; }
 i=0; while [ $i -lt $N ]; do i=$((i+1))
-    log=/tmp/cmp-vm-$$-$i.log; : >$log
     t0=$(ms)
-    "$@" >$log 2>&1 </dev/null & vm=$!
-    until grep -q MOAT-GUEST-INIT $log; do kill -0 $vm 2>/dev/null || break; sleep 0.01; done
-    t1=$(ms)
-    wait $vm; rc=$?
+    { "$@" </dev/null 2>&1; echo "VM-RC=$?"; } | awk -v t0=$t0 '
+        /MOAT-BENCH-INIT/ && !seen { getline u < "/proc/uptime"; split(u, a, " ");
+                                     printf "VM-START-MS=%d\n", a[1] * 1000 - t0; seen = 1 }
+        /VM-RC=/ { print }'
     t2=$(ms)
-    [ $rc -eq 0 ] || { cat $log; exit $rc; }
-    echo "VM-START-MS=$((t1-t0))"
     echo "VM-LIFECYCLE-MS=$((t2-t0))"
-    rm -f $log
 done"#;
 
 /// The host's part of 2b: N idle microVMs at once, and what they take.
@@ -90,7 +88,7 @@ i=0; while [ $i -lt $N ]; do i=$((i+1))
     "$@" >/tmp/cmp-idle-$$-$i.log 2>&1 </dev/null & pids="$pids $!"
 done
 i=0; while [ $i -lt $N ]; do i=$((i+1))
-    t=0; until grep -q idle-ready /tmp/cmp-idle-$$-$i.log; do
+    t=0; until grep -q MOAT-BENCH-INIT /tmp/cmp-idle-$$-$i.log; do
         t=$((t+1)); [ $t -gt 1200 ] && { cat /tmp/cmp-idle-$$-$i.log; exit 1; }; sleep 0.2
     done
 done
@@ -167,10 +165,21 @@ fn containers(runs: usize) -> Result<Outcome, String> {
     checked("the Docker guest", out)
 }
 
-fn microvms(runs: usize, host: &str, script: &str) -> Result<Outcome, String> {
+/// The microVMs: the benchmark's guest (resources/bench: moat's kernel, an
+/// /init that prints its marker first thing, sleeps `hold_ms`, reboots).
+fn microvms(runs: usize, host: &str, hold_ms: u64) -> Result<Outcome, String> {
+    let cmdline =
+        format!("console=ttyS0 panic=1 i8042.noaux i8042.nokbd quiet reboot=k -- {hold_ms}");
     let out = Guest::vmlinux()
-        .args(["--cpus", "boot=1", "--memory", "size=128M"])
-        .script(script)
+        .initramfs(image("BENCH_INITRAMFS"))
+        .args([
+            "--cpus",
+            "boot=1",
+            "--memory",
+            "size=128M",
+            "--cmdline",
+            &cmdline,
+        ])
         .host_script(&host.replace("@RUNS@", &runs.to_string()))
         .rig_cpus(1)
         .timeout(Duration::from_secs(900))
@@ -194,9 +203,9 @@ fn main() {
         eprintln!("compare: containers in the Docker guest ({runs} of each)");
         let docker = containers(runs)?;
         eprintln!("compare: microVMs one after another ({runs})");
-        let lifecycle = microvms(runs, VM_LIFECYCLE, "true")?;
+        let lifecycle = microvms(runs, VM_LIFECYCLE, 0)?;
         eprintln!("compare: {runs} idle microVMs at once");
-        let footprint = microvms(runs, VM_FOOTPRINT, "echo idle-ready; sleep 100000")?;
+        let footprint = microvms(runs, VM_FOOTPRINT, 3_600_000)?;
         report(runs, &docker, &lifecycle, &footprint)
     })();
     if let Err(e) = result {
@@ -247,6 +256,13 @@ fn report(
             "KiB",
         ),
     ];
+    let codes = values(l, "VM-RC");
+    if codes.len() != runs || codes.iter().any(|c| *c != 0.0) {
+        return Err(format!(
+            "the microVMs ended with {codes:?}\n{}",
+            lifecycle.tail(30)
+        ));
+    }
     let delete = all_of(d, "CT-DELETE-MS")?;
     let vm_rss = one(f, "VM-RSS-PER-KIB")?;
     let docker_vm_rss = one(d, "HOST-DOCKER-VM-RSS-KIB")?;
