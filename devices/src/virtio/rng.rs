@@ -4,9 +4,7 @@
 //! One queue of device-writable buffers. With a rate limit the device hands
 //! out bytes from a token bucket (a second's worth at most): when it runs
 //! dry, the device stops and arms a timer for when enough tokens are back;
-//! the timer is its backend descriptor, so the event loop wakes it. The
-//! same timer retries while the host's own pool is not ready yet (a host
-//! that has just booted), where getrandom(2) would block the event loop.
+//! the timer is its backend descriptor, so the event loop wakes it.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
@@ -24,17 +22,6 @@ use super::{
 pub const QUEUE_SIZE: u16 = 64;
 /// The most bytes one request gets (Linux asks for at most a page or so).
 const MAX_REQUEST: usize = 64 * 1024;
-/// How often a request is retried while the host's pool is not ready.
-pub const POOL_RETRY: Duration = Duration::from_millis(20);
-
-/// Whether the host's random pool is ready: getrandom(2) of one byte that
-/// would block says not yet. Once it is, getrandom never blocks again.
-fn host_pool_ready() -> bool {
-    let mut byte = 0u8;
-    // SAFETY: getrandom writes at most one byte into `byte`.
-    let n = unsafe { libc::getrandom((&mut byte as *mut u8).cast(), 1, libc::GRND_NONBLOCK) };
-    n == 1
-}
 
 /// A byte budget that refills at `rate` bytes a second, up to a second's
 /// worth.
@@ -89,15 +76,10 @@ pub struct Rng {
     queue: Option<Queue>,
     limit: Option<TokenBucket>,
     timer: TimerFd,
-    /// Requests wait for the timer (rate limit, or the host's pool).
+    /// Requests wait for the rate limit's timer.
     waiting: bool,
     /// Bytes handed to the guest so far.
     bytes: u64,
-    /// The host's pool was ready once (so it stays ready).
-    pool_is_ready: bool,
-    /// Asks whether the host's pool is ready ([`host_pool_ready`]; tests
-    /// put a pool that is not ready yet in its place).
-    pool_ready: Box<dyn FnMut() -> bool + Send>,
 }
 
 impl Rng {
@@ -109,8 +91,6 @@ impl Rng {
             timer: TimerFd::new()?,
             waiting: false,
             bytes: 0,
-            pool_is_ready: false,
-            pool_ready: Box::new(host_pool_ready),
         })
     }
 
@@ -127,16 +107,6 @@ impl Rng {
         };
         let ring_error = |e: virtio_queue::Error| DeviceError(format!("bad rng ring: {e}"));
         let mut used = false;
-        if !self.pool_is_ready {
-            if !(self.pool_ready)() {
-                // The requests stay in the ring; the timer comes back.
-                if self.timer.reset(POOL_RETRY, None).is_ok() {
-                    self.waiting = true;
-                }
-                return Ok(false);
-            }
-            self.pool_is_ready = true;
-        }
         queue.disable_notification(mem).map_err(ring_error)?;
         loop {
             let before = queue.next_avail();
@@ -230,8 +200,8 @@ fn fill(
     Ok(written)
 }
 
-/// Fills `buf` from the kernel's random pool (getrandom(2); called once the
-/// pool is ready, so it does not block).
+/// Fills `buf` from the kernel's random pool (getrandom(2), blocking only
+/// until the pool is initialised at boot).
 fn getrandom(buf: &mut [u8]) -> Result<(), DeviceError> {
     let mut done = 0;
     while done < buf.len() {
@@ -293,7 +263,7 @@ impl VirtioDevice for Rng {
     }
 
     fn backend_fd(&self) -> Option<RawFd> {
-        Some(self.timer.as_raw_fd())
+        self.limit.is_some().then(|| self.timer.as_raw_fd())
     }
 
     fn backend_wanted(&self) -> bool {
@@ -332,7 +302,6 @@ impl VirtioDevice for Rng {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::Ordering;
     use std::sync::Arc;
 
     use vm_memory::GuestAddress;
@@ -477,47 +446,8 @@ mod tests {
     }
 
     #[test]
-    fn without_a_limit_the_timer_is_wanted_only_while_the_host_pool_is_not_ready() {
+    fn without_a_limit_there_is_no_backend() {
         let r = rig(None);
-        assert!(r.transport.backend_fd().is_some());
-        assert!(!r.transport.backend_wanted());
-    }
-
-    #[test]
-    fn a_host_pool_not_ready_yet_never_blocks_the_loop_and_is_retried() {
-        // On a host that has just booted, getrandom(2) blocks until the
-        // kernel's pool is ready: in the rig a guest's MMIO read of this
-        // device waited 827 ms for the lock the blocked loop held
-        // (--trace-exits). Asked while the pool is not ready, the device
-        // leaves the request in the ring and retries on its timer.
-        let probes = Arc::new(std::sync::atomic::AtomicU32::new(0));
-        let seen = probes.clone();
-        let mut rng = Rng::new(None).unwrap();
-        rng.pool_ready = Box::new(move || seen.fetch_add(1, Ordering::SeqCst) >= 2);
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        let irq = Arc::new(Interrupt::new().unwrap());
-        let mut t = MmioTransport::new(Box::new(rng), mem.clone(), irq).unwrap();
-        let mut d = Driver::init(&mut t, &mem, VIRTIO_F_VERSION_1, &[QUEUE_SIZE]).unwrap();
-        d.queues[0].add_chain(&mem, &[(BUFFERS, 64, true)]);
-        let start = Instant::now();
-        t.process_queue(0);
-        assert!(start.elapsed() < Duration::from_millis(50));
-        assert!(d.queues[0].take_used(&mem).is_empty(), "nothing yet");
-        assert!(t.backend_wanted(), "waits for its timer");
-        // Still not ready at the first retry, ready at the second.
-        for _ in 0..2 {
-            std::thread::sleep(POOL_RETRY + Duration::from_millis(5));
-            t.process_backend();
-        }
-        let used = d.queues[0].take_used(&mem);
-        assert_eq!(used.len(), 1, "served once the pool is ready");
-        assert_eq!(used[0].1, 64);
-        assert!(!t.backend_wanted());
-        assert_eq!(probes.load(Ordering::SeqCst), 3);
-        // Once ready, the pool is not asked again.
-        d.queues[0].add_chain(&mem, &[(BUFFERS, 64, true)]);
-        t.process_queue(0);
-        assert_eq!(d.queues[0].take_used(&mem).len(), 1);
-        assert_eq!(probes.load(Ordering::SeqCst), 3);
+        assert!(r.transport.backend_fd().is_none());
     }
 }
