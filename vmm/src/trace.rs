@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -209,11 +209,6 @@ impl ExitTrace {
         let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
         writeln!(file, "{}", summary_json(&self.counts()))?;
         file.flush()
-    }
-
-    /// The file's path, if there is one.
-    pub fn path(&self) -> Option<&Path> {
-        self.config.file.as_deref()
     }
 }
 
