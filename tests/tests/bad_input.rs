@@ -477,3 +477,29 @@ fn api_mode_flags_and_config_files_are_checked() {
         "--api-sock: cannot listen on /nonexistent-dir/api.sock",
     );
 }
+
+#[test]
+fn trace_and_log_options_that_cannot_work_are_rejected() {
+    let k = kernel();
+    let files = [image("VMLINUX")];
+    assert_rejected(
+        &[
+            "run",
+            "--kernel",
+            &k,
+            "--trace-exits=/nonexistent/dir/t.json",
+        ],
+        &files,
+        "--trace-exits: cannot open /nonexistent/dir/t.json",
+    );
+    assert_rejected(
+        &["run", "--kernel", &k, "--trace-exits=live"],
+        &files,
+        "--trace-exits: live needs a FILE",
+    );
+    assert_rejected(
+        &["run", "--kernel", &k, "--level", "loud"],
+        &files,
+        "--level: 'loud' is not Error, Warning, Info, Debug, Trace or Off",
+    );
+}
