@@ -36,15 +36,19 @@ pub enum ThreadKind {
     Api,
     /// The thread writing the console's output to stdout.
     Console,
+    /// The thread waiting for the host's random pool (virtio-rng), while
+    /// the pool is not ready.
+    Entropy,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 4] = [
+    pub const ALL: [ThreadKind; 5] = [
         ThreadKind::Vcpu,
         ThreadKind::Vmm,
         ThreadKind::Api,
         ThreadKind::Console,
+        ThreadKind::Entropy,
     ];
 
     fn name(self) -> &'static str {
@@ -53,6 +57,7 @@ impl ThreadKind {
             ThreadKind::Vmm => "the VMM thread",
             ThreadKind::Api => "the API thread",
             ThreadKind::Console => "the console output thread",
+            ThreadKind::Entropy => "the entropy wait thread",
         }
     }
 }
@@ -244,6 +249,12 @@ pub fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
         }
         ThreadKind::Console => {
             // Writes to stdout are in COMMON; TCSETS for the SIGSYS handler.
+            rules.insert(libc::SYS_ioctl, arg_in(1, &[libc::TCSETS]));
+        }
+        ThreadKind::Entropy => {
+            // getrandom is in COMMON; firing the device's timer; TCSETS
+            // for the SIGSYS handler.
+            allow(&[libc::SYS_timerfd_settime]);
             rules.insert(libc::SYS_ioctl, arg_in(1, &[libc::TCSETS]));
         }
     }
@@ -470,6 +481,32 @@ mod tests {
                 libc::WIFEXITED(tcsets),
                 "{kind:?}: TCSETS trapped ({tcsets:#x})"
             );
+        }
+    }
+
+    #[test]
+    fn the_entropy_thread_may_wait_for_the_pool_and_fire_a_timer_only() {
+        let allowed: [fn() -> i64; 2] = [
+            || {
+                let mut byte = 0u8;
+                sys(libc::SYS_getrandom, &mut byte as *mut u8 as i64, 1, 0)
+            },
+            // On no timer: EBADF, but not trapped.
+            || sys(libc::SYS_timerfd_settime, -1, 0, 0),
+        ];
+        for (i, call) in allowed.into_iter().enumerate() {
+            let status = in_filtered_child(ThreadKind::Entropy, call);
+            assert!(libc::WIFEXITED(status), "allowed {i}: status {status:#x}");
+        }
+        let forbidden: [fn() -> i64; 4] = [
+            || sys(libc::SYS_openat, AT_FDCWD, path(c"/etc/passwd"), 0),
+            || sys(libc::SYS_socket, AF_UNIX, STREAM, 0),
+            || sys(libc::SYS_epoll_ctl, -1, 0, 0),
+            || sys(libc::SYS_ioctl, 0, libc::TIOCSTI as i64, 0),
+        ];
+        for (i, call) in forbidden.into_iter().enumerate() {
+            let status = in_filtered_child(ThreadKind::Entropy, call);
+            assert!(killed_by_sigsys(status), "forbidden {i}: status {status:#x}");
         }
     }
 

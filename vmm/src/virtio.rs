@@ -13,7 +13,7 @@ use moat_boot::{layout, GuestMemoryMmap};
 use moat_devices::virtio::block::Block;
 use moat_devices::virtio::mmio::{MmioTransport, MmioWindow, MMIO_WINDOW, QUEUE_NOTIFY};
 use moat_devices::virtio::net::{default_mac, Net, Tap};
-use moat_devices::virtio::rng::Rng;
+use moat_devices::virtio::rng::{PoolWaiter, Rng};
 use moat_devices::virtio::vsock::{self, Vsock};
 use moat_devices::virtio::{Interrupt, VirtioDevice};
 use vmm_sys_util::eventfd::EventFd;
@@ -142,13 +142,46 @@ pub fn devices(config: &VmConfig) -> Result<Vec<Named>, ConfigError> {
         devices.push(vsock_device(vsock, &config.forwards)?);
     }
     if let RngConfig::On(rate) = config.rng {
-        let rng = Rng::new(rate).map_err(|e| ConfigError::Syntax {
+        let rng_error = |e: std::io::Error| ConfigError::Syntax {
             option: "--rng",
             problem: format!("cannot create its timer: {e}"),
-        })?;
+        };
+        let rng = Rng::new(rate).map_err(rng_error)?;
+        if let Some(waiter) = rng.pool_waiter().map_err(rng_error)? {
+            wait_for_entropy(waiter, config.seccomp).map_err(|e| ConfigError::Syntax {
+                option: "--rng",
+                problem: format!("cannot wait for the host's random pool: {e}"),
+            })?;
+        }
         devices.push(Box::new(rng));
     }
     Ok(device_names(config).into_iter().zip(devices).collect())
+}
+
+/// Waits for the host's random pool in a thread of its own (under its
+/// seccomp filter if `seccomp`), so that neither start-up nor the event
+/// loop waits on it: the rng device serves once the pool is ready.
+fn wait_for_entropy(waiter: PoolWaiter, seccomp: bool) -> Result<(), String> {
+    use crate::seccomp::{self, ThreadKind};
+    log::info!("virtio-rng: the host's random pool is not ready; the device waits for it");
+    let filter = seccomp
+        .then(|| seccomp::program(ThreadKind::Entropy))
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    std::thread::Builder::new()
+        .name("entropy-wait".into())
+        .spawn(move || {
+            if let Some(filter) = filter {
+                if let Err(e) = seccomp::install(ThreadKind::Entropy, &filter) {
+                    log::error!("{e}; virtio-rng stays silent");
+                    return;
+                }
+            }
+            waiter.wait();
+            log::info!("virtio-rng: the host's random pool is ready");
+        })
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 /// The vsock device, listening at its socket and at each forward's.

@@ -5,8 +5,18 @@
 //! out bytes from a token bucket (a second's worth at most): when it runs
 //! dry, the device stops and arms a timer for when enough tokens are back;
 //! the timer is its backend descriptor, so the event loop wakes it.
+//!
+//! getrandom(2) blocks until the host's random pool is initialised, which
+//! on a freshly booted host can be seconds after moat starts. The event
+//! loop must never wait on it: when the pool is not ready at creation, the
+//! device holds its requests and a [`PoolWaiter`], run in a thread of its
+//! own, waits for the pool with a blocking getrandom (which also makes the
+//! kernel gather entropy; a non-blocking probe would not) and then fires
+//! the device's timer.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
@@ -76,22 +86,49 @@ pub struct Rng {
     queue: Option<Queue>,
     limit: Option<TokenBucket>,
     timer: TimerFd,
-    /// Requests wait for the rate limit's timer.
+    /// Requests wait for the timer: the rate limit's, or the pool waiter's.
     waiting: bool,
+    /// Whether the host's random pool is initialised.
+    pool_ready: Arc<AtomicBool>,
     /// Bytes handed to the guest so far.
     bytes: u64,
 }
 
 impl Rng {
-    /// A device; `rate` limits it to that many bytes a second.
+    /// A device; `rate` limits it to that many bytes a second. If the
+    /// host's pool is not ready yet, run [`Rng::pool_waiter`]'s waiter.
     pub fn new(rate: Option<u64>) -> std::io::Result<Self> {
+        Self::with_pool_ready(rate, pool_is_ready())
+    }
+
+    fn with_pool_ready(rate: Option<u64>, ready: bool) -> std::io::Result<Self> {
         Ok(Self {
             queue: None,
             limit: rate.map(TokenBucket::new),
             timer: TimerFd::new()?,
             waiting: false,
+            pool_ready: Arc::new(AtomicBool::new(ready)),
             bytes: 0,
         })
+    }
+
+    /// What waits for the host's pool, if it was not ready when the device
+    /// was made: the device serves nothing until the waiter has run.
+    pub fn pool_waiter(&self) -> std::io::Result<Option<PoolWaiter>> {
+        if self.pool_ready.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        // SAFETY: dup of a descriptor this device owns; the result is
+        // checked and owned by the waiter alone.
+        let fd = unsafe { libc::dup(self.timer.as_raw_fd()) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Some(PoolWaiter {
+            ready: self.pool_ready.clone(),
+            // SAFETY: `fd` was just opened and nothing else owns it.
+            timer: unsafe { OwnedFd::from_raw_fd(fd) },
+        }))
     }
 
     /// Bytes handed to the guest so far.
@@ -105,6 +142,11 @@ impl Rng {
         let Some(queue) = self.queue.as_mut() else {
             return Ok(false);
         };
+        if !self.pool_ready.load(Ordering::Acquire) {
+            // The pool waiter fires the timer when the pool is ready.
+            self.waiting = true;
+            return Ok(false);
+        }
         let ring_error = |e: virtio_queue::Error| DeviceError(format!("bad rng ring: {e}"));
         let mut used = false;
         queue.disable_notification(mem).map_err(ring_error)?;
@@ -200,22 +242,86 @@ fn fill(
     Ok(written)
 }
 
-/// Fills `buf` from the kernel's random pool (getrandom(2), blocking only
-/// until the pool is initialised at boot).
+/// Waits, in a thread of its own, for the host's random pool, then wakes
+/// the device it came from.
+pub struct PoolWaiter {
+    ready: Arc<AtomicBool>,
+    /// The device's timer (a second descriptor of it).
+    timer: OwnedFd,
+}
+
+impl PoolWaiter {
+    /// Blocks until the host's pool is initialised, then wakes the device.
+    pub fn wait(self) {
+        let mut byte = [0u8; 1];
+        // Blocking: only a blocking getrandom makes the kernel generate
+        // entropy when nothing else does. An error other than EINTR cannot
+        // be waited out either; the device then reports it per request.
+        while getrandom_once(&mut byte, 0) == Err(libc::EINTR) {}
+        self.mark_ready();
+    }
+
+    /// Marks the pool ready and fires the device's timer.
+    fn mark_ready(self) {
+        self.ready.store(true, Ordering::Release);
+        let soon = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 1,
+            },
+        };
+        // SAFETY: a timerfd this waiter owns and a valid itimerspec.
+        let armed = unsafe {
+            libc::timerfd_settime(self.timer.as_raw_fd(), 0, &soon, std::ptr::null_mut())
+        };
+        if armed != 0 {
+            log::error!(
+                "virtio-rng: cannot wake the device once the host's pool is ready: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+/// One getrandom(2) call into `buf` with `flags`: bytes written or errno.
+fn getrandom_once(buf: &mut [u8], flags: u32) -> Result<usize, i32> {
+    // SAFETY: getrandom writes at most `buf.len()` bytes into `buf`.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), flags) };
+    if n < 0 {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Whether getrandom(2) would return without blocking.
+fn pool_is_ready() -> bool {
+    let mut byte = [0u8; 1];
+    loop {
+        match getrandom_once(&mut byte, libc::GRND_NONBLOCK) {
+            Err(libc::EINTR) => continue,
+            result => return result != Err(libc::EAGAIN),
+        }
+    }
+}
+
+/// Fills `buf` from the kernel's random pool (getrandom(2); the device
+/// calls it only once the pool is initialised, so it does not block).
 fn getrandom(buf: &mut [u8]) -> Result<(), DeviceError> {
     let mut done = 0;
     while done < buf.len() {
-        let rest = &mut buf[done..];
-        // SAFETY: getrandom writes at most `rest.len()` bytes into `rest`.
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
+        match getrandom_once(&mut buf[done..], 0) {
+            Ok(n) => done += n,
+            Err(libc::EINTR) => continue,
+            Err(e) => {
+                let e = std::io::Error::from_raw_os_error(e);
+                return Err(DeviceError(format!("getrandom: {e}")));
             }
-            return Err(DeviceError(format!("getrandom: {e}")));
         }
-        done += n as usize;
     }
     Ok(())
 }
@@ -263,7 +369,7 @@ impl VirtioDevice for Rng {
     }
 
     fn backend_fd(&self) -> Option<RawFd> {
-        self.limit.is_some().then(|| self.timer.as_raw_fd())
+        Some(self.timer.as_raw_fd())
     }
 
     fn backend_wanted(&self) -> bool {
@@ -302,8 +408,6 @@ impl VirtioDevice for Rng {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use vm_memory::GuestAddress;
 
     use super::*;
@@ -446,8 +550,62 @@ mod tests {
     }
 
     #[test]
-    fn without_a_limit_there_is_no_backend() {
-        let r = rig(None);
-        assert!(r.transport.backend_fd().is_none());
+    fn without_a_limit_a_ready_device_never_wants_its_backend() {
+        let mut r = rig(None);
+        r.post(2, 64);
+        r.transport.process_queue(0);
+        assert_eq!(r.used_bytes(), 128);
+        assert!(!r.transport.backend_wanted());
+    }
+
+    fn readable(fd: RawFd, timeout_ms: i32) -> bool {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut pfd, 1, timeout_ms) == 1 }
+    }
+
+    #[test]
+    fn until_the_hosts_pool_is_ready_requests_wait_without_blocking_the_loop() {
+        // getrandom(2) blocks until the host's pool is initialised (a
+        // freshly booted host: 14 s in the rig's L1). The event loop must
+        // not wait on it: the device holds the requests, and a thread
+        // waiting for the pool wakes it through its backend descriptor.
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let irq = Arc::new(Interrupt::new().unwrap());
+        let rng = Rng::with_pool_ready(None, false).unwrap();
+        let waiter = rng
+            .pool_waiter()
+            .unwrap()
+            .expect("a waiter while the pool is not ready");
+        let mut t = MmioTransport::new(Box::new(rng), mem.clone(), irq).unwrap();
+        let mut d = Driver::init(&mut t, &mem, VIRTIO_F_VERSION_1, &[QUEUE_SIZE]).unwrap();
+        d.queues[0].add_chain(&mem, &[(BUFFERS, 64, true)]);
+        t.process_queue(0);
+        assert!(d.queues[0].take_used(&mem).is_empty(), "served before the pool was ready");
+        assert!(t.backend_wanted(), "waits for the pool");
+        let fd = t.backend_fd().expect("a backend descriptor to wake it");
+        assert!(!readable(fd, 0));
+        // What the waiting thread does once its getrandom returns.
+        waiter.mark_ready();
+        assert!(readable(fd, 1000), "the waiter did not wake the device");
+        t.process_backend();
+        let used = d.queues[0].take_used(&mem);
+        assert_eq!(used.iter().map(|(_, l)| l).sum::<u32>(), 64, "{used:?}");
+        assert!(!t.backend_wanted());
+    }
+
+    #[test]
+    fn a_ready_pool_needs_no_waiter_and_the_waiter_returns_at_once_here() {
+        let rng = Rng::with_pool_ready(None, true).unwrap();
+        assert!(rng.pool_waiter().unwrap().is_none());
+        let rng = Rng::with_pool_ready(Some(1000), false).unwrap();
+        let waiter = rng.pool_waiter().unwrap().unwrap();
+        // This host's pool is ready: the blocking wait returns.
+        waiter.wait();
+        assert!(rng.pool_ready.load(Ordering::Acquire));
     }
 }
