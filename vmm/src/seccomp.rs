@@ -506,7 +506,10 @@ mod tests {
         ];
         for (i, call) in forbidden.into_iter().enumerate() {
             let status = in_filtered_child(ThreadKind::Entropy, call);
-            assert!(killed_by_sigsys(status), "forbidden {i}: status {status:#x}");
+            assert!(
+                killed_by_sigsys(status),
+                "forbidden {i}: status {status:#x}"
+            );
         }
     }
 

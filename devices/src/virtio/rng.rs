@@ -585,7 +585,10 @@ mod tests {
         let mut d = Driver::init(&mut t, &mem, VIRTIO_F_VERSION_1, &[QUEUE_SIZE]).unwrap();
         d.queues[0].add_chain(&mem, &[(BUFFERS, 64, true)]);
         t.process_queue(0);
-        assert!(d.queues[0].take_used(&mem).is_empty(), "served before the pool was ready");
+        assert!(
+            d.queues[0].take_used(&mem).is_empty(),
+            "served before the pool was ready"
+        );
         assert!(t.backend_wanted(), "waits for the pool");
         let fd = t.backend_fd().expect("a backend descriptor to wake it");
         assert!(!readable(fd, 0));
