@@ -7,6 +7,8 @@
 mod request;
 
 use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
@@ -29,6 +31,51 @@ pub const SEG_MAX: u32 = 128;
 /// [`VirtioDevice::wants_more`]).
 pub const REQUEST_BUDGET: u32 = 64;
 
+/// What a disk's bytes are stored in: a host file, or a stand-in (tests,
+/// fuzzing) that fails the way files do.
+pub trait DiskBackend: Send {
+    /// preadv(2): reads into the buffers `iov` names, from byte `offset`;
+    /// returns how many bytes were read (0 at the end).
+    ///
+    /// # Safety
+    /// Each iovec must name memory that is valid for writes for its whole
+    /// length while the call runs.
+    unsafe fn read_vectored_at(&self, iov: &[libc::iovec], offset: i64) -> io::Result<usize>;
+    /// pwritev(2): writes the buffers `iov` names at byte `offset`; returns
+    /// how many bytes were written.
+    ///
+    /// # Safety
+    /// Each iovec must name memory that is valid for reads for its whole
+    /// length while the call runs.
+    unsafe fn write_vectored_at(&self, iov: &[libc::iovec], offset: i64) -> io::Result<usize>;
+    /// fdatasync(2): what was written is on stable storage.
+    fn sync_data(&self) -> io::Result<()>;
+}
+
+/// The return of a system call that gives a count or -1.
+fn count_or_errno(n: isize) -> io::Result<usize> {
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+impl DiskBackend for File {
+    unsafe fn read_vectored_at(&self, iov: &[libc::iovec], offset: i64) -> io::Result<usize> {
+        let count = libc::c_int::try_from(iov.len()).map_err(|_| io::ErrorKind::InvalidInput)?;
+        // SAFETY: the caller vouches for the buffers; the kernel checks the
+        // rest.
+        count_or_errno(unsafe { libc::preadv(self.as_raw_fd(), iov.as_ptr(), count, offset) })
+    }
+
+    unsafe fn write_vectored_at(&self, iov: &[libc::iovec], offset: i64) -> io::Result<usize> {
+        let count = libc::c_int::try_from(iov.len()).map_err(|_| io::ErrorKind::InvalidInput)?;
+        // SAFETY: as above.
+        count_or_errno(unsafe { libc::pwritev(self.as_raw_fd(), iov.as_ptr(), count, offset) })
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        File::sync_data(self)
+    }
+}
+
 /// A virtio-blk device.
 pub struct Block {
     disk: request::Disk,
@@ -42,12 +89,22 @@ impl Block {
     /// is not exposed). `id` is the serial the guest reads with GET_ID, at
     /// most 20 bytes (longer ids are cut).
     pub fn new(file: File, size: u64, read_only: bool, id: &str) -> Self {
+        Self::with_backend(Box::new(file), size, read_only, id)
+    }
+
+    /// A device for `backend`, as [`Block::new`] for a file.
+    pub fn with_backend(
+        backend: Box<dyn DiskBackend>,
+        size: u64,
+        read_only: bool,
+        id: &str,
+    ) -> Self {
         let mut serial = [0u8; VIRTIO_BLK_ID_BYTES as usize];
         let len = id.len().min(serial.len());
         serial[..len].copy_from_slice(&id.as_bytes()[..len]);
         Self {
             disk: request::Disk {
-                file,
+                file: backend,
                 sectors: size / SECTOR_SIZE,
                 read_only,
                 serial,
@@ -63,7 +120,7 @@ impl Block {
     /// queue notification at a time). The caller tells the guest the new
     /// capacity with a config-change interrupt.
     pub fn replace_backing(&mut self, file: File, size: u64) {
-        self.disk.file = file;
+        self.disk.file = Box::new(file);
         self.disk.sectors = size / SECTOR_SIZE;
     }
 

@@ -17,9 +17,7 @@
 //!   or a chain that never ends (a loop): no status can be reported, so the
 //!   device goes to NEEDS_RESET.
 
-use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
@@ -29,7 +27,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Address, ByteValued, Bytes, GuestMemoryBackend};
 
-use super::{SECTOR_SIZE, SEG_MAX};
+use super::{DiskBackend, SECTOR_SIZE, SEG_MAX};
 use crate::virtio::{DeviceError, GuestMemoryMmap};
 
 /// The request header: type, reserved, sector.
@@ -47,7 +45,7 @@ unsafe impl ByteValued for Header {}
 
 /// The backing store and what the guest may do with it.
 pub(super) struct Disk {
-    pub file: File,
+    pub file: Box<dyn DiskBackend>,
     pub sectors: u64,
     pub read_only: bool,
     pub serial: [u8; 20],
@@ -147,7 +145,8 @@ impl Disk {
             VIRTIO_BLK_T_IN => {
                 let offset = self.range(header.sector, data_len)?;
                 let mut iov = iovecs(mem, &writable, 0, data_len)?;
-                transfer(&self.file, &mut iov, offset, Direction::FromDisk).map_err(|_| IoError)?;
+                transfer(&*self.file, &mut iov, offset, Direction::FromDisk)
+                    .map_err(|_| IoError)?;
                 self.counters.read_count += 1;
                 self.counters.read_bytes += data_len as u64;
                 Ok(Some(data_len as u32))
@@ -160,7 +159,7 @@ impl Disk {
                 let offset = self.range(header.sector, len)?;
                 let header_len = std::mem::size_of::<Header>();
                 let mut iov = iovecs(mem, &readable, header_len, len)?;
-                transfer(&self.file, &mut iov, offset, Direction::ToDisk).map_err(|_| IoError)?;
+                transfer(&*self.file, &mut iov, offset, Direction::ToDisk).map_err(|_| IoError)?;
                 self.counters.write_count += 1;
                 self.counters.write_bytes += len as u64;
                 Ok(Some(0))
@@ -236,36 +235,31 @@ enum Direction {
 /// preadv/pwritev of all of `iov` at `offset`, resuming after short
 /// transfers; running into the end of the file is an error.
 fn transfer(
-    file: &File,
+    file: &dyn DiskBackend,
     mut iov: &mut [libc::iovec],
     mut offset: u64,
     direction: Direction,
 ) -> io::Result<()> {
     while !iov.is_empty() {
-        let count = iov.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
+        let count = iov.len().min(libc::UIO_MAXIOV as usize);
         let pos = libc::off_t::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
         // SAFETY: each iovec covers guest memory that get_slice checked is
         // inside a region of `mem`, which stays mapped while the device
-        // holds it (the whole time a request runs). The kernel reads or
+        // holds it (the whole time a request runs). The backend reads or
         // writes only those bytes; the guest racing on them can change the
         // data, never reach outside them.
-        let n = unsafe {
+        let done = unsafe {
             match direction {
-                Direction::FromDisk => libc::preadv(file.as_raw_fd(), iov.as_ptr(), count, pos),
-                Direction::ToDisk => libc::pwritev(file.as_raw_fd(), iov.as_ptr(), count, pos),
+                Direction::FromDisk => file.read_vectored_at(&iov[..count], pos),
+                Direction::ToDisk => file.write_vectored_at(&iov[..count], pos),
             }
         };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        let mut n = n as usize;
+        let mut n = match done {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
         offset += n as u64;
         while let Some(first) = iov.first_mut() {
             if n < first.iov_len {
