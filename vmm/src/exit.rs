@@ -34,6 +34,10 @@ pub enum VmExit {
     InternalError {
         /// The vCPU index.
         cpu: u8,
+        /// KVM's KVM_INTERNAL_ERROR_* code.
+        suberror: u32,
+        /// Where the guest was, if its registers could be read.
+        rip: Option<u64>,
     },
     /// The guest kernel reported a crash through a KVM system event.
     GuestCrash,
@@ -81,8 +85,16 @@ impl VmExit {
                     "KVM could not enter vCPU {cpu} (hardware entry failure reason {reason:#x})"
                 )
             }
-            VmExit::InternalError { cpu } => {
-                format!("KVM internal error on vCPU {cpu} (emulation failure or similar)")
+            VmExit::InternalError { cpu, suberror, rip } => {
+                let what = match suberror {
+                    1 => "an instruction KVM cannot emulate",
+                    2 => "an exception while emulating an instruction",
+                    3 => "an event KVM could not deliver",
+                    4 => "an exit KVM did not expect",
+                    _ => "an unknown reason",
+                };
+                let at = rip.map_or(String::new(), |rip| format!(" at guest rip {rip:#x}"));
+                format!("KVM internal error on vCPU {cpu}{at}: {what} (suberror {suberror})")
             }
             VmExit::GuestCrash => "the guest reported a crash".to_string(),
             VmExit::Unexpected { cpu, exit } => format!("vCPU {cpu}: unhandled KVM exit {exit}"),
@@ -154,9 +166,14 @@ mod tests {
         assert_eq!(VmExit::GuestPowerOff.message(), None);
         assert_eq!(VmExit::TripleFault { cpu: 0 }.exit_code(), 1);
         assert_eq!(VmExit::Signal(15).exit_code(), 143);
-        assert!(VmExit::InternalError { cpu: 2 }
-            .message()
-            .unwrap()
-            .contains("vCPU 2"));
+        let internal = VmExit::InternalError {
+            cpu: 2,
+            suberror: 1,
+            rip: Some(0x20_0010),
+        };
+        assert_eq!(
+            internal.message().unwrap(),
+            "KVM internal error on vCPU 2 at guest rip 0x200010: an instruction KVM cannot emulate (suberror 1)"
+        );
     }
 }

@@ -431,11 +431,29 @@ fn run(index: u8, mut fd: VcpuFd, shared: &Shared) {
         };
         if let Some(exit) = outcome {
             shared.exits.failures.fetch_add(1, Ordering::Relaxed);
-            shared.exit.raise(exit);
+            shared.exit.raise(with_guest_state(exit, &mut fd));
             break;
         }
     }
     KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
+}
+
+/// Adds what KVM and the registers say to an internal error: its code and
+/// the guest's instruction pointer, so the message names where it failed.
+fn with_guest_state(exit: VmExit, fd: &mut VcpuFd) -> VmExit {
+    match exit {
+        VmExit::InternalError { cpu, .. } => {
+            // SAFETY: after a KVM_EXIT_INTERNAL_ERROR exit, `internal` is
+            // the member of kvm_run's exit union that KVM filled.
+            let suberror = unsafe { fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+            VmExit::InternalError {
+                cpu,
+                suberror,
+                rip: fd.get_regs().ok().map(|regs| regs.rip),
+            }
+        }
+        other => other,
+    }
 }
 
 /// What `--trace-exits` records of an exit, taken before it is handled.
@@ -496,7 +514,13 @@ fn handle_exit(cpu: u8, exit: VcpuExit, shared: &Shared) -> Option<VmExit> {
             }),
         },
         VcpuExit::FailEntry(reason, _) => Some(VmExit::FailEntry { cpu, reason }),
-        VcpuExit::InternalError => Some(VmExit::InternalError { cpu }),
+        // Its code and the guest's rip are added by the caller, which has
+        // the vCPU.
+        VcpuExit::InternalError => Some(VmExit::InternalError {
+            cpu,
+            suberror: 0,
+            rip: None,
+        }),
         other => Some(VmExit::Unexpected {
             cpu,
             exit: format!("{other:?}"),
