@@ -5,7 +5,7 @@
 #
 # stdout: only KEY=ABSOLUTE_PATH lines (VMLINUX, BZIMAGE, INITRAMFS, ROOTFS,
 # VSOCK_TOOL, BENCH_INITRAMFS, RIG_KERNEL, RIG_INITRAMFS, DISTRO_KERNEL,
-# DISTRO_INITRAMFS; with --docker also DOCKER_KERNEL, DOCKER_INITRD,
+# DISTRO_INITRAMFS, HOSTILE_KERNEL; with --docker also DOCKER_KERNEL, DOCKER_INITRD,
 # DOCKER_ROOTFS, DOCKER_CMDLINE, DOCKER_CLI); progress and timings go to
 # stderr. --docker (or MOAT_DOCKER_IMAGE=1) also builds the Docker guest
 # (resources/docker), which downloads ~200 MB of Debian packages once.
@@ -67,6 +67,7 @@ guest_dir=$cache/guest-$(key "v1 $bb_ver $e2fs_ver" "$here/lib/busybox-tree.sh" 
     "$here"/guest/*)
 bench_dir=$cache/bench-$(key "v1 $gcc_ver" "$here/lib/pack-cpio.sh" "$here/bench/init.c" \
     "$here/bench/build-bench.sh")
+hostile_dir=$cache/hostile-$(key "v1 $gcc_ver" "$here"/hostile/*)
 rig_dir=$cache/rig-$(key "v1 $bb_ver" "$here/lib/busybox-tree.sh" "$here/lib/pack-cpio.sh" \
     "$here/rig/init" "$here/rig/build-rig-initramfs.sh")
 # Debian's cloud kernel: the versioned package the metapackage depends on.
@@ -93,6 +94,7 @@ declare -A status=()
 all_present() {
     local d
     for d in "$rig_kernel_dir" "$guest_kernel_dir" "$guest_dir" "$bench_dir" "$rig_dir" "$distro_dir" \
+        "$hostile_dir" \
         ${docker_dir:+"$docker_dir"}; do
         [[ -d $d ]] || return 1
     done
@@ -137,7 +139,8 @@ build_kernel() {
 }
 
 if all_present; then
-    for l in kernel guest-images bench-initramfs rig-initramfs distro-kernel ${docker_dir:+docker-guest}; do
+    for l in kernel guest-images bench-initramfs rig-initramfs distro-kernel hostile-guest \
+        ${docker_dir:+docker-guest}; do
         status[$l]=cached
     done
 else
@@ -158,6 +161,7 @@ else
     build_artifact "$guest_dir" guest-images "$here/guest/build-guest.sh"
     build_artifact "$bench_dir" bench-initramfs "$here/bench/build-bench.sh"
     build_artifact "$rig_dir" rig-initramfs "$here/rig/build-rig-initramfs.sh"
+    build_artifact "$hostile_dir" hostile-guest "$here/hostile/build-hostile.sh"
     build_artifact "$distro_dir" distro-kernel "$here/distro/build-distro.sh" "$distro_pkg"
     if [[ -n $docker_dir ]]; then
         build_artifact "$docker_dir" docker-guest "$here/docker/build-docker-guest.sh"
@@ -183,6 +187,7 @@ echo "RIG_KERNEL=$rig_kernel_dir/vmlinux"
 echo "RIG_INITRAMFS=$rig_dir/rig-initramfs.cpio"
 echo "DISTRO_KERNEL=$distro_dir/vmlinuz"
 echo "DISTRO_INITRAMFS=$distro_dir/initramfs.cpio"
+echo "HOSTILE_KERNEL=$hostile_dir/hostile.elf"
 if [[ -n $docker_dir ]]; then
     echo "DOCKER_KERNEL=$docker_dir/vmlinuz"
     echo "DOCKER_INITRD=$docker_dir/initrd.img"
