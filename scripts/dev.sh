@@ -8,6 +8,7 @@
 #   scripts/dev.sh rig-soak [N] [SOAK-ARGS...]  boot the rig's configurations N times each
 #   scripts/dev.sh docker [MOAT-RUN-OPTIONS...] set up, build, boot the Docker guest
 #   scripts/dev.sh compare [--runs N]           containers (in the Docker guest) vs microVMs
+#   scripts/dev.sh fuzz [--time S] [TARGET...]  run the fuzz targets S seconds each (default 60)
 #
 # "Set up" installs the Debian packages the guest images and the test rig
 # need (resources/install-deps.sh). A Rust toolchain (rustup) must already
@@ -58,6 +59,71 @@ backend() {
     if [[ -e /dev/kvm && ! -e /sys/module/kvm_pvm ]]; then echo direct; else echo rig; fi
 }
 
+# cargo-fuzz and the nightly toolchain it builds with (sanitizers).
+need_fuzz() {
+    need_rust
+    if ! rustup run nightly rustc --version >/dev/null 2>&1; then
+        rustup toolchain install nightly --profile minimal >&2
+    fi
+    if [[ $(cargo fuzz --version 2>/dev/null) != "cargo-fuzz 0.13."* ]]; then
+        cargo install --locked cargo-fuzz@0.13.2 >&2
+    fi
+}
+
+# Runs each fuzz target (all by default) for a bounded time, from the
+# seeds in fuzz/corpus/ plus what earlier runs found (target/fuzz/); prints
+# a table of executions and coverage, writes target/fuzz/results.json, and
+# fails if a target crashed (the input is kept in target/fuzz/artifacts/).
+fuzz() {
+    local seconds=60 targets=() t
+    while [[ $# -gt 0 ]]; do
+        case $1 in
+            --time) [[ ${2:-} =~ ^[0-9]+$ ]] || die "--time needs a number of seconds"
+                    seconds=$2; shift 2 ;;
+            -*) die "fuzz: unknown option $1" ;;
+            *) targets+=("$1"); shift ;;
+        esac
+    done
+    need_fuzz
+    local all
+    all=$(cd "$root/fuzz" && cargo fuzz list)
+    [[ ${#targets[@]} -gt 0 ]] || mapfile -t targets <<<"$all"
+    for t in "${targets[@]}"; do
+        grep -qx "$t" <<<"$all" || die "fuzz: no target $t (targets: $(echo $all))"
+    done
+    (cd "$root/fuzz" && cargo +nightly fuzz build --release >&2)
+    local out=$root/target/fuzz failed=() rows=() json=()
+    mkdir -p "$out"
+    for t in "${targets[@]}"; do
+        mkdir -p "$out/corpus/$t" "$out/artifacts/$t" "$root/fuzz/corpus/$t"
+        local log=$out/$t.log status=0
+        echo "dev.sh: fuzzing $t for $seconds s" >&2
+        (cd "$root/fuzz" && cargo +nightly fuzz run --release "$t" \
+            "$out/corpus/$t" "$root/fuzz/corpus/$t" -- \
+            -max_total_time="$seconds" -print_final_stats=1 -rss_limit_mb=2048 \
+            -timeout=10 -artifact_prefix="$out/artifacts/$t/") >"$log" 2>&1 || status=$?
+        local runs cov corp
+        runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
+        cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | cut -d' ' -f2 || true)
+        corp=$(grep -o 'corp: [0-9]*' "$log" | tail -1 | cut -d' ' -f2 || true)
+        if [[ $status -ne 0 ]]; then
+            failed+=("$t")
+            echo "dev.sh: $t FAILED (status $status); its log: $log" >&2
+            grep -E 'ERROR|panicked|SUMMARY|Test unit written' "$log" | head -20 >&2 || true
+        fi
+        rows+=("$(printf '%-14s %8s %12s %10s %8s %6s' "$t" "$seconds" "${runs:-?}" \
+            "$(( ${runs:-0} / (seconds > 0 ? seconds : 1) ))" "${cov:-?}" "${corp:-?}")")
+        json+=("$(printf '{"target": "%s", "seconds": %s, "executions": %s, "coverage": %s, "corpus": %s, "crashed": %s}' \
+            "$t" "$seconds" "${runs:-0}" "${cov:-0}" "${corp:-0}" \
+            "$([[ $status -ne 0 ]] && echo true || echo false)")")
+    done
+    printf '%-14s %8s %12s %10s %8s %6s\n' target seconds executions "exec/s" coverage corpus
+    printf '%s\n' "${rows[@]}"
+    (IFS=,; printf '{"date": "%s", "results": [%s]}\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "${json[*]}") \
+        >"$out/results.json"
+    [[ ${#failed[@]} -eq 0 ]] || die "fuzz: ${failed[*]} crashed or failed; inputs in $out/artifacts/"
+}
+
 cmd=${1:-}
 [[ $# -gt 0 ]] && shift
 case $cmd in
@@ -93,6 +159,9 @@ case $cmd in
         # one that hangs fails the run here instead of at CI's time limit.
         timeout --kill-after 10 900 cargo test --locked --workspace --exclude moat-tests "$@"
         cargo test --locked -p moat-tests "$@"
+        # Every fuzz target, briefly: the seeds and earlier finds replay
+        # (regression inputs), then 20 s of new inputs each.
+        [[ $# -eq 0 ]] && fuzz --time 20
         ;;
     bench)
         # Device cost (host only, no guest), then the VM benchmark (boots
@@ -123,6 +192,9 @@ case $cmd in
         if [[ ${1:-} =~ ^[0-9]+$ ]]; then runs=$1; shift; fi
         [[ -n ${MOAT_BACKEND:-} ]] && export MOAT_TEST_BACKEND=$MOAT_BACKEND
         cargo run --release --locked -q -p moat-tests --bin rig-soak -- --runs "$runs" "$@"
+        ;;
+    fuzz)
+        fuzz "$@"
         ;;
     compare)
         # Containers started by dockerd in the Docker guest against moat
@@ -197,7 +269,7 @@ case $cmd in
                 wait $moat' moat-docker "$MOAT_BIN" "${args[@]}" "${size[@]}" "$@"
         ;;
     *)
-        sed -n '2,17p' "${BASH_SOURCE[0]}" >&2
+        sed -n '2,18p' "${BASH_SOURCE[0]}" >&2
         exit 2
         ;;
 esac
