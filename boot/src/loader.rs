@@ -17,7 +17,7 @@ use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
 use linux_loader::loader::{self, BzImage, Elf, KernelLoader, PvhBootCapability};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::cpu::EntryPoint;
 use crate::e820::{self, E820Entry};
@@ -45,6 +45,13 @@ pub enum Error {
     /// PVH was asked for a bzImage.
     #[error("PVH boot needs an ELF vmlinux, not a bzImage")]
     PvhNeedsElf,
+    /// The kernel's segments (with their zero-filled parts) reach past
+    /// guest memory.
+    #[error("the kernel claims memory up to {end:#x}, which does not fit in guest memory; give the guest more memory or check the image")]
+    KernelTooLarge {
+        /// Where the kernel says it ends.
+        end: u64,
+    },
     /// The initramfs does not fit between the kernel and the end of low RAM.
     #[error("the initramfs ({size} bytes) does not fit in guest memory above the kernel; give the guest more memory")]
     InitramfsTooLarge {
@@ -132,6 +139,21 @@ pub fn detect_format(image: &mut File) -> Result<KernelFormat> {
 
 /// Loads an ELF vmlinux or a bzImage into guest memory.
 pub fn load_kernel(mem: &GuestMemoryMmap, image: &mut File) -> Result<LoadedKernel> {
+    let kernel = load_any_kernel(mem, image)?;
+    // linux-loader copies the file's bytes but does not check the
+    // zero-filled rest of a segment (its memsz), which the kernel clears
+    // itself: all of it must be RAM.
+    let fits = kernel
+        .end
+        .checked_sub(1)
+        .is_some_and(|last| mem.address_in_range(GuestAddress(last)));
+    if !fits {
+        return Err(Error::KernelTooLarge { end: kernel.end });
+    }
+    Ok(kernel)
+}
+
+fn load_any_kernel(mem: &GuestMemoryMmap, image: &mut File) -> Result<LoadedKernel> {
     let format = detect_format(image)?;
     match format {
         KernelFormat::Elf => {
@@ -195,7 +217,11 @@ pub fn initramfs_address(size: u64, kernel_end: u64, mem_size: u64, addr_max: u6
     let start = top
         .checked_sub(size)
         .map(|addr| addr & !0xfff)
-        .filter(|addr| *addr >= kernel_end.next_multiple_of(0x1000))
+        .filter(|addr| {
+            kernel_end
+                .checked_next_multiple_of(0x1000)
+                .is_some_and(|end| *addr >= end)
+        })
         .ok_or(Error::InitramfsTooLarge { size })?;
     Ok(start)
 }
@@ -434,6 +460,38 @@ mod tests {
             load_kernel(&mem, &mut temp_file(&tiny_elf(0x100_0000, None))),
             Err(Error::Load(_))
         ));
+    }
+
+    #[test]
+    fn an_elf_claiming_memory_past_guest_ram_is_an_error() {
+        // Found by the kernel_loader fuzz target: a segment's memsz of
+        // almost 2^64 (filesz 16). linux-loader reported an end past all
+        // of guest memory, and the initramfs was placed over the "kernel".
+        // (That input's segment was at physical address 0.)
+        let mem = memory(64 << 20);
+        for (paddr, memsz) in [
+            (0u64, 0xffff_ffff_ffff_ff84u64),
+            (0x100_0000, 64 << 20),
+            (0x100_0000, 1 << 40),
+        ] {
+            let mut image = tiny_elf(0x100_0000, None);
+            image[64 + 24..64 + 32].copy_from_slice(&paddr.to_le_bytes());
+            image[64 + 40..64 + 48].copy_from_slice(&memsz.to_le_bytes());
+            let err = load_kernel(&mem, &mut temp_file(&image)).unwrap_err();
+            assert!(
+                err.to_string().contains("does not fit in guest memory"),
+                "memsz {memsz:#x}: {err}"
+            );
+        }
+        // Where paddr + memsz overflows, linux-loader refuses it itself.
+        let mut image = tiny_elf(0x100_0000, None);
+        image[64 + 40..64 + 48].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(load_kernel(&mem, &mut temp_file(&image)).is_err());
+    }
+
+    #[test]
+    fn initramfs_above_a_kernel_ending_near_2_64_is_too_large_not_wrapped() {
+        assert!(initramfs_address(4096, u64::MAX - 10, 128 << 20, 0x7fff_ffff).is_err());
     }
 
     #[test]
