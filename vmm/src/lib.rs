@@ -207,17 +207,7 @@ impl Vm {
             .as_ref()
             .map(|t| trace::ExitTrace::new(t, &mmio.names()).map(Arc::new))
             .transpose()
-            .map_err(|e| {
-                Error::Config(config::ConfigError::File {
-                    option: "--trace-exits",
-                    path: config
-                        .trace_exits
-                        .as_ref()
-                        .and_then(|t| t.file.clone())
-                        .unwrap_or_default(),
-                    reason: e.to_string(),
-                })
-            })?;
+            .map_err(Error::Config)?;
         let exit = Arc::new(ExitSignal::new().map_err(|e| Error::Io("create an eventfd", e))?);
         let shared = vcpu::Shared {
             pio: Arc::new(pio),

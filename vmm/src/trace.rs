@@ -171,9 +171,18 @@ impl ExitTrace {
     /// Opens the trace file (truncated) if there is one; `virtio_devices`
     /// are the names whose trapped queue notifications are reported (as 0
     /// when there are none).
-    pub fn new(config: &TraceConfig, virtio_devices: &[Arc<str>]) -> std::io::Result<ExitTrace> {
+    pub fn new(
+        config: &TraceConfig,
+        virtio_devices: &[Arc<str>],
+    ) -> Result<ExitTrace, crate::config::ConfigError> {
         let file = match &config.file {
-            Some(path) => Some(Mutex::new(BufWriter::new(File::create(path)?))),
+            Some(path) => Some(Mutex::new(BufWriter::new(File::create(path).map_err(
+                |e| crate::config::ConfigError::File {
+                    option: "--trace-exits",
+                    path: path.clone(),
+                    reason: e.to_string(),
+                },
+            )?))),
             None => None,
         };
         let mut merged = Counts::default();
