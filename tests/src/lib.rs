@@ -612,6 +612,21 @@ while kill -0 "$pid" 2>/dev/null && ! grep -q "$marker" "$log"; do sleep 0.1; do
 kill -9 "$pid" 2>/dev/null; wait "$pid"; rc=$?
 cat "$log"; exit "$rc""#;
 
+/// Shell functions every host script may use.
+///
+/// `stop_if_stuck PID SECONDS`: waits up to SECONDS for moat (PID) to end;
+/// if it has not, prints where each of its threads waits (`HOST-MOAT-STUCK
+/// name wchan state` lines, so the test's output shows where it stopped)
+/// and kills it.
+pub const HOST_SCRIPT_HELPERS: &str = r#"stop_if_stuck() {
+    _i=0; while kill -0 $1 2>/dev/null && [ $_i -lt $(($2 * 10)) ]; do _i=$((_i+1)); sleep 0.1; done
+    if kill -0 $1 2>/dev/null; then
+        for _t in /proc/$1/task/*; do echo "HOST-MOAT-STUCK $(cat $_t/comm) $(cat $_t/wchan) $(cut -d' ' -f3 $_t/stat)"; done
+        kill -9 $1
+    fi
+}
+"#;
+
 /// Runs `sh -c SCRIPT sh SCRIPT_ARGS... MOAT ARGS...` on `backend`: the
 /// script plays the host's part (a TAP's address, the far end of a
 /// connection) and starts moat itself from `"$@"`. In the rig it runs in
@@ -641,7 +656,7 @@ fn host_script_command(
         }
     };
     cmd.arg("-c")
-        .arg(script)
+        .arg(format!("{HOST_SCRIPT_HELPERS}{script}"))
         .arg("sh")
         .args(script_args)
         .arg(moat_bin())

@@ -208,11 +208,7 @@ read -r t0 _ </proc/uptime
 kill -TERM $moat
 # moat ends within the shutdown timeout; one still running after 60 s is
 # stuck: where its threads wait goes on the console, and it is stopped.
-i=0; while kill -0 $moat 2>/dev/null && [ $i -lt 600 ]; do i=$((i+1)); sleep 0.1; done
-if kill -0 $moat 2>/dev/null; then
-    for t in /proc/$moat/task/*; do echo "HOST-MOAT-STUCK $(cat $t/comm) $(cat $t/wchan) $(cut -d' ' -f3 $t/stat)"; done
-    kill -9 $moat
-fi
+stop_if_stuck $moat 60
 wait $moat; rc=$?
 read -r t1 _ </proc/uptime
 wait $tee; rm -f "$log" "$fifo"

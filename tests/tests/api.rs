@@ -61,11 +61,7 @@ until_console() {
 # 180) is stuck: where its threads wait goes on the console, and it is
 # stopped.
 wait_moat() {
-    i=0; while kill -0 $pid 2>/dev/null && [ $i -lt $((${1:-180} * 10)) ]; do i=$((i+1)); sleep 0.1; done
-    if kill -0 $pid 2>/dev/null; then
-        for t in /proc/$pid/task/*; do echo "HOST-MOAT-STUCK $(cat $t/comm) $(cat $t/wchan) $(cut -d' ' -f3 $t/stat)"; done
-        kill -9 $pid
-    fi
+    stop_if_stuck $pid ${1:-180}
     wait $pid
 }
 finish() {

@@ -204,8 +204,7 @@ fn a_stdout_nobody_reads_costs_console_output_not_the_vm() {
 mkfifo "$fifo"
 exec 3<>"$fifo"
 "$@" >&3 2>"$err" & moat=$!
-i=0; while kill -0 $moat 2>/dev/null && [ $i -lt 1200 ]; do i=$((i+1)); sleep 0.1; done
-if kill -0 $moat 2>/dev/null; then echo HOST-MOAT-STUCK; kill -9 $moat; fi
+stop_if_stuck $moat 120
 wait $moat; rc=$?
 cat "$err"; rm -f "$fifo" "$err"
 exit $rc"#;

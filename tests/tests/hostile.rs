@@ -39,11 +39,7 @@ if kill -0 $moat 2>/dev/null; then
     for t in /proc/$moat/task/*; do echo "HOST-THREAD $(cat $t/comm) $(cut -d' ' -f14,15 $t/stat)"; done
 fi
 printf x >&3
-i=0; while kill -0 $moat 2>/dev/null && [ $i -lt 600 ]; do i=$((i+1)); sleep 0.1; done
-if kill -0 $moat 2>/dev/null; then
-    for t in /proc/$moat/task/*; do echo "HOST-MOAT-STUCK $(cat $t/comm) $(cat $t/wchan) $(cut -d' ' -f3 $t/stat)"; done
-    kill -9 $moat
-fi
+stop_if_stuck $moat 60
 wait $moat; rc=$?
 exec 3>&-
 wait $tee; rm -f "$log" "$out" "$in"
