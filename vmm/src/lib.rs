@@ -87,6 +87,8 @@ pub struct Vm {
     handlers: Vec<virtio::QueueHandler>,
     handle: VmHandle,
     filters: Option<Filters>,
+    /// The rng device's wait for the host's random pool, if it must.
+    entropy_waiter: Option<moat_devices::virtio::rng::PoolWaiter>,
 }
 
 /// The seccomp programs of moat's VM threads.
@@ -94,6 +96,7 @@ struct Filters {
     vcpu: Arc<seccompiler::BpfProgram>,
     vmm: Arc<seccompiler::BpfProgram>,
     console: Arc<seccompiler::BpfProgram>,
+    entropy: Arc<seccompiler::BpfProgram>,
 }
 
 /// What the API needs to reach in a running VM.
@@ -151,7 +154,7 @@ impl Vm {
             .as_deref()
             .map(|path| vm::open_input("--initramfs", path))
             .transpose()?;
-        let virtio_devices = virtio::devices(config)?;
+        let (virtio_devices, entropy_waiter) = virtio::devices(config)?;
         config::check_memory(config.memory, config::host_memory_limit())?;
         let kvm = vm::open_kvm(&config.kvm_device)?;
         config::check_cpus(u64::from(config.cpus), vm::max_vcpus(&kvm))?;
@@ -183,6 +186,7 @@ impl Vm {
                 vcpu: Arc::new(program(seccomp::ThreadKind::Vcpu)?),
                 vmm: Arc::new(program(seccomp::ThreadKind::Vmm)?),
                 console: Arc::new(program(seccomp::ThreadKind::Console)?),
+                entropy: Arc::new(program(seccomp::ThreadKind::Entropy)?),
             })
         } else {
             None
@@ -245,6 +249,7 @@ impl Vm {
             handlers: virtio_devices.into_iter().map(|d| d.handler).collect(),
             handle,
             filters,
+            entropy_waiter,
         })
     }
 
@@ -265,6 +270,7 @@ impl Vm {
             handlers,
             handle,
             filters,
+            entropy_waiter,
             ..
         } = self;
         let exit = shared.exit.clone();
@@ -301,6 +307,10 @@ impl Vm {
             legacy.serial_input_space,
         ))));
 
+        if let Some(waiter) = entropy_waiter {
+            virtio::wait_for_entropy(waiter, filters.as_ref().map(|f| f.entropy.clone()))
+                .map_err(|e| Error::Io("start the entropy wait thread", e))?;
+        }
         let console_writer = legacy
             .console_out
             .start_writer(

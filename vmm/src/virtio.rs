@@ -125,7 +125,13 @@ pub fn device_names(config: &VmConfig) -> Vec<String> {
 
 /// Every virtio device `config` asks for, with its host side opened, in
 /// the order the guest finds them: disks, network cards, vsock, rng.
-pub fn devices(config: &VmConfig) -> Result<Vec<Named>, ConfigError> {
+///
+/// If the host's random pool is not ready yet, the rng device comes with
+/// the [`PoolWaiter`] that must run (see [`wait_for_entropy`]) before it
+/// serves: started with the VM's other threads, once privileges are
+/// dropped (glibc's setresuid makes every thread of the process call it,
+/// which the waiter's seccomp filter would not allow).
+pub fn devices(config: &VmConfig) -> Result<(Vec<Named>, Option<PoolWaiter>), ConfigError> {
     let count = config.disks.len()
         + config.nets.len()
         + usize::from(config.vsock.is_some())
@@ -137,6 +143,7 @@ pub fn devices(config: &VmConfig) -> Result<Vec<Named>, ConfigError> {
         });
     }
     let mut devices = block_devices(&config.disks)?;
+    let mut waiter = None;
     devices.extend(net_devices(&config.nets, devices.len())?);
     if let Some(vsock) = &config.vsock {
         devices.push(vsock_device(vsock, &config.forwards)?);
@@ -147,27 +154,24 @@ pub fn devices(config: &VmConfig) -> Result<Vec<Named>, ConfigError> {
             problem: format!("cannot create its timer: {e}"),
         };
         let rng = Rng::new(rate).map_err(rng_error)?;
-        if let Some(waiter) = rng.pool_waiter().map_err(rng_error)? {
-            wait_for_entropy(waiter, config.seccomp).map_err(|e| ConfigError::Syntax {
-                option: "--rng",
-                problem: format!("cannot wait for the host's random pool: {e}"),
-            })?;
-        }
+        waiter = rng.pool_waiter().map_err(rng_error)?;
         devices.push(Box::new(rng));
     }
-    Ok(device_names(config).into_iter().zip(devices).collect())
+    Ok((
+        device_names(config).into_iter().zip(devices).collect(),
+        waiter,
+    ))
 }
 
-/// Waits for the host's random pool in a thread of its own (under its
-/// seccomp filter if `seccomp`), so that neither start-up nor the event
-/// loop waits on it: the rng device serves once the pool is ready.
-fn wait_for_entropy(waiter: PoolWaiter, seccomp: bool) -> Result<(), String> {
+/// Waits for the host's random pool in a thread of its own (under the
+/// seccomp program `filter`, if any), so that neither start-up nor the
+/// event loop waits on it: the rng device serves once the pool is ready.
+pub fn wait_for_entropy(
+    waiter: PoolWaiter,
+    filter: Option<Arc<seccompiler::BpfProgram>>,
+) -> std::io::Result<()> {
     use crate::seccomp::{self, ThreadKind};
     log::info!("virtio-rng: the host's random pool is not ready; the device waits for it");
-    let filter = seccomp
-        .then(|| seccomp::program(ThreadKind::Entropy))
-        .transpose()
-        .map_err(|e| e.to_string())?;
     std::thread::Builder::new()
         .name("entropy-wait".into())
         .spawn(move || {
@@ -181,7 +185,6 @@ fn wait_for_entropy(waiter: PoolWaiter, seccomp: bool) -> Result<(), String> {
             log::info!("virtio-rng: the host's random pool is ready");
         })
         .map(drop)
-        .map_err(|e| e.to_string())
 }
 
 /// The vsock device, listening at its socket and at each forward's.
