@@ -96,7 +96,8 @@ struct Filters {
     vcpu: Arc<seccompiler::BpfProgram>,
     vmm: Arc<seccompiler::BpfProgram>,
     console: Arc<seccompiler::BpfProgram>,
-    entropy: Arc<seccompiler::BpfProgram>,
+    /// Only when the rng device must wait for the host's pool.
+    entropy: Option<Arc<seccompiler::BpfProgram>>,
 }
 
 /// What the API needs to reach in a running VM.
@@ -186,7 +187,10 @@ impl Vm {
                 vcpu: Arc::new(program(seccomp::ThreadKind::Vcpu)?),
                 vmm: Arc::new(program(seccomp::ThreadKind::Vmm)?),
                 console: Arc::new(program(seccomp::ThreadKind::Console)?),
-                entropy: Arc::new(program(seccomp::ThreadKind::Entropy)?),
+                entropy: entropy_waiter
+                    .as_ref()
+                    .map(|_| program(seccomp::ThreadKind::Entropy).map(Arc::new))
+                    .transpose()?,
             })
         } else {
             None
@@ -308,7 +312,7 @@ impl Vm {
         ))));
 
         if let Some(waiter) = entropy_waiter {
-            virtio::wait_for_entropy(waiter, filters.as_ref().map(|f| f.entropy.clone()))
+            virtio::wait_for_entropy(waiter, filters.as_ref().and_then(|f| f.entropy.clone()))
                 .map_err(|e| Error::Io("start the entropy wait thread", e))?;
         }
         let console_writer = legacy
