@@ -8,7 +8,8 @@
 #   scripts/dev.sh rig-soak [N] [SOAK-ARGS...]  boot the rig's configurations N times each
 #   scripts/dev.sh docker [MOAT-RUN-OPTIONS...] set up, build, boot the Docker guest
 #   scripts/dev.sh compare [--runs N]           containers (in the Docker guest) vs microVMs
-#   scripts/dev.sh fuzz [--time S] [TARGET...]  run the fuzz targets S seconds each (default 60)
+#   scripts/dev.sh fuzz [--time S] [--runs N] [--sanitizer address|none] [TARGET...]
+#                                               run the fuzz targets S seconds (default 60) or N inputs each
 #
 # "Set up" installs the Debian packages the guest images and the test rig
 # need (resources/install-deps.sh). A Rust toolchain (rustup) must already
@@ -70,16 +71,23 @@ need_fuzz() {
     fi
 }
 
-# Runs each fuzz target (all by default) for a bounded time, from the
-# seeds in fuzz/corpus/ plus what earlier runs found (target/fuzz/); prints
-# a table of executions and coverage, writes target/fuzz/results.json, and
-# fails if a target crashed (the input is kept in target/fuzz/artifacts/).
+# Runs each fuzz target (all by default) for a bounded time or number of
+# inputs, from the seeds in fuzz/corpus/ plus what earlier runs found
+# (target/fuzz/); prints a table of executions and coverage, writes
+# target/fuzz/results.json, and fails if a target crashed (the input is
+# kept in target/fuzz/artifacts/). Built with debug assertions (overflow
+# checks) and, unless --sanitizer none, AddressSanitizer.
 fuzz() {
-    local seconds=60 targets=() t
+    local seconds=60 runs=-1 sanitizer=address targets=() t
     while [[ $# -gt 0 ]]; do
         case $1 in
             --time) [[ ${2:-} =~ ^[0-9]+$ ]] || die "--time needs a number of seconds"
                     seconds=$2; shift 2 ;;
+            --runs) [[ ${2:-} =~ ^[0-9]+$ ]] || die "--runs needs a number of inputs"
+                    runs=$2; seconds=0; shift 2 ;;
+            --sanitizer) [[ ${2:-} == address || ${2:-} == none ]] \
+                    || die "--sanitizer must be address or none"
+                    sanitizer=$2; shift 2 ;;
             -*) die "fuzz: unknown option $1" ;;
             *) targets+=("$1"); shift ;;
         esac
@@ -91,19 +99,25 @@ fuzz() {
     for t in "${targets[@]}"; do
         grep -qx "$t" <<<"$all" || die "fuzz: no target $t (targets: $(echo $all))"
     done
-    (cd "$root/fuzz" && cargo +nightly fuzz build --release >&2)
+    local build=(--release --debug-assertions --sanitizer "$sanitizer")
+    (cd "$root/fuzz" && cargo +nightly fuzz build "${build[@]}" >&2)
     local out=$root/target/fuzz failed=() rows=() json=()
     mkdir -p "$out"
     for t in "${targets[@]}"; do
         mkdir -p "$out/corpus/$t" "$out/artifacts/$t" "$root/fuzz/corpus/$t"
-        local log=$out/$t.log status=0
-        echo "dev.sh: fuzzing $t for $seconds s" >&2
-        (cd "$root/fuzz" && cargo +nightly fuzz run --release "$t" \
+        local log=$out/$t.log status=0 start=$SECONDS took
+        if [[ $runs -ge 0 ]]; then
+            echo "dev.sh: fuzzing $t for $runs inputs" >&2
+        else
+            echo "dev.sh: fuzzing $t for $seconds s" >&2
+        fi
+        (cd "$root/fuzz" && cargo +nightly fuzz run "${build[@]}" "$t" \
             "$out/corpus/$t" "$root/fuzz/corpus/$t" -- \
-            -max_total_time="$seconds" -print_final_stats=1 -rss_limit_mb=2048 \
+            -max_total_time="$seconds" -runs="$runs" -print_final_stats=1 -rss_limit_mb=2048 \
             -timeout=10 -artifact_prefix="$out/artifacts/$t/") >"$log" 2>&1 || status=$?
-        local runs cov corp
-        runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
+        took=$(( SECONDS - start ))
+        local done_ cov corp
+        done_=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
         cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | cut -d' ' -f2 || true)
         corp=$(grep -o 'corp: [0-9]*' "$log" | tail -1 | cut -d' ' -f2 || true)
         if [[ $status -ne 0 ]]; then
@@ -111,10 +125,10 @@ fuzz() {
             echo "dev.sh: $t FAILED (status $status); its log: $log" >&2
             grep -E 'ERROR|panicked|SUMMARY|Test unit written' "$log" | head -20 >&2 || true
         fi
-        rows+=("$(printf '%-14s %8s %12s %10s %8s %6s' "$t" "$seconds" "${runs:-?}" \
-            "$(( ${runs:-0} / (seconds > 0 ? seconds : 1) ))" "${cov:-?}" "${corp:-?}")")
-        json+=("$(printf '{"target": "%s", "seconds": %s, "executions": %s, "coverage": %s, "corpus": %s, "crashed": %s}' \
-            "$t" "$seconds" "${runs:-0}" "${cov:-0}" "${corp:-0}" \
+        rows+=("$(printf '%-14s %8s %12s %10s %8s %6s' "$t" "$took" "${done_:-?}" \
+            "$(( ${done_:-0} / (took > 0 ? took : 1) ))" "${cov:-?}" "${corp:-?}")")
+        json+=("$(printf '{"target": "%s", "sanitizer": "%s", "seconds": %s, "executions": %s, "coverage": %s, "corpus": %s, "crashed": %s}' \
+            "$t" "$sanitizer" "$took" "${done_:-0}" "${cov:-0}" "${corp:-0}" \
             "$([[ $status -ne 0 ]] && echo true || echo false)")")
     done
     printf '%-14s %8s %12s %10s %8s %6s\n' target seconds executions "exec/s" coverage corpus
