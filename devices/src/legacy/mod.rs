@@ -9,4 +9,4 @@ mod serial;
 pub use acpi_power::AcpiPower;
 pub use boot_timer::{BootTimer, BootTimerReport};
 pub use i8042::I8042;
-pub use serial::{Serial, SERIAL_FIFO_SIZE};
+pub use serial::{Serial, SerialSnapshot, SERIAL_FIFO_SIZE};

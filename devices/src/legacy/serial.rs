@@ -27,6 +27,29 @@ impl SerialEvents for InputSpace {
     }
 }
 
+/// The UART's registers and receive FIFO, for a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    /// Divisor latch, low and high bytes.
+    pub baud_divisor: [u8; 2],
+    /// Interrupt enable register.
+    pub interrupt_enable: u8,
+    /// Interrupt identification register.
+    pub interrupt_identification: u8,
+    /// Line control register.
+    pub line_control: u8,
+    /// Line status register.
+    pub line_status: u8,
+    /// Modem control register.
+    pub modem_control: u8,
+    /// Modem status register.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Bytes the guest has not read yet.
+    pub in_buffer: Vec<u8>,
+}
+
 /// An 8250 UART writing the guest's output to `W`.
 pub struct Serial<W: Write + Send> {
     uart: vm_superio::Serial<EventFdTrigger, InputSpace, W>,
@@ -62,6 +85,48 @@ impl<W: Write + Send> Serial<W> {
     /// The output sink.
     pub fn writer(&self) -> &W {
         self.uart.writer()
+    }
+
+    /// The registers and receive FIFO, for a snapshot.
+    pub fn snapshot(&self) -> SerialSnapshot {
+        let s = self.uart.state();
+        SerialSnapshot {
+            baud_divisor: [s.baud_divisor_low, s.baud_divisor_high],
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// Puts the registers and receive FIFO back as `snapshot` has them,
+    /// keeping the interrupt, events and output.
+    pub fn restore(&mut self, snapshot: &SerialSnapshot) -> std::io::Result<()>
+    where
+        W: Clone,
+    {
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: snapshot.baud_divisor[0],
+            baud_divisor_high: snapshot.baud_divisor[1],
+            interrupt_enable: snapshot.interrupt_enable,
+            interrupt_identification: snapshot.interrupt_identification,
+            line_control: snapshot.line_control,
+            line_status: snapshot.line_status,
+            modem_control: snapshot.modem_control,
+            modem_status: snapshot.modem_status,
+            scratch: snapshot.scratch,
+            in_buffer: snapshot.in_buffer.clone(),
+        };
+        let interrupt = self.uart.interrupt_evt().try_clone()?;
+        let events = InputSpace(self.uart.events().0.try_clone()?);
+        let out = self.uart.writer().clone();
+        self.uart = vm_superio::Serial::from_state(&state, interrupt, events, out)
+            .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+        Ok(())
     }
 }
 

@@ -58,6 +58,13 @@ impl Interrupt {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
 
+    /// Sets the InterruptStatus register to what a snapshot recorded,
+    /// without raising the line (the interrupt controller's own state,
+    /// restored with the VM's, says whether it is pending).
+    pub fn restore_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
+    }
+
     /// Clears everything (device reset).
     pub fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);

@@ -117,6 +117,52 @@ fn set_high(value: &mut u64, high: u32) {
     *value = (*value & 0xffff_ffff) | (u64::from(high) << 32);
 }
 
+/// One queue of a [`TransportState`].
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueState {
+    /// The size the driver chose.
+    pub size: u16,
+    /// QueueReady.
+    pub ready: bool,
+    /// The descriptor table's guest address.
+    pub desc: u64,
+    /// The driver (available) ring's.
+    pub driver: u64,
+    /// The device (used) ring's.
+    pub device: u64,
+    /// Where the device resumes, if it was active: (next available, next
+    /// used).
+    pub position: Option<(u16, u16)>,
+}
+
+/// What a snapshot keeps of a transport: its registers, its queues and
+/// where the device was in them, and the interrupt status.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportState {
+    /// The device's virtio ID, checked on restore.
+    pub device_type: u32,
+    /// The device status register.
+    pub status: u32,
+    /// Features the driver accepted.
+    pub driver_features: u64,
+    /// QueueSel, DeviceFeaturesSel, DriverFeaturesSel.
+    pub queue_sel: u32,
+    /// DeviceFeaturesSel.
+    pub device_features_sel: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_sel: u32,
+    /// Whether the device was running.
+    pub active: bool,
+    /// The window that owns the device.
+    pub owner: Option<u8>,
+    /// ConfigGeneration.
+    pub config_generation: u32,
+    /// InterruptStatus.
+    pub interrupt_status: u32,
+    /// The queues, in order.
+    pub queues: Vec<QueueState>,
+}
+
 /// A virtio device behind virtio-mmio registers.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
@@ -244,6 +290,104 @@ impl MmioTransport {
         if self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
             self.interrupt.signal_config_change();
         }
+    }
+
+    /// The transport's state, for a snapshot. Call it between events (the
+    /// event loop's thread, with the vCPUs paused), when no request is half
+    /// done.
+    pub fn state(&self) -> TransportState {
+        let positions = if self.active {
+            self.device.queue_positions()
+        } else {
+            Vec::new()
+        };
+        TransportState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            active: self.active,
+            owner: self.owner,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            queues: self
+                .queues
+                .iter()
+                .enumerate()
+                .map(|(i, q)| QueueState {
+                    size: q.size,
+                    ready: q.ready,
+                    desc: q.desc,
+                    driver: q.driver,
+                    device: q.device,
+                    position: positions.get(i).copied(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Puts the transport back as `state` recorded it and, if the device
+    /// was running, activates it with its queues where they were. The
+    /// device must be the same kind with the same queues; guest memory must
+    /// be the snapshot's.
+    pub fn restore(&mut self, state: &TransportState) -> Result<(), String> {
+        if state.device_type != self.device.device_type() {
+            return Err(format!(
+                "{}: the snapshot has a device of type {} here, this VM one of type {}",
+                self.name,
+                state.device_type,
+                self.device.device_type()
+            ));
+        }
+        if state.queues.len() != self.queues.len() {
+            return Err(format!(
+                "{}: the snapshot has {} queues, the device {}",
+                self.name,
+                state.queues.len(),
+                self.queues.len()
+            ));
+        }
+        self.reset();
+        for (queue, saved) in self.queues.iter_mut().zip(&state.queues) {
+            queue.size = saved.size;
+            queue.ready = saved.ready;
+            queue.desc = saved.desc;
+            queue.driver = saved.driver;
+            queue.device = saved.device;
+        }
+        self.status = state.status;
+        self.driver_features = state.driver_features;
+        self.queue_sel = state.queue_sel;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.owner = state.owner;
+        self.config_generation = state.config_generation;
+        self.interrupt.restore_status(state.interrupt_status);
+        if !state.active {
+            return Ok(());
+        }
+        let event_idx = self.driver_features & super::VIRTIO_F_EVENT_IDX != 0;
+        let mut queues = Vec::with_capacity(self.queues.len());
+        for (i, (config, saved)) in self.queues.iter().zip(&state.queues).enumerate() {
+            let mut queue = config
+                .build(&self.mem)
+                .ok_or_else(|| format!("{}: queue {i} does not lie in guest memory", self.name))?;
+            queue.set_event_idx(event_idx);
+            if let Some((avail, used)) = saved.position {
+                queue.set_next_avail(avail);
+                queue.set_next_used(used);
+            }
+            queues.push(queue);
+        }
+        self.device
+            .activate(self.driver_features, queues)
+            .map_err(|e| format!("{}: {e}", self.name))?;
+        self.active = true;
+        self.device
+            .restored(&self.mem, &self.interrupt)
+            .map_err(|e| format!("{}: {e}", self.name))
     }
 
     /// One eventfd per queue, signalled when the driver notifies it.

@@ -90,6 +90,26 @@ pub trait VirtioDevice: Send {
         false
     }
 
+    /// Where each of its queues resumes when a snapshot of the VM is
+    /// restored: (next available index, next used index), one pair per
+    /// queue, empty while the device is not active. Chains the device took
+    /// off a ring and has not used yet do not count: after a restore the
+    /// device takes them again.
+    fn queue_positions(&self) -> Vec<(u16, u16)> {
+        Vec::new()
+    }
+
+    /// The VM was restored from a snapshot and the device activated again
+    /// with its queues where they were: tell the driver what did not
+    /// survive (vsock: its connections).
+    fn restored(
+        &mut self,
+        _mem: &GuestMemoryMmap,
+        _interrupt: &Interrupt,
+    ) -> Result<(), DeviceError> {
+        Ok(())
+    }
+
     /// The device's counters for the metrics, by name (cumulative).
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
@@ -129,6 +149,12 @@ pub trait VirtioDevice: Send {
         mem: &GuestMemoryMmap,
         interrupt: &Interrupt,
     ) -> Result<(), DeviceError>;
+}
+
+/// A queue's (next available, next used) indexes, for
+/// [`VirtioDevice::queue_positions`].
+pub fn queue_position(queue: &Queue) -> (u16, u16) {
+    (queue.next_avail(), queue.next_used())
 }
 
 /// Whether the chain at `head` of `queue` uses an indirect descriptor

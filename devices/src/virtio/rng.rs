@@ -362,6 +362,10 @@ impl VirtioDevice for Rng {
         Ok(())
     }
 
+    fn queue_positions(&self) -> Vec<(u16, u16)> {
+        self.queue.iter().map(super::queue_position).collect()
+    }
+
     fn reset(&mut self) {
         self.queue = None;
         self.waiting = false;
@@ -460,6 +464,48 @@ mod tests {
                 .map(|(_, len)| len)
                 .sum()
         }
+    }
+
+    #[test]
+    fn a_restored_transport_serves_the_ring_from_where_the_snapshot_left_it() {
+        let mut r = rig(None);
+        r.post(3, 64);
+        r.transport.process_queue(0);
+        assert_eq!(r.used_bytes(), 192);
+        r.post(1, 16);
+        r.transport.process_queue(0);
+        let state = r.transport.state();
+        assert!(state.active);
+        assert_eq!(state.queues[0].position, Some((4, 4)));
+
+        // A new moat: the same guest memory, a fresh device, the state put
+        // back. It goes on with the ring, not from its start.
+        let irq = Arc::new(Interrupt::new().unwrap());
+        let rng = Rng::new(None).unwrap();
+        let mut restored = MmioTransport::new(Box::new(rng), r.mem.clone(), irq).unwrap();
+        restored.restore(&state).unwrap();
+        assert!(restored.is_active());
+        assert_eq!(restored.status(), state.status);
+        assert_eq!(restored.state(), state);
+        assert_eq!(r.used_bytes(), 16);
+        r.post(2, 32);
+        restored.process_queue(0);
+        assert_eq!(r.used_bytes(), 64);
+        assert_eq!(restored.state().queues[0].position, Some((6, 6)));
+    }
+
+    #[test]
+    fn a_state_for_another_kind_of_device_is_refused() {
+        let r = rig(None);
+        let mut state = r.transport.state();
+        state.device_type = 2;
+        let irq = Arc::new(Interrupt::new().unwrap());
+        let mut other =
+            MmioTransport::new(Box::new(Rng::new(None).unwrap()), r.mem.clone(), irq).unwrap();
+        assert!(other.restore(&state).unwrap_err().contains("type 2"));
+        state.device_type = 4;
+        state.queues.push(state.queues[0].clone());
+        assert!(other.restore(&state).unwrap_err().contains("2 queues"));
     }
 
     #[test]

@@ -201,6 +201,10 @@ impl VirtioDevice for Block {
         self.more = false;
     }
 
+    fn queue_positions(&self) -> Vec<(u16, u16)> {
+        self.queue.iter().map(super::queue_position).collect()
+    }
+
     fn wants_more(&self, _index: usize) -> bool {
         self.more
     }

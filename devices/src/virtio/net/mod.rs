@@ -544,6 +544,17 @@ impl VirtioDevice for Net {
         Ok(())
     }
 
+    fn queue_positions(&self) -> Vec<(u16, u16)> {
+        let Some([rx, tx]) = &self.queues else {
+            return Vec::new();
+        };
+        // Receive chains taken for frames to come are the last ones taken
+        // off the ring, in order: a restored device takes them again.
+        let (avail, used) = super::queue_position(rx);
+        let held = self.rx_chains.len() as u16;
+        vec![(avail.wrapping_sub(held), used), super::queue_position(tx)]
+    }
+
     fn reset(&mut self) {
         self.queues = None;
         self.rx_chains.clear();

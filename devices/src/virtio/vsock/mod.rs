@@ -252,6 +252,24 @@ impl VirtioDevice for Vsock {
         self.muxer.reset();
     }
 
+    fn queue_positions(&self) -> Vec<(u16, u16)> {
+        self.queues
+            .iter()
+            .flatten()
+            .map(super::queue_position)
+            .collect()
+    }
+
+    fn restored(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        interrupt: &Interrupt,
+    ) -> Result<(), DeviceError> {
+        // The host ends of the guest's connections stayed with the moat
+        // that took the snapshot.
+        self.transport_reset(mem, interrupt)
+    }
+
     fn backend_fd(&self) -> Option<RawFd> {
         Some(self.muxer.fd())
     }
