@@ -5,70 +5,7 @@
 //! disk swapped under a running guest.
 
 use moat_tests::net::{value, HOST_TAP_SETUP};
-use moat_tests::{rootfs_with_script, Guest, Scratch, CMDLINE};
-
-/// Host-side helpers: `$moat` is moat's binary, `$kernel` and `$initrd`
-/// the harness's kernel and initramfs (with the test script); `start_moat
-/// ARGS...` runs moat with its console in `$console`; `api METHOD PATH
-/// [BODY]` makes one request and records `API METHOD PATH -> STATUS
-/// BODY`; `until_console TEXT` waits for the guest to print TEXT;
-/// `finish` waits for moat, prints the console, then the host's report,
-/// and exits with moat's status.
-const API_PRELUDE: &str = r#"
-moat=$1; shift
-kernel=; initrd=
-while [ $# -gt 0 ]; do
-    case $1 in
-        --kernel) kernel=$2; shift 2 ;;
-        --initramfs) initrd=$2; shift 2 ;;
-        *) shift ;;
-    esac
-done
-sock=/tmp/moat-api-$$.sock
-console=/tmp/moat-console-$$.log
-report=/tmp/moat-report-$$.log
-: >"$report"
-start_moat() {
-    # The console goes out as it comes (a run that hangs shows where) and
-    # into the file the script watches.
-    mkfifo /tmp/moat-fifo-$$
-    tee "$console" </tmp/moat-fifo-$$ & tee=$!
-    "$moat" "$@" >/tmp/moat-fifo-$$ 2>&1 </dev/null & pid=$!
-    case " $* " in *" --api-sock "*) ;; *) return ;; esac
-    i=0; until [ -S "$sock" ]; do
-        i=$((i+1)); [ $i -ge 200 ] && { echo "HOST: no API socket" >>"$report"; break; }
-        sleep 0.05
-    done
-}
-api() {
-    if [ -n "$3" ]; then
-        code=$(curl -s -o /tmp/api-body-$$ -w '%{http_code}' --max-time 60 --unix-socket "$sock" \
-            -X "$1" -H 'Content-Type: application/json' -d "$3" "http://localhost$2")
-    else
-        code=$(curl -s -o /tmp/api-body-$$ -w '%{http_code}' --max-time 60 --unix-socket "$sock" \
-            -X "$1" "http://localhost$2")
-    fi
-    echo "API $1 $2 -> $code $(cat /tmp/api-body-$$)" >>"$report"
-}
-until_console() {
-    i=0; until grep -q "$1" "$console"; do
-        kill -0 $pid 2>/dev/null || return 1
-        i=$((i+1)); [ $i -ge 1200 ] && return 1
-        sleep 0.1
-    done
-}
-# Waits for moat to end; one still running after $1 seconds (default
-# 180) is stuck: where its threads wait goes on the console, and it is
-# stopped.
-wait_moat() {
-    stop_if_stuck $pid ${1:-180}
-    wait $pid
-}
-finish() {
-    wait_moat; rc=$?
-    wait $tee; cat "$report"; exit $rc
-}
-"#;
+use moat_tests::{rootfs_with_script, Guest, Scratch, API_PRELUDE, CMDLINE};
 
 /// The statuses the report gives for `METHOD PATH`, in order.
 fn statuses(console: &str, method: &str, path: &str) -> Vec<u16> {

@@ -170,8 +170,21 @@ pub enum Command {
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// Kernel image: an ELF vmlinux or a bzImage.
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "restore")]
+    pub kernel: Option<PathBuf>,
+
+    /// Resume a snapshot (written by PUT /snapshot/create) instead of
+    /// booting a kernel. The machine is the snapshot's: its CPUs, memory,
+    /// command line and devices. --disk, --net and --vsock, if given,
+    /// replace the host ends of its disks, cards and vsock socket in order
+    /// (so clones each have their own disk copy and TAP); the guest keeps
+    /// its disks' settings and its MAC addresses.
+    #[arg(
+        long,
+        value_name = "state=FILE,memory=FILE",
+        conflicts_with_all = ["kernel", "initramfs", "cmdline", "cpus", "memory", "boot_protocol", "forward", "rng", "nested"]
+    )]
+    pub restore: Option<String>,
 
     /// Initramfs (cpio archive, optionally compressed) loaded with the kernel.
     #[arg(long, value_name = "PATH")]
@@ -359,6 +372,27 @@ fn single_value(
 impl RunArgs {
     /// Parses the option values into a [`VmConfig`]. Checks that need the
     /// host (memory and vCPU limits, files) happen when the VM is built.
+    /// The snapshot `--restore` names, if given: (state file, memory file).
+    pub fn restore_files(&self) -> Result<Option<(PathBuf, PathBuf)>, ConfigError> {
+        let Some(text) = &self.restore else {
+            return Ok(None);
+        };
+        let pairs = config::parse_key_values("--restore", text, &["state", "memory"])?;
+        let get = |key: &str| {
+            pairs
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| PathBuf::from(v))
+                .ok_or_else(|| ConfigError::Syntax {
+                    option: "--restore",
+                    problem: format!("needs {key}=FILE"),
+                })
+        };
+        Ok(Some((get("state")?, get("memory")?)))
+    }
+
+    /// Checks the options and turns them into a VM config (for a restore,
+    /// the host's side of it: see [`crate::restore`]).
     pub fn into_config(self) -> Result<VmConfig, ConfigError> {
         let cpus_text = single_value("--cpus", &self.cpus, "boot")?;
         let cpus: u64 = cpus_text.parse().map_err(|_| ConfigError::Syntax {
@@ -387,7 +421,7 @@ impl RunArgs {
         config::check_net_backends(&nets)?;
         Ok(VmConfig {
             kvm_device: self.kvm,
-            kernel: self.kernel,
+            kernel: self.kernel.unwrap_or_default(),
             initramfs: self.initramfs,
             cmdline: self.cmdline,
             cpus,

@@ -388,6 +388,32 @@ pub struct VmConfig {
     pub trace_exits: Option<crate::trace::TraceConfig>,
 }
 
+impl VmConfig {
+    /// The host's side of a VM restored from a snapshot (the snapshot
+    /// gives the rest: see [`crate::snapshot::restored_config`]).
+    pub fn for_restore(kvm_device: PathBuf, boot_timer: bool, seccomp: bool) -> VmConfig {
+        VmConfig {
+            kvm_device,
+            kernel: PathBuf::new(),
+            initramfs: None,
+            cmdline: String::new(),
+            cpus: 1,
+            memory: 0,
+            boot_protocol: BootProtocol::default(),
+            disks: Vec::new(),
+            nets: Vec::new(),
+            vsock: None,
+            forwards: Vec::new(),
+            rng: RngConfig::Off,
+            boot_timer,
+            shutdown_timeout: Duration::from_secs(10),
+            seccomp,
+            nested: false,
+            trace_exits: None,
+        }
+    }
+}
+
 /// Parses a `key=value[,key=value]` list where only `allowed` keys may
 /// appear, each at most once.
 pub fn parse_key_values(

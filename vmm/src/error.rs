@@ -117,6 +117,10 @@ pub enum Error {
     /// An I/O operation on the host failed.
     #[error("cannot {0}: {1}")]
     Io(&'static str, #[source] std::io::Error),
+    /// A snapshot could not be restored (a bad file, a host that cannot
+    /// run it, devices that do not match).
+    #[error("snapshot: {0}")]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     /// Entering the jail failed.
     #[error("jail: {0}")]
     Jail(String),
@@ -133,7 +137,8 @@ impl Error {
             | Error::Boot(_)
             | Error::KvmUnavailable { .. }
             | Error::NotKvm { .. }
-            | Error::GuestMemory { .. } => 2,
+            | Error::GuestMemory { .. }
+            | Error::Snapshot(_) => 2,
             Error::Kvm { .. } | Error::Io(..) | Error::Jail(_) | Error::Internal(_) => 1,
         }
     }

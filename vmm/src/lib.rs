@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod seccomp;
 pub mod shutdown;
 pub mod signals;
+pub mod snapshot;
 pub mod terminal;
 pub mod trace;
 pub mod vcpu;
@@ -54,6 +55,35 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
     Vm::build(config)?.run(Vec::new())
 }
 
+/// Resumes the snapshot in `state` and `memory` and runs it to the end.
+/// `given` holds the command line's options: the host's (KVM device,
+/// seccomp, logging) and any device overrides (its disks, cards and vsock
+/// socket, which replace the snapshot's host ends in order).
+pub fn restore(
+    given: &VmConfig,
+    state: &std::path::Path,
+    memory: &std::path::Path,
+) -> Result<VmExit, Error> {
+    let saved = snapshot::read_state(state)?;
+    let overrides = snapshot::Overrides {
+        disks: given.disks.iter().map(|d| Some(d.path.clone())).collect(),
+        taps: given
+            .nets
+            .iter()
+            .map(|n| match &n.backend {
+                config::NetBackendConfig::Tap(name) => Ok(Some(name.clone())),
+                config::NetBackendConfig::Fd(_) => Err(snapshot::SnapshotError(
+                    "a restore takes TAPs by name (--net tap=NAME)".into(),
+                )),
+            })
+            .collect::<Result<_, _>>()?,
+        taps_by_id: Vec::new(),
+        vsock_socket: given.vsock.as_ref().map(|v| v.socket.clone()),
+    };
+    let config = snapshot::restored_config(given, &saved.machine, &overrides)?;
+    Vm::restore(&config, &saved, memory)?.run(Vec::new())
+}
+
 /// As [`run`], in the jail `jail` describes (see [`jail`]): the process
 /// that calls this waits for the jailed moat and exits with its status.
 pub fn run_jailed(config: &VmConfig, jail: &jail::JailConfig) -> Result<VmExit, Error> {
@@ -79,7 +109,7 @@ pub struct Vm {
     config: VmConfig,
     // Kept open for the VM's life.
     _kvm: Kvm,
-    _vm_fd: VmFd,
+    _vm_fd: Arc<VmFd>,
     memory: GuestMemoryMmap,
     vcpu_fds: Vec<VcpuFd>,
     shared: vcpu::Shared,
@@ -115,6 +145,42 @@ pub struct VmHandle {
     pub devices: Vec<Arc<Mutex<MmioTransport>>>,
     /// The console's output counters.
     pub console: Arc<console::OutputCounters>,
+    /// What a snapshot reads.
+    pub snapshot: Arc<SnapshotSource>,
+}
+
+/// What a snapshot reads of a running VM besides its vCPUs and devices.
+pub struct SnapshotSource {
+    vm_fd: Arc<VmFd>,
+    memory: GuestMemoryMmap,
+    serial: Arc<Mutex<console::ConsoleSerial>>,
+    config: VmConfig,
+}
+
+/// What [`VmHandle::snapshot`] wrote.
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotReport {
+    /// The state file's size.
+    pub state_bytes: u64,
+    /// Bytes of guest RAM written (the rest are holes).
+    pub memory_bytes: u64,
+}
+
+/// The VM's own state from a snapshot: the interrupt controllers, the PIT,
+/// the clock (where it was: the guest does not see the time it spent on
+/// disk).
+fn restore_vm_state(vm: &VmFd, state: &snapshot::VmState) -> Result<(), Error> {
+    let e = |what: &'static str| {
+        move |err: kvm_ioctls::Error| Error::Internal(format!("restoring the VM: {what}: {err}"))
+    };
+    vm.set_pit2(&state.pit).map_err(e("KVM_SET_PIT2"))?;
+    let mut clock = state.clock;
+    clock.flags = 0;
+    vm.set_clock(&clock).map_err(e("KVM_SET_CLOCK"))?;
+    for chip in &state.irqchips {
+        vm.set_irqchip(chip).map_err(e("KVM_SET_IRQCHIP"))?;
+    }
+    Ok(())
 }
 
 impl VmHandle {
@@ -131,6 +197,81 @@ impl VmHandle {
         groups
     }
 
+    /// Writes a snapshot of the paused VM: its state to `state_path`, guest
+    /// RAM to `memory_path`. Runs on the event loop's thread (the API's
+    /// handler), so no device is mid-request; the vCPUs save their own
+    /// state where they are parked.
+    pub fn snapshot(
+        &self,
+        state_path: &std::path::Path,
+        memory_path: &std::path::Path,
+    ) -> Result<SnapshotReport, String> {
+        let source = &self.snapshot;
+        let vcpus = self.pause.save_states(usize::from(source.config.cpus))?;
+        let kvm = |what: &'static str| move |e: kvm_ioctls::Error| format!("{what}: {e}");
+        let mut irqchips = Vec::with_capacity(3);
+        for chip_id in [
+            kvm_bindings::KVM_IRQCHIP_PIC_MASTER,
+            kvm_bindings::KVM_IRQCHIP_PIC_SLAVE,
+            kvm_bindings::KVM_IRQCHIP_IOAPIC,
+        ] {
+            let mut chip = kvm_bindings::kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            source
+                .vm_fd
+                .get_irqchip(&mut chip)
+                .map_err(kvm("KVM_GET_IRQCHIP"))?;
+            irqchips.push(chip);
+        }
+        let pit = source.vm_fd.get_pit2().map_err(kvm("KVM_GET_PIT2"))?;
+        let clock = source.vm_fd.get_clock().map_err(kvm("KVM_GET_CLOCK"))?;
+        let serial = source
+            .serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .snapshot();
+        let mut transports = Vec::with_capacity(self.devices.len());
+        let mut disk_sizes = Vec::new();
+        let mut macs = Vec::new();
+        for device in &self.devices {
+            let mut device = device.lock().unwrap_or_else(|e| e.into_inner());
+            transports.push(device.state());
+            let model = device.device_mut();
+            match model.device_type() {
+                virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK => {
+                    let mut capacity = [0u8; 8];
+                    model.read_config(0, &mut capacity);
+                    disk_sizes.push(u64::from_le_bytes(capacity) * 512);
+                }
+                virtio_bindings::virtio_ids::VIRTIO_ID_NET => {
+                    let mut mac = [0u8; 6];
+                    model.read_config(0, &mut mac);
+                    macs.push(mac);
+                }
+                _ => {}
+            }
+        }
+        let state = snapshot::VmState {
+            machine: snapshot::machine(&source.config, &disk_sizes, &macs),
+            vcpus,
+            irqchips,
+            pit,
+            clock,
+            serial,
+            transports,
+        };
+        snapshot::write_state(state_path, &state).map_err(|e| e.to_string())?;
+        let memory_bytes =
+            snapshot::write_memory(memory_path, &source.memory).map_err(|e| e.to_string())?;
+        let state_bytes = std::fs::metadata(state_path).map_or(0, |m| m.len());
+        Ok(SnapshotReport {
+            state_bytes,
+            memory_bytes,
+        })
+    }
+
     /// Why devices last needed a reset, for a metrics line.
     pub fn metric_notes(&self) -> Vec<(String, &'static str, String)> {
         self.devices
@@ -144,25 +285,73 @@ impl VmHandle {
     }
 }
 
+/// How a VM starts: booting a kernel, or from a snapshot.
+pub enum Start<'a> {
+    /// Load the config's kernel (and initramfs) and boot it.
+    Boot,
+    /// Resume the VM `state` describes, its RAM mapped from `memory`.
+    Restore {
+        /// The checked state file.
+        state: &'a snapshot::VmState,
+        /// The memory file.
+        memory: &'a std::path::Path,
+    },
+}
+
 impl Vm {
     /// Checks `config` against the host and builds the VM.
     pub fn build(config: &VmConfig) -> Result<Vm, Error> {
+        Self::make(config, Start::Boot)
+    }
+
+    /// Builds the twin of the VM a snapshot describes: `state` (read and
+    /// checked with [`snapshot::read_state`]) and the memory file at
+    /// `memory`. `config` is the machine's, from
+    /// [`snapshot::restored_config`].
+    pub fn restore(
+        config: &VmConfig,
+        state: &snapshot::VmState,
+        memory: &std::path::Path,
+    ) -> Result<Vm, Error> {
+        Self::make(config, Start::Restore { state, memory })
+    }
+
+    fn make(config: &VmConfig, start: Start<'_>) -> Result<Vm, Error> {
         // Check everything the user gave before creating anything.
-        let mut kernel = vm::open_input("--kernel", &config.kernel)?;
-        moat_boot::loader::detect_format(&mut kernel)?;
-        let mut initramfs = config
-            .initramfs
-            .as_deref()
-            .map(|path| vm::open_input("--initramfs", path))
-            .transpose()?;
+        let mut boot_files = match start {
+            Start::Boot => {
+                let mut kernel = vm::open_input("--kernel", &config.kernel)?;
+                moat_boot::loader::detect_format(&mut kernel)?;
+                let initramfs = config
+                    .initramfs
+                    .as_deref()
+                    .map(|path| vm::open_input("--initramfs", path))
+                    .transpose()?;
+                Some((kernel, initramfs))
+            }
+            Start::Restore { .. } => None,
+        };
         let (virtio_devices, entropy_waiter) = virtio::devices(config)?;
         config::check_memory(config.memory, config::host_memory_limit())?;
+        let restored_memory = match start {
+            Start::Boot => None,
+            Start::Restore { memory, .. } => Some(snapshot::map_memory(memory, config.memory)?),
+        };
         let kvm = vm::open_kvm(&config.kvm_device)?;
         config::check_cpus(u64::from(config.cpus), vm::max_vcpus(&kvm))?;
+        if let Start::Restore { state, .. } = start {
+            snapshot::check_host_cpuid(&kvm, state)?;
+        }
 
         // The machine: VM and RAM.
         let vm_fd = vm::create_vm(&kvm)?;
-        let memory = vm::create_memory(&vm_fd, config.memory)?;
+        let memory = match restored_memory {
+            None => vm::create_memory(&vm_fd, config.memory)?,
+            Some(mapped) => {
+                vm::register_memory(&vm_fd, &mapped)?;
+                mapped
+            }
+        };
 
         // Devices.
         let mut pio = Bus::default();
@@ -176,8 +365,16 @@ impl Vm {
 
         // The guest's kernel and boot data, which name the devices' slots.
         let slots: Vec<_> = virtio_devices.iter().map(|d| d.slot).collect();
-        let (entry, page_table) =
-            vm::load_guest(&memory, config, &mut kernel, initramfs.as_mut(), &slots)?;
+        let boot = match boot_files.as_mut() {
+            Some((kernel, initramfs)) => Some(vm::load_guest(
+                &memory,
+                config,
+                kernel,
+                initramfs.as_mut(),
+                &slots,
+            )?),
+            None => None,
+        };
 
         // The seccomp filters, compiled before anything runs.
         let filters = if config.seccomp {
@@ -196,20 +393,52 @@ impl Vm {
             None
         };
 
-        // vCPUs, all configured before any starts.
-        let vcpu_fds = (0..config.cpus)
-            .map(|index| {
-                vcpu::create(
-                    &kvm,
-                    &vm_fd,
-                    index,
-                    config.cpus,
-                    entry,
-                    page_table,
-                    config.nested,
-                )
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        // vCPUs, all configured before any starts; for a restore, the VM's
+        // own state first (the interrupt controllers before the LAPICs
+        // that talk to them), then the devices'.
+        let vcpu_fds = match (start, boot) {
+            (Start::Restore { state, .. }, _) => {
+                restore_vm_state(&vm_fd, state)?;
+                let fds = state
+                    .vcpus
+                    .iter()
+                    .enumerate()
+                    .map(|(index, s)| vcpu::restore(&vm_fd, index as u8, s))
+                    .collect::<Result<Vec<_>, _>>()?;
+                legacy
+                    .serial
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .restore(&state.serial)
+                    .map_err(|e| {
+                        Error::Snapshot(snapshot::SnapshotError(format!("serial: {e}")))
+                    })?;
+                let transports: Vec<_> =
+                    virtio_devices.iter().map(|d| d.transport.clone()).collect();
+                snapshot::check_disks(&transports, &state.machine)?;
+                for (device, saved) in transports.iter().zip(&state.transports) {
+                    let mut transport = device.lock().unwrap_or_else(|e| e.into_inner());
+                    transport
+                        .restore(saved)
+                        .map_err(|e| Error::Snapshot(snapshot::SnapshotError(e)))?;
+                }
+                fds
+            }
+            (Start::Boot, Some((entry, page_table))) => (0..config.cpus)
+                .map(|index| {
+                    vcpu::create(
+                        &kvm,
+                        &vm_fd,
+                        index,
+                        config.cpus,
+                        entry,
+                        page_table,
+                        config.nested,
+                    )
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            (Start::Boot, None) => return Err(Error::Internal("no kernel loaded".into())),
+        };
         let trace = config
             .trace_exits
             .as_ref()
@@ -228,7 +457,9 @@ impl Vm {
             exits: Arc::new(vcpu::ExitCounters::default()),
             seccomp: filters.as_ref().map(|f| f.vcpu.clone()),
             trace,
+            msr_indices: Arc::new(vcpu::snapshot_msrs(&kvm)?),
         };
+        let vm_fd = Arc::new(vm_fd);
         let handle = VmHandle {
             vcpus: Arc::new(Mutex::new(Vec::with_capacity(vcpu_fds.len()))),
             pause: shared.pause.clone(),
@@ -241,6 +472,12 @@ impl Vm {
             ),
             devices: virtio_devices.iter().map(|d| d.transport.clone()).collect(),
             console: legacy.console_out.counters(),
+            snapshot: Arc::new(SnapshotSource {
+                vm_fd: vm_fd.clone(),
+                memory: memory.clone(),
+                serial: legacy.serial.clone(),
+                config: config.clone(),
+            }),
         };
         Ok(Vm {
             config: config.clone(),

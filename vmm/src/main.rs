@@ -81,13 +81,19 @@ fn main() -> ExitCode {
         Ok(jail) => jail,
         Err(e) => return fail(&e.to_string(), 2),
     };
+    let restore = match args.restore_files() {
+        Ok(restore) => restore,
+        Err(e) => return fail(&e.to_string(), 2),
+    };
     let config = match args.into_config() {
         Ok(config) => config,
         Err(e) => return fail(&e.to_string(), 2),
     };
-    let outcome = match &jail {
-        Some(jail) => moat_vmm::run_jailed(&config, jail),
-        None => moat_vmm::run(&config),
+    let outcome = match (&jail, restore) {
+        (Some(_), Some(_)) => return fail("--restore does not work with --jail yet", 2),
+        (None, Some((state, memory))) => moat_vmm::restore(&config, &state, &memory),
+        (Some(jail), None) => moat_vmm::run_jailed(&config, jail),
+        (None, None) => moat_vmm::run(&config),
     };
     match outcome {
         Ok(exit) => finish(exit),

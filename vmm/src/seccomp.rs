@@ -93,6 +93,34 @@ fn kvm_get_mp_state() -> u64 {
     )
 }
 
+/// The vCPU reads a snapshot makes (see [`crate::vcpu::save_state`]).
+fn kvm_vcpu_snapshot_reads() -> Vec<u64> {
+    use kvm_bindings::*;
+    let size = |n: usize| n as u32;
+    vec![
+        ioctl_expr(2, KVMIO, 0x83, size(std::mem::size_of::<kvm_sregs>())),
+        ioctl_expr(3, KVMIO, 0x88, size(std::mem::size_of::<kvm_msrs>())),
+        ioctl_expr(2, KVMIO, 0x8e, size(std::mem::size_of::<kvm_lapic_state>())),
+        ioctl_expr(3, KVMIO, 0x91, size(std::mem::size_of::<kvm_cpuid2>())),
+        ioctl_expr(2, KVMIO, 0x9f, size(std::mem::size_of::<kvm_vcpu_events>())),
+        ioctl_expr(2, KVMIO, 0xa1, size(std::mem::size_of::<kvm_debugregs>())),
+        ioctl_expr(0, KVMIO, 0xa3, 0),
+        ioctl_expr(2, KVMIO, 0xa4, size(std::mem::size_of::<kvm_xsave>())),
+        ioctl_expr(2, KVMIO, 0xa6, size(std::mem::size_of::<kvm_xcrs>())),
+    ]
+}
+
+/// The VM reads a snapshot makes: interrupt controllers, PIT, clock.
+fn kvm_vm_snapshot_reads() -> Vec<u64> {
+    use kvm_bindings::*;
+    let size = |n: usize| n as u32;
+    vec![
+        ioctl_expr(3, KVMIO, 0x62, size(std::mem::size_of::<kvm_irqchip>())),
+        ioctl_expr(2, KVMIO, 0x9f, size(std::mem::size_of::<kvm_pit_state2>())),
+        ioctl_expr(2, KVMIO, 0x7c, size(std::mem::size_of::<kvm_clock_data>())),
+    ]
+}
+
 fn tun_set_offload() -> u64 {
     ioctl_expr(1, TUNIO, 208, 4)
 }
@@ -160,22 +188,19 @@ pub fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
                 libc::SYS_shutdown,
                 libc::SYS_fcntl,
             ]);
-            rules.insert(
-                libc::SYS_ioctl,
-                arg_in(
-                    1,
-                    &[
-                        kvm_run(),
-                        kvm_get_regs(),
-                        kvm_get_mp_state(),
-                        tun_set_offload(),
-                        // isatty (the boot timer's report), and the SIGSYS
-                        // handler putting the terminal back.
-                        libc::TCGETS,
-                        libc::TCSETS,
-                    ],
-                ),
-            );
+            let mut ioctls = vec![
+                kvm_run(),
+                kvm_get_regs(),
+                kvm_get_mp_state(),
+                tun_set_offload(),
+                // isatty (the boot timer's report), and the SIGSYS
+                // handler putting the terminal back.
+                libc::TCGETS,
+                libc::TCSETS,
+            ];
+            // A snapshot: the vCPU reads its own state.
+            ioctls.extend(kvm_vcpu_snapshot_reads());
+            rules.insert(libc::SYS_ioctl, arg_in(1, &ioctls));
         }
         ThreadKind::Vmm => {
             allow(&[
@@ -219,21 +244,20 @@ pub fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
                 // Removing the API socket when moat ends.
                 libc::SYS_unlink,
                 libc::SYS_unlinkat,
+                // Writing a snapshot's memory file (holes for zero pages).
+                libc::SYS_ftruncate,
             ]);
             rules.insert(libc::SYS_socket, arg_in(0, &[libc::AF_UNIX as u64]));
-            rules.insert(
-                libc::SYS_ioctl,
-                arg_in(
-                    1,
-                    &[
-                        tun_set_offload(),
-                        libc::FIONBIO,
-                        libc::TCGETS,
-                        libc::TCSETS,
-                        libc::TIOCGWINSZ,
-                    ],
-                ),
-            );
+            let mut ioctls = vec![
+                tun_set_offload(),
+                libc::FIONBIO,
+                libc::TCGETS,
+                libc::TCSETS,
+                libc::TIOCGWINSZ,
+            ];
+            // PUT /snapshot/create: the VM's own state.
+            ioctls.extend(kvm_vm_snapshot_reads());
+            rules.insert(libc::SYS_ioctl, arg_in(1, &ioctls));
         }
         ThreadKind::Api => {
             allow(&[

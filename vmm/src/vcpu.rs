@@ -21,6 +21,7 @@ use crate::boot_timer::FirstRun;
 use crate::bus::Bus;
 use crate::error::{Error, KvmOp};
 use crate::exit::{ExitSignal, VmExit};
+use crate::snapshot::VcpuState;
 use crate::trace::{Exit, ExitKind, ExitTrace, VcpuTrace};
 
 /// The signal used to kick a vCPU thread out of KVM_RUN.
@@ -205,12 +206,21 @@ fn is_stuck(fd: &VcpuFd) -> bool {
 }
 
 /// Pauses and resumes the vCPUs (`PATCH /vm`). A vCPU parks when it
-/// finds the gate closed after a kick, and counts itself parked.
+/// finds the gate closed after a kick, and counts itself parked; parked
+/// vCPUs also save their state for a snapshot when asked
+/// ([`PauseGate::save_states`]).
 #[derive(Default)]
 pub struct PauseGate {
-    /// (pause asked for, vCPUs parked).
-    state: Mutex<(bool, usize)>,
+    state: Mutex<GateState>,
     changed: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    paused: bool,
+    parked: usize,
+    /// A snapshot's request: one slot per vCPU, filled by the vCPU.
+    saves: Option<Vec<Option<Result<VcpuState, String>>>>,
 }
 
 impl PauseGate {
@@ -222,7 +232,7 @@ impl PauseGate {
     /// [`Self::PARK_TIMEOUT`] (one busy in a device, or one that ended).
     pub fn pause(&self, threads: &[VcpuThread]) -> bool {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.0 = true;
+        state.paused = true;
         drop(state);
         let deadline = Instant::now() + Self::PARK_TIMEOUT;
         loop {
@@ -230,7 +240,7 @@ impl PauseGate {
                 thread.kick();
             }
             let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            if state.1 >= threads.len() {
+            if state.parked >= threads.len() {
                 return true;
             }
             let now = Instant::now();
@@ -245,32 +255,84 @@ impl PauseGate {
     /// Opens the gate: parked vCPUs run again.
     pub fn resume(&self) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.0 = false;
+        state.paused = false;
         self.changed.notify_all();
     }
 
     /// Whether a pause was asked for.
     pub fn is_paused(&self) -> bool {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).0
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).paused
+    }
+
+    /// Has each of the `count` vCPUs, all parked, save its state; returns
+    /// them in order. Fails if the VM is not paused or a vCPU could not
+    /// save within [`Self::PARK_TIMEOUT`].
+    pub fn save_states(&self, count: usize) -> Result<Vec<VcpuState>, String> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !state.paused || state.parked < count {
+            return Err(
+                "the microVM is not paused (PATCH /vm {\"state\": \"Paused\"} first)".into(),
+            );
+        }
+        state.saves = Some((0..count).map(|_| None).collect());
+        self.changed.notify_all();
+        let deadline = Instant::now() + Self::PARK_TIMEOUT;
+        loop {
+            let done = state
+                .saves
+                .as_ref()
+                .is_some_and(|s| s.iter().all(Option::is_some));
+            if done {
+                let saves = state.saves.take().unwrap_or_default();
+                return saves.into_iter().flatten().collect();
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                state.saves = None;
+                return Err("a vCPU did not save its state within 2 s".into());
+            }
+            state = self
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// Called by a vCPU between runs: parks while the gate is closed and
-    /// the VM is not stopping.
-    fn park_while_paused(&self, stop: &AtomicBool) {
+    /// the VM is not stopping, saving its state when a snapshot asks.
+    fn park_while_paused(
+        &self,
+        stop: &AtomicBool,
+        index: usize,
+        save: &mut dyn FnMut() -> Result<VcpuState, String>,
+    ) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if !state.0 {
+        if !state.paused {
             return;
         }
-        state.1 += 1;
+        state.parked += 1;
         self.changed.notify_all();
-        while state.0 && !stop.load(Ordering::SeqCst) {
+        while state.paused && !stop.load(Ordering::SeqCst) {
+            let asked = state
+                .saves
+                .as_ref()
+                .is_some_and(|s| s.get(index).is_some_and(Option::is_none));
+            if asked {
+                let saved = save();
+                if let Some(slot) = state.saves.as_mut().and_then(|s| s.get_mut(index)) {
+                    *slot = Some(saved);
+                }
+                self.changed.notify_all();
+                continue;
+            }
             state = self
                 .changed
                 .wait_timeout(state, Duration::from_millis(50))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
-        state.1 -= 1;
+        state.parked -= 1;
     }
 }
 
@@ -329,6 +391,120 @@ pub struct Shared {
     pub seccomp: Option<Arc<seccompiler::BpfProgram>>,
     /// `--trace-exits`.
     pub trace: Option<Arc<ExitTrace>>,
+    /// The MSRs a snapshot saves (KVM's list).
+    pub msr_indices: Arc<Vec<u32>>,
+}
+
+/// IA32_TSC_DEADLINE: restored after the TSC, or the deadline it holds
+/// would be measured against the wrong clock.
+const MSR_TSC_DEADLINE: u32 = 0x6e0;
+
+/// The MSRs a snapshot saves: every one KVM lists, the TSC deadline last.
+pub fn snapshot_msrs(kvm: &Kvm) -> Result<Vec<u32>, Error> {
+    let list = kvm
+        .get_msr_index_list()
+        .map_err(|e| Error::Internal(format!("KVM_GET_MSR_INDEX_LIST: {e}")))?;
+    let mut msrs: Vec<u32> = list
+        .as_slice()
+        .iter()
+        .copied()
+        .filter(|m| *m != MSR_TSC_DEADLINE)
+        .collect();
+    msrs.push(MSR_TSC_DEADLINE);
+    Ok(msrs)
+}
+
+/// Reads a parked vCPU's whole state for a snapshot. An I/O exit moat
+/// handled last is completed first (a KVM_RUN that returns at once), so
+/// the registers hold its result.
+pub fn save_state(fd: &mut VcpuFd, msr_indices: &[u32]) -> Result<VcpuState, String> {
+    let e = |what: &'static str| move |err: kvm_ioctls::Error| format!("{what}: {err}");
+    fd.set_kvm_immediate_exit(1);
+    let ran = fd.run().map(drop);
+    fd.set_kvm_immediate_exit(0);
+    match ran {
+        Err(err) if err.errno() == libc::EINTR => {}
+        Err(err) => return Err(format!("KVM_RUN to complete I/O: {err}")),
+        Ok(_) => return Err("KVM_RUN to complete I/O ran the guest".into()),
+    }
+    // Each MSR alone: a list with one KVM cannot read would stop there.
+    let mut msrs = Vec::with_capacity(msr_indices.len());
+    for index in msr_indices {
+        let mut one = Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+            index: *index,
+            ..Default::default()
+        }])
+        .map_err(|_| "MSR list".to_string())?;
+        if fd.get_msrs(&mut one).map_err(e("KVM_GET_MSRS"))? == 1 {
+            msrs.push(one.as_slice()[0]);
+        }
+    }
+    Ok(VcpuState {
+        regs: fd.get_regs().map_err(e("KVM_GET_REGS"))?,
+        sregs: fd.get_sregs().map_err(e("KVM_GET_SREGS"))?,
+        xsave: fd.get_xsave().map_err(e("KVM_GET_XSAVE"))?,
+        xcrs: fd.get_xcrs().map_err(e("KVM_GET_XCRS"))?,
+        debugregs: fd.get_debug_regs().map_err(e("KVM_GET_DEBUGREGS"))?,
+        lapic: fd.get_lapic().map_err(e("KVM_GET_LAPIC"))?,
+        mp_state: fd.get_mp_state().map_err(e("KVM_GET_MP_STATE"))?,
+        events: fd.get_vcpu_events().map_err(e("KVM_GET_VCPU_EVENTS"))?,
+        msrs,
+        cpuid: fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(e("KVM_GET_CPUID2"))?
+            .as_slice()
+            .to_vec(),
+        tsc_khz: fd.get_tsc_khz().ok(),
+    })
+}
+
+/// Creates vCPU `index` with the state a snapshot saved (see
+/// [`save_state`]), in the order KVM needs: CPUID first, the LAPIC before
+/// the MSRs (the TSC deadline), the pending events last.
+pub fn restore(vm: &VmFd, index: u8, state: &VcpuState) -> Result<VcpuFd, Error> {
+    let fd = vm
+        .create_vcpu(u64::from(index))
+        .map_err(KvmOp::CreateVcpu.err())?;
+    let restore_error = |what: &'static str| {
+        move |e: kvm_ioctls::Error| Error::Internal(format!("restoring vCPU {index}: {what}: {e}"))
+    };
+    if let Some(khz) = state.tsc_khz {
+        // Another host's TSC may run at another rate; KVM scales the guest's
+        // where the processor can. Where it cannot, the guest's clock
+        // still runs from the TSC, at the host's rate.
+        if fd.get_tsc_khz().ok() != Some(khz) {
+            if let Err(e) = fd.set_tsc_khz(khz) {
+                log::warn!("vCPU {index}: cannot set the guest's TSC to {khz} kHz: {e}");
+            }
+        }
+    }
+    let cpuid = kvm_bindings::CpuId::from_entries(&state.cpuid)
+        .map_err(|_| Error::Internal("too many CPUID entries in the snapshot".into()))?;
+    fd.set_cpuid2(&cpuid).map_err(KvmOp::SetCpuid.err())?;
+    fd.set_mp_state(state.mp_state)
+        .map_err(restore_error("KVM_SET_MP_STATE"))?;
+    fd.set_regs(&state.regs).map_err(KvmOp::Regs.err())?;
+    fd.set_sregs(&state.sregs).map_err(KvmOp::Sregs.err())?;
+    // SAFETY: the kvm_xsave came from KVM_GET_XSAVE, whose 4 KiB area is
+    // the whole of what KVM_SET_XSAVE reads.
+    unsafe { fd.set_xsave(&state.xsave) }.map_err(restore_error("KVM_SET_XSAVE"))?;
+    fd.set_xcrs(&state.xcrs)
+        .map_err(restore_error("KVM_SET_XCRS"))?;
+    fd.set_debug_regs(&state.debugregs)
+        .map_err(restore_error("KVM_SET_DEBUGREGS"))?;
+    fd.set_lapic(&state.lapic).map_err(KvmOp::Lapic.err())?;
+    let msrs = Msrs::from_entries(&state.msrs)
+        .map_err(|_| Error::Internal("too many MSRs in the snapshot".into()))?;
+    let set = fd.set_msrs(&msrs).map_err(KvmOp::SetMsrs.err())?;
+    if set != state.msrs.len() {
+        return Err(Error::Internal(format!(
+            "restoring vCPU {index}: KVM refused MSR {:#x}",
+            state.msrs[set].index
+        )));
+    }
+    fd.set_vcpu_events(&state.events)
+        .map_err(restore_error("KVM_SET_VCPU_EVENTS"))?;
+    Ok(fd)
 }
 
 /// The host processor's brand-string leaves, for the guest's model name.
@@ -394,7 +570,11 @@ fn run(index: u8, mut fd: VcpuFd, shared: &Shared) {
     }
     let mut trace = shared.trace.clone().map(|t| VcpuTrace::new(t, index));
     while !shared.stop.load(Ordering::SeqCst) {
-        shared.pause.park_while_paused(&shared.stop);
+        shared
+            .pause
+            .park_while_paused(&shared.stop, usize::from(index), &mut || {
+                save_state(&mut fd, &shared.msr_indices)
+            });
         let outcome = match fd.run() {
             Ok(exit) => match trace.as_mut() {
                 None => handle_exit(index, exit, shared),

@@ -169,6 +169,12 @@ pub fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, Error> {
             reason: e.to_string(),
         }
     })?;
+    register_memory(vm, &memory)?;
+    Ok(memory)
+}
+
+/// Registers guest RAM with KVM, a memory slot per region.
+pub fn register_memory(vm: &VmFd, memory: &GuestMemoryMmap) -> Result<(), Error> {
     for (slot, region) in memory.iter().enumerate() {
         let region_desc = kvm_userspace_memory_region {
             slot: slot as u32,
@@ -182,7 +188,7 @@ pub fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, Error> {
         // have stopped), and the guest ranges do not overlap.
         unsafe { vm.set_user_memory_region(region_desc) }.map_err(KvmOp::SetMemory.err())?;
     }
-    Ok(memory)
+    Ok(())
 }
 
 /// Loads the kernel, initramfs and command line, and writes the boot data

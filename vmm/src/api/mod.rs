@@ -31,7 +31,7 @@ use self::http::{Request, Response};
 use self::model::{
     ActionType, BootSource, Drive, EntropyDevice, Fault, InstanceActionInfo, Logger, MachineConfig,
     Metrics, NetworkInterface, PartialDrive, PartialMachineConfig, PartialNetworkInterface,
-    VmResources, VmState, VmStateValue, Vsock,
+    SnapshotCreate, SnapshotLoad, VmResources, VmState, VmStateValue, Vsock,
 };
 use crate::config::DiskConfig;
 use crate::error::Error;
@@ -88,6 +88,10 @@ pub enum ApiCall {
     Action(ActionType),
     /// `PATCH /vm`.
     PatchVm(VmStateValue),
+    /// `PUT /snapshot/create`.
+    CreateSnapshot(SnapshotCreate),
+    /// `PUT /snapshot/load`.
+    LoadSnapshot(SnapshotLoad),
 }
 
 fn body<T: serde::de::DeserializeOwned>(request: &Request) -> Result<T, Response> {
@@ -196,10 +200,18 @@ pub fn route(request: &Request) -> Result<ApiCall, Response> {
             )),
             _ => wrong_method(),
         },
+        ["snapshot", "create"] => match method {
+            "PUT" => Ok(ApiCall::CreateSnapshot(body(request)?)),
+            _ => wrong_method(),
+        },
+        ["snapshot", "load"] => match method {
+            "PUT" => Ok(ApiCall::LoadSnapshot(body(request)?)),
+            _ => wrong_method(),
+        },
         [first, ..]
             if matches!(
                 *first,
-                "balloon" | "mmds" | "cpu-config" | "pmem" | "hotplug" | "serial" | "snapshot"
+                "balloon" | "mmds" | "cpu-config" | "pmem" | "hotplug" | "serial"
             ) =>
         {
             Err(Response::fault(400, &model::unsupported(first)))
@@ -336,6 +348,43 @@ impl Controller {
         Ok(Box::new(vm))
     }
 
+    /// Builds the VM a snapshot describes, paused unless `resume_vm`.
+    pub fn load_snapshot(&mut self, l: &SnapshotLoad) -> Result<Box<Vm>, Fault> {
+        let memory = l.memory_file()?;
+        let state = crate::snapshot::read_state(Path::new(&l.snapshot_path))
+            .map_err(|e| Fault(format!("snapshot: {e}")))?;
+        let overrides = crate::snapshot::Overrides {
+            taps_by_id: l
+                .network_overrides
+                .iter()
+                .flatten()
+                .map(|o| (o.iface_id.clone(), o.host_dev_name.clone()))
+                .collect(),
+            vsock_socket: l
+                .vsock_override
+                .as_ref()
+                .map(|v| PathBuf::from(&v.uds_path)),
+            ..Default::default()
+        };
+        let base = crate::config::VmConfig::for_restore(
+            self.kvm_device.clone(),
+            self.boot_timer,
+            self.seccomp,
+        );
+        let config = crate::snapshot::restored_config(&base, &state.machine, &overrides)
+            .map_err(|e| Fault(format!("snapshot: {e}")))?;
+        log::info!("loading the snapshot {}: {config:?}", l.snapshot_path);
+        let vm =
+            Vm::restore(&config, &state, Path::new(memory)).map_err(|e| Fault(e.to_string()))?;
+        let handle = vm.handle();
+        if !l.resume_vm.unwrap_or(false) {
+            // The vCPUs park before their first KVM_RUN.
+            handle.pause.pause(&[]);
+        }
+        self.running = Some(handle);
+        Ok(Box::new(vm))
+    }
+
     /// Carries out `call`.
     pub fn handle(&mut self, call: ApiCall) -> Next {
         let result = self.dispatch(call);
@@ -459,6 +508,29 @@ impl Controller {
                 Ok(None)
             }
             ApiCall::Action(ActionType::FlushMetrics) => self.flush_metrics().map(|()| None),
+            ApiCall::CreateSnapshot(c) => {
+                c.validate()?;
+                let vm = self.running.as_ref().ok_or_else(not_running)?;
+                let started = std::time::Instant::now();
+                let report = vm
+                    .snapshot(Path::new(&c.snapshot_path), Path::new(&c.mem_file_path))
+                    .map_err(|e| Fault(format!("cannot create the snapshot: {e}")))?;
+                log::info!(
+                    "snapshot created in {:?}: {} ({} bytes), {} ({} bytes of memory written)",
+                    started.elapsed(),
+                    c.snapshot_path,
+                    report.state_bytes,
+                    c.mem_file_path,
+                    report.memory_bytes
+                );
+                Ok(None)
+            }
+            ApiCall::LoadSnapshot(l) => {
+                pre_boot(started).map_err(|_| {
+                    Fault("a snapshot loads only into a microVM that has not started".into())
+                })?;
+                Ok(Some(Next::Start(self.load_snapshot(&l)?)))
+            }
             ApiCall::PatchVm(state) => {
                 let vm = self.running.as_ref().ok_or_else(not_running)?;
                 match state {
@@ -943,7 +1015,8 @@ mod tests {
             (req("DELETE", "/machine-config", ""), 405, "not allowed"),
             (req("GET", "/nothing", ""), 404, "no such API resource"),
             (req("PUT", "/balloon", "{}"), 400, "balloon"),
-            (req("PUT", "/snapshot/create", "{}"), 400, "snapshots"),
+            (req("PUT", "/snapshot/create", "{}"), 400, "missing field"),
+            (req("GET", "/snapshot/create", ""), 405, "not allowed"),
         ];
         for (request, status, text) in cases {
             let (got, message) = fault_of(route(&request));

@@ -524,6 +524,123 @@ pub enum VmStateValue {
     Resumed,
 }
 
+/// `PUT /snapshot/create`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreate {
+    /// Where the VM's state goes.
+    pub snapshot_path: String,
+    /// Where guest memory goes.
+    pub mem_file_path: String,
+    /// Full (the default) or Diff.
+    pub snapshot_type: Option<String>,
+}
+
+/// `mem_backend` of `PUT /snapshot/load`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryBackend {
+    /// File (moat maps it) or Uffd (not supported).
+    pub backend_type: String,
+    /// The memory file.
+    pub backend_path: String,
+}
+
+/// An item of `network_overrides`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    /// The card's iface_id.
+    pub iface_id: String,
+    /// Its new TAP.
+    pub host_dev_name: String,
+}
+
+/// `vsock_override` of `PUT /snapshot/load`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    /// The vsock device's new host socket.
+    pub uds_path: String,
+}
+
+/// `PUT /snapshot/load`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoad {
+    /// The state file.
+    pub snapshot_path: String,
+    /// The memory file (deprecated in Firecracker for `mem_backend`).
+    pub mem_file_path: Option<String>,
+    /// The memory file.
+    pub mem_backend: Option<MemoryBackend>,
+    /// Resume at once.
+    pub resume_vm: Option<bool>,
+    /// Dirty-page tracking (not supported).
+    pub enable_diff_snapshots: Option<bool>,
+    /// Dirty-page tracking (not supported).
+    pub track_dirty_pages: Option<bool>,
+    /// New TAPs by iface_id.
+    pub network_overrides: Option<Vec<NetworkOverride>>,
+    /// A new vsock socket.
+    pub vsock_override: Option<VsockOverride>,
+    /// Advance the guest's clock by the time since the snapshot (not
+    /// supported: the clock resumes where it was).
+    pub clock_realtime: Option<bool>,
+}
+
+impl SnapshotCreate {
+    /// Refuses what moat does not do.
+    pub fn validate(&self) -> Result<(), Fault> {
+        match self.snapshot_type.as_deref() {
+            None | Some("Full") => {}
+            Some("Diff") => {
+                return Err(Fault(
+                    "diff snapshots are not supported; take a Full one".into(),
+                ))
+            }
+            Some(other) => {
+                return Err(Fault(format!(
+                    "snapshot_type '{other}': expected Full or Diff"
+                )))
+            }
+        }
+        if self.snapshot_path.is_empty() || self.mem_file_path.is_empty() {
+            return Err(Fault(
+                "snapshot_path and mem_file_path must name files".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl SnapshotLoad {
+    /// The memory file, checking that exactly one way names it, and
+    /// refusing what moat does not do.
+    pub fn memory_file(&self) -> Result<&str, Fault> {
+        for (flag, name) in [
+            (self.enable_diff_snapshots, "enable_diff_snapshots"),
+            (self.track_dirty_pages, "track_dirty_pages"),
+            (self.clock_realtime, "clock_realtime"),
+        ] {
+            if flag == Some(true) {
+                return Err(Fault(format!("{name} is not supported")));
+            }
+        }
+        match (&self.mem_file_path, &self.mem_backend) {
+            (Some(path), None) => Ok(path),
+            (None, Some(b)) if b.backend_type == "File" => Ok(&b.backend_path),
+            (None, Some(b)) => Err(Fault(format!(
+                "mem_backend type '{}' is not supported (moat maps a File)",
+                b.backend_type
+            ))),
+            _ => Err(Fault(
+                "give exactly one of mem_file_path and mem_backend".into(),
+            )),
+        }
+    }
+}
+
 /// `GET /vm/config`, and the config file.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
