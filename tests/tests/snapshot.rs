@@ -1,7 +1,8 @@
 //! Snapshots through the rig: a guest that counts, writes each count to
 //! its disk and pings the host is paused and snapshotted over the API, its
 //! moat killed; `moat run --restore` brings it back, and it goes on from
-//! where it was; two clones of the same snapshot run side by side, each
+//! where it was; two clones of the same snapshot run side by side (one
+//! restored from the command line, one through `PUT /snapshot/load`), each
 //! with its own disk copy and TAP; bad snapshots are refused with one line
 //! and status 2.
 
@@ -121,23 +122,35 @@ echo "HOST-RESTORED-LAST=$(last_tick $console)" >>"$report"
 echo "HOST-RESTORED-PING=$(grep -o 'PING-OK-[0-9]*' $console | head -1)" >>"$report"
 echo "HOST-DISK=$(tr -d '\000' <$disk | tr '\n' ' ')" >>"$report"
 
-# Two clones at once, each with its own disk copy and TAP.
-for n in 1 2; do
-    "$moat" run --restore state=$state,memory=$mem --disk path=$dir/clone$n.img \
-        --net tap=moatclone$n --shutdown-timeout 60 >$dir/clone$n.log 2>&1 </dev/null &
-    eval clone$n=\$!
-done
+# Two clones at once, each with its own disk copy and TAP: one restored by
+# `moat run --restore`, one through the API's PUT /snapshot/load (with
+# Firecracker's body; drives keep their paths there, so the second copy
+# is put at the snapshot's disk path first).
+cp $dir/clone2.img $disk
+"$moat" run --restore state=$state,memory=$mem --disk path=$dir/clone1.img \
+    --net tap=moatclone1 --shutdown-timeout 60 >$dir/clone1.log 2>&1 </dev/null &
+clone1=$!
+sock2=$dir/api2.sock
+"$moat" --api-sock $sock2 >$dir/clone2.log 2>&1 </dev/null &
+clone2=$!
+i=0; until [ -S $sock2 ] || [ $i -ge 200 ]; do sleep 0.05; i=$((i+1)); done
+load=$(curl -s -o $dir/load.out -w '%{{http_code}}' --max-time 60 --unix-socket $sock2 -X PUT \
+    -d "{{\"snapshot_path\": \"$state\", \"mem_backend\": {{\"backend_type\": \"File\", \"backend_path\": \"$mem\"}}, \"resume_vm\": true, \"network_overrides\": [{{\"iface_id\": \"eth0\", \"host_dev_name\": \"moatclone2\"}}]}}" \
+    http://localhost/snapshot/load)
+echo "HOST-LOAD=$load $(cat $dir/load.out)" >>"$report"
 for n in 1 2; do
     eval p=\$clone$n
     wait_for $dir/clone$n.log "TICK-$((a + 30))" $p || echo "HOST: clone $n did not count on" >>"$report"
 done
-kill -TERM $clone1 $clone2
+kill -TERM $clone1
+curl -s --max-time 60 --unix-socket $sock2 -X PUT -d '{{"action_type": "SendCtrlAltDel"}}' http://localhost/actions
 for n in 1 2; do
     eval p=\$clone$n
     stop_if_stuck $p 120; wait $p; echo "HOST-CLONE$n-STATUS=$?" >>"$report"
     echo "HOST-CLONE$n-FIRST=$(grep -m1 -o 'TICK-[0-9]*' $dir/clone$n.log)" >>"$report"
-    echo "HOST-CLONE$n-DISK=$(tr -d '\000' <$dir/clone$n.img | tr '\n' ' ')" >>"$report"
 done
+echo "HOST-CLONE1-DISK=$(tr -d '\000' <$dir/clone1.img | tr '\n' ' ')" >>"$report"
+echo "HOST-CLONE2-DISK=$(tr -d '\000' <$disk | tr '\n' ' ')" >>"$report"
 cat "$report"
 "#
     );
@@ -218,6 +231,11 @@ cat "$report"
     assert!(
         disk.iter().enumerate().all(|(i, n)| *n == i as u32),
         "the disk's counts are not 0, 1, 2, ...: {disk:?}"
+    );
+    assert!(
+        line(c, "HOST-LOAD").starts_with("204"),
+        "{}",
+        line(c, "HOST-LOAD")
     );
     for n in [1, 2] {
         assert_eq!(
