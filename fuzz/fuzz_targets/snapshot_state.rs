@@ -6,19 +6,14 @@
 
 use libfuzzer_sys::fuzz_target;
 use moat_vmm::config::VmConfig;
-use moat_vmm::snapshot::{parse_state, restored_config, Overrides, MAGIC, VERSION};
+use moat_vmm::snapshot::{frame, parse_state, restored_config, Overrides};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
     let bytes = if mode & 1 == 1 {
-        let mut file = MAGIC.to_vec();
-        file.extend_from_slice(&VERSION.to_le_bytes());
-        file.extend_from_slice(&crc32fast::hash(rest).to_le_bytes());
-        file.extend_from_slice(&(rest.len() as u64).to_le_bytes());
-        file.extend_from_slice(rest);
-        file
+        frame(rest)
     } else {
         rest.to_vec()
     };

@@ -319,13 +319,19 @@ pub fn restored_config(
 /// Writes `state` to `path`.
 pub fn write_state(path: &Path, state: &VmState) -> Result<(), SnapshotError> {
     let payload = serde_json::to_vec(state).or_else(|e| fail(path, e))?;
+    std::fs::write(path, frame(&payload)).or_else(|e| fail(path, format!("cannot write it: {e}")))
+}
+
+/// A state file's bytes: the header (this format's version, the
+/// payload's checksum and length), then `payload`.
+pub fn frame(payload: &[u8]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(HEADER_LEN + payload.len());
     bytes.extend_from_slice(&MAGIC);
     bytes.extend_from_slice(&VERSION.to_le_bytes());
-    bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    bytes.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
     bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    bytes.extend_from_slice(&payload);
-    std::fs::write(path, bytes).or_else(|e| fail(path, format!("cannot write it: {e}")))
+    bytes.extend_from_slice(payload);
+    bytes
 }
 
 /// Reads and checks the state file at `path`.
@@ -629,11 +635,8 @@ mod tests {
     }
 
     fn header(version: u32, payload: &[u8]) -> Vec<u8> {
-        let mut bytes = MAGIC.to_vec();
-        bytes.extend_from_slice(&version.to_le_bytes());
-        bytes.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-        bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(payload);
+        let mut bytes = frame(payload);
+        bytes[8..12].copy_from_slice(&version.to_le_bytes());
         bytes
     }
 
