@@ -514,11 +514,12 @@ pub fn check_disks(
 }
 
 /// CPUID feature bits KVM sets in a vCPU's CPUID at run time (OSXSAVE,
-/// OSPKE, the APIC's enable), or moat adds (TSC deadline, hypervisor):
-/// not in KVM's supported list, and not a host feature.
+/// OSPKE, the APIC's enable), or moat adds (TSC deadline, hypervisor, and
+/// HTT for a guest of more than one vCPU: topology, not a feature): not
+/// necessarily in KVM's supported list, and not a host feature.
 const DYNAMIC_BITS: &[(u32, u32, char, u32)] = &[
     (1, 0, 'c', 1 << 27 | 1 << 24 | 1 << 31),
-    (1, 0, 'd', 1 << 9),
+    (1, 0, 'd', 1 << 9 | 1 << 28),
     (7, 0, 'c', 1 << 4),
 ];
 
@@ -618,9 +619,10 @@ mod tests {
             cpuid(1, 0, [0, 0, 0x0000_00ff, 0xff]),
             cpuid(7, 0, [0, 0b1010, 0, 0]),
         ];
-        // OSXSAVE and the hypervisor bit are KVM's and moat's, not the host's.
+        // OSXSAVE, the hypervisor bit and HTT (more than one vCPU) are
+        // KVM's and moat's, not the host's.
         let guest = [
-            cpuid(1, 0, [0, 0, 0x8800_000f, 0x20f]),
+            cpuid(1, 0, [0, 0, 0x8800_000f, 0x1000_020f]),
             cpuid(7, 0, [0, 0b0010, 0, 0]),
         ];
         assert!(missing_features(&guest, &host).is_empty());
