@@ -4,10 +4,12 @@
 //! where it was; two clones of the same snapshot run side by side (one
 //! restored from the command line, one through `PUT /snapshot/load`), each
 //! with its own disk copy and TAP; bad snapshots are refused with one line
-//! and status 2.
+//! and status 2. A guest of two vCPUs with a vsock connection open is
+//! snapshotted too: both CPUs go on, and the guest sees the connection
+//! reset (moat tells it through the event queue) and connects anew.
 
 use moat_tests::net::{value, HOST_TAP_SETUP};
-use moat_tests::{Guest, API_PRELUDE, CMDLINE};
+use moat_tests::{image, Guest, API_PRELUDE, CMDLINE};
 
 /// The guest: every 0.1 s prints TICK-i and writes "COUNT-i" (16 bytes)
 /// at offset 16 i of its disk, synchronously; every 10th tick pings the
@@ -259,4 +261,102 @@ cat "$report"
             "clone {n}: {disk:?}"
         );
     }
+}
+
+/// Two vCPUs, each counting in its own pinned loop (CPU0-i, CPU1-i); a
+/// vsock connection to the host that stays open and idle (the guest has
+/// sent HELLO and its end of file, the host sends nothing and keeps its
+/// end open), so only a reset ends it; then a new connection.
+const TWO_CPU_GUEST: &str = "echo CPUS-$(nproc); \
+    for c in 0 1; do \
+        taskset -c $c sh -c \"i=0; while [ \\$i -lt 3000 ]; do echo CPU$c-\\$i; i=\\$((i+1)); sleep 0.1; done\" & \
+    done; \
+    echo HELLO | vsock 2 5000; echo VSOCK-ENDED-$?; \
+    echo AFTER | vsock 2 5001; echo VSOCK-AGAIN-$?; \
+    wait";
+
+#[test]
+fn a_two_vcpu_guest_restored_runs_on_both_and_sees_its_vsock_connection_reset() {
+    let tool = image("VSOCK_TOOL");
+    let host = format!(
+        r#"{API_PRELUDE}
+VSOCK={}
+dir=/tmp/moat-snap2-$$; mkdir -p $dir
+vs=$dir/v.sock; state=$dir/vm.state; mem=$dir/vm.mem
+last() {{ grep -o "$2-[0-9]*" "$1" | tail -1 | cut -d- -f2; }}
+# The host's end of the guest's connection: silent, and open until the end.
+sleep 100000 | $VSOCK -U ${{vs}}_5000 >$dir/from-guest 2>$dir/listen1 &
+until grep -q listening $dir/listen1; do sleep 0.1; done
+start_moat --api-sock "$sock"
+api PUT /boot-source "{{\"kernel_image_path\": \"$kernel\", \"initrd_path\": \"$initrd\", \"boot_args\": \"{CMDLINE}\"}}"
+api PUT /machine-config '{{"vcpu_count": 2, "mem_size_mib": 128}}'
+api PUT /vsock "{{\"guest_cid\": 3, \"uds_path\": \"$vs\"}}"
+api PUT /actions '{{"action_type": "InstanceStart"}}'
+until_console CPU1-10 || echo "HOST: the second CPU never counted" >>"$report"
+i=0; until grep -q HELLO $dir/from-guest || [ $i -ge 600 ]; do sleep 0.1; i=$((i+1)); done
+echo "HOST-GOT=$(cat $dir/from-guest)" >>"$report"
+api PATCH /vm '{{"state": "Paused"}}'
+sleep 1
+echo "HOST-SNAPSHOT-CPU0=$(last $console CPU0)" >>"$report"
+echo "HOST-SNAPSHOT-CPU1=$(last $console CPU1)" >>"$report"
+api PUT /snapshot/create "{{\"snapshot_path\": \"$state\", \"mem_file_path\": \"$mem\"}}"
+kill -9 $pid; wait $pid; wait $tee
+echo "HOST-ENDED-BEFORE=$(grep -c VSOCK-ENDED $console)" >>"$report"
+
+$VSOCK -U ${{vs}}_5001 >$dir/again 2>$dir/listen2 </dev/null &
+until grep -q listening $dir/listen2; do sleep 0.1; done
+console=$dir/restored.log
+rm -f /tmp/moat-fifo-$$
+start_moat run --restore state=$state,memory=$mem --shutdown-timeout 60
+until_console VSOCK-AGAIN || echo "HOST: the restored guest did not connect again" >>"$report"
+a=$(grep HOST-SNAPSHOT-CPU0 "$report" | cut -d= -f2)
+b=$(grep HOST-SNAPSHOT-CPU1 "$report" | cut -d= -f2)
+until_console "CPU0-$((a + 30))" && until_console "CPU1-$((b + 30))" \
+    || echo "HOST: a restored CPU did not count on" >>"$report"
+kill -TERM $pid
+wait_moat 120; echo "HOST-RESTORED-STATUS=$?" >>"$report"
+wait $tee
+for c in 0 1; do
+    echo "HOST-RESTORED-FIRST-CPU$c=$(grep -m1 -o "CPU$c-[0-9]*" $console | cut -d- -f2)" >>"$report"
+done
+echo "HOST-ENDED=$(grep -o 'VSOCK-ENDED-[0-9]*' $console)" >>"$report"
+echo "HOST-AGAIN=$(cat $dir/again)" >>"$report"
+cat "$report"
+"#,
+        tool.display()
+    );
+    let out = Guest::vmlinux()
+        .script(TWO_CPU_GUEST)
+        .host_file("/usr/bin/curl")
+        .host_file(&tool)
+        .host_script(&host)
+        .run()
+        .unwrap();
+    let c = &out.console;
+    for l in c
+        .lines()
+        .filter(|l| l.starts_with("HOST") || l.starts_with("API "))
+    {
+        eprintln!("{}", &l[..l.len().min(300)]);
+    }
+    for complaint in ["never counted", "did not connect again", "did not count on"] {
+        assert!(!c.contains(complaint), "{complaint}: {}", out.tail(60));
+    }
+    assert!(c.contains("CPUS-2"), "{}", out.tail(60));
+    assert_eq!(value(c, "HOST-GOT"), "HELLO", "{}", out.tail(60));
+    // Both CPUs go on from where they were paused.
+    for cpu in [0, 1] {
+        let paused = number(c, &format!("HOST-SNAPSHOT-CPU{cpu}"));
+        let first = number(c, &format!("HOST-RESTORED-FIRST-CPU{cpu}"));
+        assert!(
+            first == paused || first == paused + 1,
+            "CPU {cpu}: paused at {paused}, restored at {first}"
+        );
+    }
+    // The connection the guest held was reset by the restore (its read
+    // ended), and a new one went through.
+    assert_eq!(value(c, "HOST-ENDED"), "VSOCK-ENDED-0", "{}", out.tail(60));
+    assert_eq!(value(c, "HOST-ENDED-BEFORE"), "0", "{}", out.tail(60));
+    assert_eq!(value(c, "HOST-AGAIN"), "AFTER", "{}", out.tail(60));
+    assert_eq!(value(c, "HOST-RESTORED-STATUS"), "0", "{}", out.tail(60));
 }
