@@ -1,6 +1,8 @@
 //! VM benchmarks with a real guest: start-up time, memory overhead and
 //! launch rate of moat, and the same guest under QEMU's microvm machine
-//! side by side.
+//! side by side; then moat's snapshots of that guest: their size, the time
+//! to write one, and the time from exec to a restored guest running
+//! against a cold boot of the same guest.
 //!
 //!   cargo bench -p moat-tests --bench vm [-- --runs N --launches N]
 //!
@@ -8,7 +10,11 @@
 //! /init (resources/bench/init.c) writes moat's boot-timer port and a
 //! console marker first thing, optionally sleeps, and reboots. Start-up
 //! figures are medians over `--runs` boots (default 10), 1 vCPU, 128 MiB;
-//! the launch rate times `--launches` VMs (default 10).
+//! the launch rate times `--launches` VMs (default 10). Each run also
+//! boots the guest in moat's API mode with /init waiting for a byte on the
+//! console, snapshots it (`PUT /snapshot/create`), kills that moat and
+//! restores the snapshot with `moat run --restore`, typing the byte at
+//! once: the restored /init answers MOAT-BENCH-RESUMED.
 //! Prints a table and writes target/bench/vm.json.
 //!
 //! On a host with hardware KVM everything runs here. Elsewhere (this
@@ -32,6 +38,8 @@ const GUEST_MIB: u64 = 128;
 const HOLD_MS: u64 = 1500;
 /// What the benchmark /init writes to COM1 (resources/bench/init.c).
 const CONSOLE_MARKER: &[u8] = b"MOAT-BENCH-INIT";
+/// What it writes once a byte arrives, when told to wait for one.
+const RESUMED_MARKER: &[u8] = b"MOAT-BENCH-RESUMED";
 /// The line the in-rig run prints its JSON on.
 const JSON_PREFIX: &str = "MOAT-BENCH-JSON ";
 /// Any single boot taking longer than this is a failure.
@@ -127,13 +135,15 @@ impl Setup {
     }
 
     /// moat in its API mode, booting the same guest from a config file
-    /// while it serves the API: what the API thread costs in memory.
-    fn moat_api(&self, hold_ms: u64, run: usize) -> Command {
-        let dir = std::env::temp_dir();
-        let config = dir.join(format!("moat-bench-{}-{run}.json", std::process::id()));
-        let sock = dir.join(format!("moat-bench-{}-{run}.sock", std::process::id()));
+    /// while it serves the API on [`temp_file`]`(tag, "sock")`: what the
+    /// API thread costs in memory, and the VM the snapshots are taken of.
+    /// `init_arg` is the benchmark /init's argument: milliseconds to hold,
+    /// or "wait".
+    fn moat_api(&self, init_arg: &str, tag: &str) -> Command {
+        let config = temp_file(tag, "json");
+        let sock = temp_file(tag, "sock");
         let text = format!(
-            r#"{{"boot-source": {{"kernel_image_path": "{}", "initrd_path": "{}", "boot_args": "{CMDLINE} reboot=k -- {hold_ms}"}}, "machine-config": {{"vcpu_count": 1, "mem_size_mib": {GUEST_MIB}}}}}"#,
+            r#"{{"boot-source": {{"kernel_image_path": "{}", "initrd_path": "{}", "boot_args": "{CMDLINE} reboot=k -- {init_arg}"}}, "machine-config": {{"vcpu_count": 1, "mem_size_mib": {GUEST_MIB}}}}}"#,
             self.kernel.display(),
             self.initramfs.display()
         );
@@ -187,6 +197,14 @@ impl Setup {
     }
 }
 
+/// A file of this benchmark's in the temporary directory.
+fn temp_file(tag: &str, extension: &str) -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "moat-bench-{}-{tag}.{extension}",
+        std::process::id()
+    ))
+}
+
 fn monotonic_now() -> Duration {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -235,6 +253,25 @@ fn reader(
         }
         all
     })
+}
+
+/// A child's stdout and stderr, each read to the end by a thread, and when
+/// `marker` first showed on stdout.
+type Watched = (
+    std::thread::JoinHandle<Vec<u8>>,
+    std::thread::JoinHandle<Vec<u8>>,
+    mpsc::Receiver<Instant>,
+);
+
+fn watch(child: &mut Child, marker: &'static [u8]) -> Result<Watched, String> {
+    let (marker_tx, marker_rx) = mpsc::channel();
+    let stdout = reader(
+        child.stdout.take().ok_or("no stdout")?,
+        Some(marker),
+        marker_tx.clone(),
+    );
+    let stderr = reader(child.stderr.take().ok_or("no stderr")?, None, marker_tx);
+    Ok((stdout, stderr, marker_rx))
 }
 
 /// Resident KiB of `pid` outside its guest RAM: the sum of Rss over
@@ -300,7 +337,18 @@ fn boot_timer(stderr: &str, spawned: Duration) -> Option<(Duration, Duration)> {
 
 /// Runs one VM to its end; with `sample_memory`, polls its smaps every few
 /// milliseconds meanwhile.
-fn launch(mut cmd: Command, sample_memory: bool) -> Result<Launch, String> {
+fn launch(cmd: Command, sample_memory: bool) -> Result<Launch, String> {
+    launch_until(cmd, sample_memory, CONSOLE_MARKER, b"")
+}
+
+/// [`launch`], timing `marker` on the console, with `input` typed on the
+/// console right after spawn.
+fn launch_until(
+    mut cmd: Command,
+    sample_memory: bool,
+    marker: &'static [u8],
+    input: &[u8],
+) -> Result<Launch, String> {
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -308,14 +356,11 @@ fn launch(mut cmd: Command, sample_memory: bool) -> Result<Launch, String> {
     let spawned = Instant::now();
     let mut child: Child = cmd.spawn().map_err(|e| format!("spawn {cmd:?}: {e}"))?;
     // Hold stdin open: QEMU's stdio chardev spins on end-of-file.
-    let stdin = child.stdin.take();
-    let (marker_tx, marker_rx) = mpsc::channel();
-    let stdout = reader(
-        child.stdout.take().ok_or("no stdout")?,
-        Some(CONSOLE_MARKER),
-        marker_tx.clone(),
-    );
-    let stderr = reader(child.stderr.take().ok_or("no stderr")?, None, marker_tx);
+    let mut stdin = child.stdin.take();
+    if let Some(pipe) = stdin.as_mut().filter(|_| !input.is_empty()) {
+        std::io::Write::write_all(pipe, input).map_err(|e| format!("console input: {e}"))?;
+    }
+    let (stdout, stderr, marker_rx) = watch(&mut child, marker)?;
     let pid = child.id();
     let (exit_tx, exit_rx) = mpsc::channel::<(Instant, std::io::Result<ExitStatus>)>();
     std::thread::spawn(move || {
@@ -367,7 +412,7 @@ fn launch(mut cmd: Command, sample_memory: bool) -> Result<Launch, String> {
     let tail = |s: &str| {
         s.chars()
             .rev()
-            .take(600)
+            .take(2000)
             .collect::<Vec<_>>()
             .into_iter()
             .rev()
@@ -420,6 +465,107 @@ fn api_socket_ready(setup: &Setup) -> Result<Duration, String> {
     let _ = child.wait();
     let _ = std::fs::remove_file(&sock);
     ready
+}
+
+/// A snapshot of the benchmark guest, taken while its /init waits for a
+/// byte on the console, and what taking it measured.
+struct Snapshot {
+    state: PathBuf,
+    memory: PathBuf,
+    /// exec -> /init marker on the console: the cold boot of this guest.
+    cold_boot: Duration,
+    /// How long `PUT /snapshot/create` took, the VM paused.
+    create: Duration,
+    state_bytes: u64,
+    /// What the memory file takes on disk (zero pages are holes).
+    memory_disk_bytes: u64,
+}
+
+impl Snapshot {
+    fn remove(&self) {
+        let _ = std::fs::remove_file(&self.state);
+        let _ = std::fs::remove_file(&self.memory);
+    }
+}
+
+/// Boots the guest in moat's API mode with /init waiting, pauses it,
+/// snapshots it, and kills that moat.
+fn take_snapshot(setup: &Setup, run: usize) -> Result<Snapshot, String> {
+    let tag = format!("snap-{run}");
+    let sock = temp_file(&tag, "sock");
+    let state = temp_file(&tag, "state");
+    let memory = temp_file(&tag, "mem");
+    let _ = std::fs::remove_file(&sock);
+    let mut cmd = setup.moat_api("wait", &tag);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let spawned = Instant::now();
+    let mut child = cmd.spawn().map_err(|e| format!("spawn {cmd:?}: {e}"))?;
+    let (stdout, stderr, marker_rx) = watch(&mut child, CONSOLE_MARKER)?;
+    let request = |method: &str, path: &str, body: &str| -> Result<(), String> {
+        match moat_tests::api_request(&sock, method, path, body) {
+            (204, _) => Ok(()),
+            (status, reply) => Err(format!("{method} {path}: {status} {reply}")),
+        }
+    };
+    let taken = marker_rx
+        .recv_timeout(BOOT_TIMEOUT)
+        .map_err(|_| "the guest to snapshot never showed its /init marker".to_string())
+        .and_then(|at| {
+            request("PATCH", "/vm", r#"{"state": "Paused"}"#)?;
+            let started = Instant::now();
+            request(
+                "PUT",
+                "/snapshot/create",
+                &format!(
+                    r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+                    state.display(),
+                    memory.display()
+                ),
+            )?;
+            let create = started.elapsed();
+            let size = |path: &Path| {
+                std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))
+            };
+            use std::os::unix::fs::MetadataExt;
+            Ok(Snapshot {
+                cold_boot: at - spawned,
+                create,
+                state_bytes: size(&state)?.len(),
+                memory_disk_bytes: size(&memory)?.blocks() * 512,
+                state: state.clone(),
+                memory: memory.clone(),
+            })
+        });
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&sock);
+    let _ = std::fs::remove_file(temp_file(&tag, "json"));
+    let out = stdout.join().unwrap_or_default();
+    let err = stderr.join().unwrap_or_default();
+    taken.map_err(|e| {
+        format!(
+            "snapshot: {e}\n--- console:\n{}\n--- stderr:\n{}",
+            String::from_utf8_lossy(&out),
+            String::from_utf8_lossy(&err)
+        )
+    })
+}
+
+/// Restores `snapshot` with `moat run --restore` and types the byte its
+/// /init waits for: to the restored guest's answer on the console.
+fn restore(setup: &Setup, snapshot: &Snapshot) -> Result<Launch, String> {
+    let mut cmd = Command::new(&setup.moat);
+    cmd.arg("run")
+        .arg("--restore")
+        .arg(format!(
+            "state={},memory={}",
+            snapshot.state.display(),
+            snapshot.memory.display()
+        ))
+        .arg("--boot-timer");
+    launch_until(cmd, false, RESUMED_MARKER, b"go\n")
 }
 
 /// Writes `mib` MiB of fresh memory, then frees it. In the rig this takes
@@ -509,6 +655,8 @@ fn measure(setup: &Setup, place: &str) -> Result<(String, String), String> {
     let mut qemu_held = Vec::new();
     let mut api_held = Vec::new();
     let mut api_ready = Vec::new();
+    let mut snapshots = Vec::new();
+    let mut restores = Vec::new();
     // Interleaved, so that drift in the machine hits both alike.
     for run in 0..setup.runs {
         eprintln!("vm bench: boot {}/{}", run + 1, setup.runs);
@@ -521,8 +669,18 @@ fn measure(setup: &Setup, place: &str) -> Result<(String, String), String> {
         traced.arg("--trace-exits");
         traced_boots.push(timed(traced, false)?);
         moat_held.push(timed(setup.moat(HOLD_MS), true)?);
-        api_held.push(timed(setup.moat_api(HOLD_MS, run), true)?);
+        api_held.push(timed(
+            setup.moat_api(&HOLD_MS.to_string(), &run.to_string()),
+            true,
+        )?);
         api_ready.push(api_socket_ready(setup)?);
+        scrub(setup.scrub_mib);
+        let snapshot = take_snapshot(setup, run)?;
+        scrub(setup.scrub_mib);
+        let restored = restore(setup, &snapshot);
+        snapshot.remove();
+        restores.push(restored?);
+        snapshots.push(snapshot);
         if let Some(qemu) = &setup.qemu {
             qemu_boots.push(timed(setup.qemu(qemu, 0), false)?);
             qemu_held.push(timed(setup.qemu(qemu, HOLD_MS), true)?);
@@ -622,8 +780,74 @@ fn measure(setup: &Setup, place: &str) -> Result<(String, String), String> {
             qemu: qemu_rates.and_then(|r| r.1),
         });
     }
+    let per_snapshot = |f: &dyn Fn(&Snapshot) -> f64| median(snapshots.iter().map(f).collect());
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let kib = |bytes: u64| bytes as f64 / 1024.0;
+    let moat_only = |key, what: &str, unit, moat| Row {
+        key,
+        what: what.to_string(),
+        unit,
+        moat,
+        qemu: None,
+    };
+    rows.extend([
+        moat_only(
+            "snapshot_state_kib",
+            "snapshot: state file",
+            "KiB",
+            per_snapshot(&|s| kib(s.state_bytes)),
+        ),
+        moat_only(
+            "snapshot_memory_kib",
+            &format!("snapshot: memory file on disk (of {GUEST_MIB} MiB)"),
+            "KiB",
+            per_snapshot(&|s| kib(s.memory_disk_bytes)),
+        ),
+        moat_only(
+            "snapshot_create_ms",
+            "snapshot: PUT /snapshot/create, VM paused",
+            "ms",
+            per_snapshot(&|s| ms(s.create)),
+        ),
+        moat_only(
+            "snapshot_cold_boot_ms",
+            "its guest's cold boot: exec -> /init, console",
+            "ms",
+            per_snapshot(&|s| ms(s.cold_boot)),
+        ),
+        moat_only(
+            "restore_first_kvm_run_ms",
+            "restore: exec -> first KVM_RUN",
+            "ms",
+            med_ms(&restores, |l| l.first_run),
+        ),
+        moat_only(
+            "restore_running_ms",
+            "restore: exec -> guest answers on the console",
+            "ms",
+            med_ms(&restores, |l| l.console_marker),
+        ),
+        // Paired run by run, so that drift cancels.
+        moat_only(
+            "restore_over_cold_boot",
+            "restore to running / cold boot to /init",
+            "ratio",
+            median(
+                snapshots
+                    .iter()
+                    .zip(&restores)
+                    .filter_map(|(s, r)| Some(ms(r.console_marker?) / ms(s.cold_boot)))
+                    .collect(),
+            ),
+        ),
+    ]);
 
-    let show = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+    let show = |v: Option<f64>, unit: &str| {
+        v.map_or("-".to_string(), |v| match unit {
+            "ratio" => format!("{v:.3}"),
+            _ => format!("{v:.1}"),
+        })
+    };
     let mut table = String::new();
     let _ = writeln!(
         table,
@@ -651,8 +875,8 @@ fn measure(setup: &Setup, place: &str) -> Result<(String, String), String> {
             "{:<48} {:>6} {:>12} {:>12} {:>10}",
             row.what,
             row.unit,
-            show(row.moat),
-            show(row.qemu),
+            show(row.moat, row.unit),
+            show(row.qemu, row.unit),
             ratio.map_or("-".to_string(), |r| format!("{r:.2}"))
         );
         let num = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.3}"));
@@ -761,7 +985,7 @@ fn main() {
 fn run_in_rig(setup: &Setup) {
     let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
     let mut cmd = Command::new(repo_root().join("resources/rig.sh"));
-    cmd.args(["--timeout", "1200", "--mem", "2048", "--cpus", "2"]);
+    cmd.args(["--timeout", "1800", "--mem", "2048", "--cpus", "2"]);
     let mut files = vec![
         &setup.moat,
         &setup.kernel,
