@@ -5,8 +5,9 @@
 //! restored from the command line, one through `PUT /snapshot/load`), each
 //! with its own disk copy and TAP; bad snapshots are refused with one line
 //! and status 2. A guest of two vCPUs with a vsock connection open is
-//! snapshotted too: both CPUs go on, and the guest sees the connection
-//! reset (moat tells it through the event queue) and connects anew.
+//! snapshotted too and restored in a jail: both CPUs go on, and the guest
+//! sees the connection reset (moat tells it through the event queue) and
+//! connects anew.
 
 use moat_tests::net::{value, HOST_TAP_SETUP};
 use moat_tests::{image, Guest, API_PRELUDE, CMDLINE};
@@ -276,7 +277,7 @@ const TWO_CPU_GUEST: &str = "echo CPUS-$(nproc); \
     wait";
 
 #[test]
-fn a_two_vcpu_guest_restored_runs_on_both_and_sees_its_vsock_connection_reset() {
+fn a_two_vcpu_guest_restored_in_a_jail_runs_on_both_and_sees_its_vsock_connection_reset() {
     let tool = image("VSOCK_TOOL");
     let host = format!(
         r#"{API_PRELUDE}
@@ -303,12 +304,19 @@ api PUT /snapshot/create "{{\"snapshot_path\": \"$state\", \"mem_file_path\": \"
 kill -9 $pid; wait $pid; wait $tee
 echo "HOST-ENDED-BEFORE=$(grep -c VSOCK-ENDED $console)" >>"$report"
 
-$VSOCK -U ${{vs}}_5001 >$dir/again 2>$dir/listen2 </dev/null &
+# The restored moat runs jailed, as nobody: the listener it connects to
+# for the guest must let nobody in.
+(umask 0; exec $VSOCK -U ${{vs}}_5001 >$dir/again 2>$dir/listen2 </dev/null) &
 until grep -q listening $dir/listen2; do sleep 0.1; done
 console=$dir/restored.log
 rm -f /tmp/moat-fifo-$$
-start_moat run --restore state=$state,memory=$mem --shutdown-timeout 60
+mkdir $dir/jail
+start_moat run --restore state=$state,memory=$mem --shutdown-timeout 60 \
+    --jail $dir/jail --uid 65534 --gid 65534
 until_console VSOCK-AGAIN || echo "HOST: the restored guest did not connect again" >>"$report"
+jailed=$(grep -l "^PPid:[[:space:]]*$pid\$" /proc/[0-9]*/status 2>/dev/null | head -1)
+echo "HOST-JAILED-UID=$(awk '/^Uid:/ {{print $2}}' $jailed)" >>"$report"
+echo "HOST-JAILED-SECCOMP=$(awk '/^Seccomp:/ {{print $2}}' $jailed)" >>"$report"
 a=$(grep HOST-SNAPSHOT-CPU0 "$report" | cut -d= -f2)
 b=$(grep HOST-SNAPSHOT-CPU1 "$report" | cut -d= -f2)
 until_console "CPU0-$((a + 30))" && until_console "CPU1-$((b + 30))" \
@@ -353,6 +361,9 @@ cat "$report"
             "CPU {cpu}: paused at {paused}, restored at {first}"
         );
     }
+    // The restore ran in the jail, as nobody, filtered.
+    assert_eq!(value(c, "HOST-JAILED-UID"), "65534", "{}", out.tail(60));
+    assert_eq!(value(c, "HOST-JAILED-SECCOMP"), "2", "{}", out.tail(60));
     // The connection the guest held was reset by the restore (its read
     // ended), and a new one went through.
     assert_eq!(value(c, "HOST-ENDED"), "VSOCK-ENDED-0", "{}", out.tail(60));

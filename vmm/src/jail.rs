@@ -131,38 +131,59 @@ pub struct Bind {
     pub read_only: bool,
 }
 
+/// What the jailed moat starts its VM from, besides its devices.
+#[derive(Clone, Copy, Debug)]
+pub enum Source<'a> {
+    /// The kernel and initramfs the configuration names.
+    Boot,
+    /// A snapshot's memory file, at an absolute path (see [`absolute`]);
+    /// the state file is read before the jail.
+    Snapshot {
+        /// The memory file.
+        memory: &'a Path,
+    },
+}
+
+/// `path` made absolute, with links resolved; `option` names it if it
+/// does not exist.
+pub fn absolute(option: &'static str, path: &Path) -> Result<PathBuf, ConfigError> {
+    std::fs::canonicalize(path).map_err(|e| ConfigError::File {
+        option,
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
 /// The configuration with every path absolute (the jail's working
-/// directory is its root), and what to bind into the jail for it.
-pub fn plan(config: &VmConfig) -> Result<(VmConfig, Vec<Bind>), ConfigError> {
+/// directory is its root), and what to bind into the jail for it and for
+/// `source`.
+pub fn plan(config: &VmConfig, source: Source) -> Result<(VmConfig, Vec<Bind>), ConfigError> {
     let mut config = config.clone();
     let mut binds = Vec::new();
-    let file = |option: &'static str, path: &Path| {
-        std::fs::canonicalize(path).map_err(|e| ConfigError::File {
-            option,
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })
-    };
+    let file = absolute;
     config.kvm_device = file("--kvm", &config.kvm_device)?;
     binds.push(Bind {
         path: config.kvm_device.clone(),
         dir: false,
         read_only: false,
     });
-    config.kernel = file("--kernel", &config.kernel)?;
-    binds.push(Bind {
-        path: config.kernel.clone(),
+    let read_only = |path: PathBuf| Bind {
+        path,
         dir: false,
         read_only: true,
-    });
-    if let Some(initramfs) = &config.initramfs {
-        let path = file("--initramfs", initramfs)?;
-        binds.push(Bind {
-            path: path.clone(),
-            dir: false,
-            read_only: true,
-        });
-        config.initramfs = Some(path);
+    };
+    match source {
+        Source::Boot => {
+            config.kernel = file("--kernel", &config.kernel)?;
+            binds.push(read_only(config.kernel.clone()));
+            if let Some(initramfs) = &config.initramfs {
+                let path = file("--initramfs", initramfs)?;
+                binds.push(read_only(path.clone()));
+                config.initramfs = Some(path);
+            }
+        }
+        // Mapped privately: the guest's writes never reach the file.
+        Source::Snapshot { memory } => binds.push(read_only(file("--restore", memory)?)),
     }
     for disk in &mut config.disks {
         disk.path = file("--disk", &disk.path)?;
@@ -829,7 +850,7 @@ mod tests {
     fn the_plan_binds_exactly_what_the_vm_uses_at_absolute_paths() {
         let dir = std::env::temp_dir().join(format!("moat-jail-plan-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("socks")).unwrap();
-        for f in ["vmlinux", "initrd", "root.img", "ro.img", "kvm"] {
+        for f in ["vmlinux", "initrd", "root.img", "ro.img", "kvm", "vm.mem"] {
             std::fs::write(dir.join(f), b"").unwrap();
         }
         let path = |f: &str| dir.join(f).display().to_string();
@@ -858,7 +879,7 @@ mod tests {
             panic!("not a run command");
         };
         let mut config = run.into_config().unwrap();
-        let (planned, binds) = plan(&config).unwrap();
+        let (planned, binds) = plan(&config, Source::Boot).unwrap();
         let dir = std::fs::canonicalize(&dir).unwrap();
         let bind = |p: PathBuf, is_dir, ro| Bind {
             path: p,
@@ -879,8 +900,28 @@ mod tests {
         );
         assert_eq!(planned.forwards[0].host, dir.join("socks/f.sock"));
         assert_eq!(planned.vsock.unwrap().socket, dir.join("socks/v.sock"));
+        // A restore binds the memory file instead of the boot files.
+        let (_, restore_binds) = plan(
+            &config,
+            Source::Snapshot {
+                memory: &dir.join("vm.mem"),
+            },
+        )
+        .unwrap();
+        let mut expected = binds.clone();
+        expected.splice(1..3, [bind(dir.join("vm.mem"), false, true)]);
+        assert_eq!(restore_binds, expected);
+        let e = plan(
+            &config,
+            Source::Snapshot {
+                memory: &dir.join("missing"),
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("--restore: cannot open"), "{e}");
         config.kernel = dir.join("missing");
-        let e = plan(&config).unwrap_err().to_string();
+        let e = plan(&config, Source::Boot).unwrap_err().to_string();
         assert!(e.starts_with("--kernel: cannot open"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

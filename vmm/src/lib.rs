@@ -64,6 +64,33 @@ pub fn restore(
     state: &std::path::Path,
     memory: &std::path::Path,
 ) -> Result<VmExit, Error> {
+    let (saved, config) = restored(given, state)?;
+    Vm::restore(&config, &saved, memory)?.run(Vec::new())
+}
+
+/// As [`restore`], in the jail `jail` describes (see [`run_jailed`]): the
+/// state file is read before the jail, the memory file is bound into it.
+pub fn restore_jailed(
+    given: &VmConfig,
+    jail: &jail::JailConfig,
+    state: &std::path::Path,
+    memory: &std::path::Path,
+) -> Result<VmExit, Error> {
+    let (saved, config) = restored(given, state)?;
+    let memory = jail::absolute("--restore", memory)?;
+    let (config, binds) = jail::plan(&config, jail::Source::Snapshot { memory: &memory })?;
+    let jailed = jail::enter(jail, &jail::Layout::Only(binds), &kept_fds(&config))?;
+    let vm = Vm::restore(&config, &saved, &memory)?;
+    jailed.drop_privileges()?;
+    vm.run(Vec::new())
+}
+
+/// A snapshot's state, and the configuration of its machine with the
+/// host ends `given` replaces.
+fn restored(
+    given: &VmConfig,
+    state: &std::path::Path,
+) -> Result<(snapshot::VmState, VmConfig), Error> {
     let saved = snapshot::read_state(state)?;
     let overrides = snapshot::Overrides {
         disks: given.disks.iter().map(|d| Some(d.path.clone())).collect(),
@@ -81,14 +108,23 @@ pub fn restore(
         vsock_socket: given.vsock.as_ref().map(|v| v.socket.clone()),
     };
     let config = snapshot::restored_config(given, &saved.machine, &overrides)?;
-    Vm::restore(&config, &saved, memory)?.run(Vec::new())
+    Ok((saved, config))
 }
 
 /// As [`run`], in the jail `jail` describes (see [`jail`]): the process
 /// that calls this waits for the jailed moat and exits with its status.
 pub fn run_jailed(config: &VmConfig, jail: &jail::JailConfig) -> Result<VmExit, Error> {
-    let (config, binds) = jail::plan(config)?;
-    let keep: Vec<i32> = config
+    let (config, binds) = jail::plan(config, jail::Source::Boot)?;
+    let jailed = jail::enter(jail, &jail::Layout::Only(binds), &kept_fds(&config))?;
+    let vm = Vm::build(&config)?;
+    jailed.drop_privileges()?;
+    vm.run(Vec::new())
+}
+
+/// The descriptors a jailed moat keeps: TAPs given as descriptors, and
+/// the log file.
+fn kept_fds(config: &VmConfig) -> Vec<i32> {
+    config
         .nets
         .iter()
         .filter_map(|n| match n.backend {
@@ -96,11 +132,7 @@ pub fn run_jailed(config: &VmConfig, jail: &jail::JailConfig) -> Result<VmExit, 
             config::NetBackendConfig::Tap(_) => None,
         })
         .chain(logger::file_fd())
-        .collect();
-    let jailed = jail::enter(jail, &jail::Layout::Only(binds), &keep)?;
-    let vm = Vm::build(&config)?;
-    jailed.drop_privileges()?;
-    vm.run(Vec::new())
+        .collect()
 }
 
 /// A VM built and ready to run: memory loaded, devices attached, vCPUs

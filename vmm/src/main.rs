@@ -90,7 +90,9 @@ fn main() -> ExitCode {
         Err(e) => return fail(&e.to_string(), 2),
     };
     let outcome = match (&jail, restore) {
-        (Some(_), Some(_)) => return fail("--restore does not work with --jail yet", 2),
+        (Some(jail), Some((state, memory))) => {
+            moat_vmm::restore_jailed(&config, jail, &state, &memory)
+        }
         (None, Some((state, memory))) => moat_vmm::restore(&config, &state, &memory),
         (Some(jail), None) => moat_vmm::run_jailed(&config, jail),
         (None, None) => moat_vmm::run(&config),
