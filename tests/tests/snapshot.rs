@@ -79,11 +79,12 @@ api PUT /actions '{{"action_type": "InstanceStart"}}'
 ip link set moatsnap0 address 02:00:c0:00:02:01
 until_console PING-OK-20. || echo "HOST: the guest never pinged" >>"$report"
 api PATCH /vm '{{"state": "Paused"}}'
-sleep 1
-echo "HOST-SNAPSHOT-TICK=$(last_tick $console)" >>"$report"
 api PUT /snapshot/create "{{\"snapshot_path\": \"$state\", \"mem_file_path\": \"$mem\"}}"
 api PUT /snapshot/create "{{\"snapshot_path\": \"$state.diff\", \"mem_file_path\": \"$mem.diff\", \"snapshot_type\": \"Diff\"}}"
 kill -9 $pid; wait $pid; wait $tee
+# The last tick the paused guest printed, from its whole console (a look
+# while the rig is loaded may come before the last line is through).
+echo "HOST-SNAPSHOT-TICK=$(last_tick $console)" >>"$report"
 echo "HOST-STATE-BYTES=$(stat -c %s $state)" >>"$report"
 echo "HOST-MEM-BLOCKS=$(du -k $mem | cut -f1)" >>"$report"
 cp $disk $dir/clone1.img; cp $disk $dir/clone2.img
@@ -297,11 +298,12 @@ until_console CPU1-10 || echo "HOST: the second CPU never counted" >>"$report"
 i=0; until grep -q HELLO $dir/from-guest || [ $i -ge 600 ]; do sleep 0.1; i=$((i+1)); done
 echo "HOST-GOT=$(cat $dir/from-guest)" >>"$report"
 api PATCH /vm '{{"state": "Paused"}}'
-sleep 1
-echo "HOST-SNAPSHOT-CPU0=$(last $console CPU0)" >>"$report"
-echo "HOST-SNAPSHOT-CPU1=$(last $console CPU1)" >>"$report"
 api PUT /snapshot/create "{{\"snapshot_path\": \"$state\", \"mem_file_path\": \"$mem\"}}"
 kill -9 $pid; wait $pid; wait $tee
+# What the paused guest printed last, from its whole console.
+echo "HOST-SNAPSHOT-CPU0=$(last $console CPU0)" >>"$report"
+echo "HOST-SNAPSHOT-CPU1=$(last $console CPU1)" >>"$report"
+echo "HOST-PAUSED-TAIL=$(tail -n 4 $console | tr '\n' ' ')" >>"$report"
 echo "HOST-ENDED-BEFORE=$(grep -c VSOCK-ENDED $console)" >>"$report"
 
 # The restored moat runs jailed, as nobody: the listener it connects to
@@ -327,6 +329,7 @@ wait $tee
 for c in 0 1; do
     echo "HOST-RESTORED-FIRST-CPU$c=$(grep -m1 -o "CPU$c-[0-9]*" $console | cut -d- -f2)" >>"$report"
 done
+echo "HOST-RESTORED-HEAD=$(grep -m 4 CPU $console | tr '\n' ' ')" >>"$report"
 echo "HOST-ENDED=$(grep -o 'VSOCK-ENDED-[0-9]*' $console)" >>"$report"
 echo "HOST-AGAIN=$(cat $dir/again)" >>"$report"
 cat "$report"
@@ -358,7 +361,9 @@ cat "$report"
         let first = number(c, &format!("HOST-RESTORED-FIRST-CPU{cpu}"));
         assert!(
             first == paused || first == paused + 1,
-            "CPU {cpu}: paused at {paused}, restored at {first}"
+            "CPU {cpu}: paused at {paused}, restored at {first}; paused: {}; restored: {}",
+            line(c, "HOST-PAUSED-TAIL"),
+            line(c, "HOST-RESTORED-HEAD")
         );
     }
     // The restore ran in the jail, as nobody, filtered.
