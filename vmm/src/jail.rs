@@ -160,8 +160,7 @@ pub fn absolute(option: &'static str, path: &Path) -> Result<PathBuf, ConfigErro
 pub fn plan(config: &VmConfig, source: Source) -> Result<(VmConfig, Vec<Bind>), ConfigError> {
     let mut config = config.clone();
     let mut binds = Vec::new();
-    let file = absolute;
-    config.kvm_device = file("--kvm", &config.kvm_device)?;
+    config.kvm_device = absolute("--kvm", &config.kvm_device)?;
     binds.push(Bind {
         path: config.kvm_device.clone(),
         dir: false,
@@ -174,19 +173,19 @@ pub fn plan(config: &VmConfig, source: Source) -> Result<(VmConfig, Vec<Bind>), 
     };
     match source {
         Source::Boot => {
-            config.kernel = file("--kernel", &config.kernel)?;
+            config.kernel = absolute("--kernel", &config.kernel)?;
             binds.push(read_only(config.kernel.clone()));
             if let Some(initramfs) = &config.initramfs {
-                let path = file("--initramfs", initramfs)?;
+                let path = absolute("--initramfs", initramfs)?;
                 binds.push(read_only(path.clone()));
                 config.initramfs = Some(path);
             }
         }
         // Mapped privately: the guest's writes never reach the file.
-        Source::Snapshot { memory } => binds.push(read_only(file("--restore", memory)?)),
+        Source::Snapshot { memory } => binds.push(read_only(absolute("--restore", memory)?)),
     }
     for disk in &mut config.disks {
-        disk.path = file("--disk", &disk.path)?;
+        disk.path = absolute("--disk", &disk.path)?;
         binds.push(Bind {
             path: disk.path.clone(),
             dir: false,
@@ -219,7 +218,7 @@ pub fn plan(config: &VmConfig, source: Source) -> Result<(VmConfig, Vec<Bind>), 
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        let dir = file(option, &parent)?;
+        let dir = absolute(option, &parent)?;
         *path = dir.join(name);
         if !binds.iter().any(|b| b.path == dir) {
             binds.push(Bind {
