@@ -11,9 +11,9 @@
 //! console marker first thing, optionally sleeps, and reboots. Start-up
 //! figures are medians over `--runs` boots (default 10), 1 vCPU, 128 MiB;
 //! the launch rate times `--launches` VMs (default 10). Each run also
-//! boots the guest in moat's API mode with /init waiting for a byte on the
+//! boots the guest in moat's API mode with /init waiting for a line on the
 //! console, snapshots it (`PUT /snapshot/create`), kills that moat and
-//! restores the snapshot with `moat run --restore`, typing the byte at
+//! restores the snapshot with `moat run --restore`, typing the line at
 //! once: the restored /init answers MOAT-BENCH-RESUMED.
 //! Prints a table and writes target/bench/vm.json.
 //!
@@ -38,7 +38,7 @@ const GUEST_MIB: u64 = 128;
 const HOLD_MS: u64 = 1500;
 /// What the benchmark /init writes to COM1 (resources/bench/init.c).
 const CONSOLE_MARKER: &[u8] = b"MOAT-BENCH-INIT";
-/// What it writes once a byte arrives, when told to wait for one.
+/// What it writes once a line arrives, when told to wait for one.
 const RESUMED_MARKER: &[u8] = b"MOAT-BENCH-RESUMED";
 /// The line the in-rig run prints its JSON on.
 const JSON_PREFIX: &str = "MOAT-BENCH-JSON ";
@@ -468,7 +468,7 @@ fn api_socket_ready(setup: &Setup) -> Result<Duration, String> {
 }
 
 /// A snapshot of the benchmark guest, taken while its /init waits for a
-/// byte on the console, and what taking it measured.
+/// line on the console, and what taking it measured.
 struct Snapshot {
     state: PathBuf,
     memory: PathBuf,
@@ -553,7 +553,7 @@ fn take_snapshot(setup: &Setup, run: usize) -> Result<Snapshot, String> {
     })
 }
 
-/// Restores `snapshot` with `moat run --restore` and types the byte its
+/// Restores `snapshot` with `moat run --restore` and types the line its
 /// /init waits for: to the restored guest's answer on the console.
 fn restore(setup: &Setup, snapshot: &Snapshot) -> Result<Launch, String> {
     let mut cmd = Command::new(&setup.moat);
