@@ -30,6 +30,17 @@ fn counts(text: &str) -> Vec<u32> {
         .collect()
 }
 
+/// Prints the host script's report and API calls (each cut at 300
+/// characters) to the test's output.
+fn show_report(console: &str) {
+    for l in console
+        .lines()
+        .filter(|l| l.starts_with("HOST") || l.starts_with("API "))
+    {
+        eprintln!("{}", &l[..l.len().min(300)]);
+    }
+}
+
 /// The whole rest of the line `KEY=...` (values with spaces).
 fn line<'a>(console: &'a str, key: &str) -> &'a str {
     let prefix = format!("{key}=");
@@ -165,12 +176,7 @@ cat "$report"
         .run()
         .unwrap();
     let c = &out.console;
-    for l in c
-        .lines()
-        .filter(|l| l.starts_with("HOST") || l.starts_with("API "))
-    {
-        eprintln!("{}", &l[..l.len().min(300)]);
-    }
+    show_report(c);
     let status = |method: &str, path: &str| -> Vec<u16> {
         let prefix = format!("API {method} {path} -> ");
         c.lines()
@@ -344,12 +350,7 @@ cat "$report"
         .run()
         .unwrap();
     let c = &out.console;
-    for l in c
-        .lines()
-        .filter(|l| l.starts_with("HOST") || l.starts_with("API "))
-    {
-        eprintln!("{}", &l[..l.len().min(300)]);
-    }
+    show_report(c);
     for complaint in ["never counted", "did not connect again", "did not count on"] {
         assert!(!c.contains(complaint), "{complaint}: {}", out.tail(60));
     }
