@@ -202,6 +202,13 @@ pub(crate) fn iovec(slice: &vm_memory::VolatileSlice<'_, ()>) -> libc::iovec {
     }
 }
 
+/// Pieces of guest memory for one readv/writev: on the stack for up to 8,
+/// so a frame or packet moves without an allocation.
+pub(crate) type Slices<'a> = smallvec::SmallVec<[vm_memory::VolatileSlice<'a, ()>; 8]>;
+
+/// The iovecs of [`Slices`], on the stack alike.
+type Iovecs = smallvec::SmallVec<[libc::iovec; 8]>;
+
 /// The iovec count for readv/writev: more than IOV_MAX is an error here,
 /// never a shorter list (which would send or fill part of a frame and call
 /// it whole).
@@ -233,7 +240,7 @@ pub(crate) fn readv(
     fd: RawFd,
     bufs: &[vm_memory::VolatileSlice<'_, ()>],
 ) -> std::io::Result<usize> {
-    let iov: Vec<libc::iovec> = bufs.iter().map(iovec).collect();
+    let iov: Iovecs = bufs.iter().map(iovec).collect();
     let count = iov_count(&iov)?;
     // SAFETY: every iovec covers a VolatileSlice the caller holds, valid
     // for the length of the call; the kernel writes only inside them.
@@ -245,7 +252,7 @@ pub(crate) fn writev(
     fd: RawFd,
     bufs: &[vm_memory::VolatileSlice<'_, ()>],
 ) -> std::io::Result<usize> {
-    let iov: Vec<libc::iovec> = bufs.iter().map(iovec).collect();
+    let iov: Iovecs = bufs.iter().map(iovec).collect();
     let count = iov_count(&iov)?;
     // SAFETY: as in `readv`; the kernel only reads the buffers.
     io_result(unsafe { libc::writev(fd, iov.as_ptr(), count) })

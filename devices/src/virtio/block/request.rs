@@ -17,7 +17,9 @@
 //!   or a chain that never ends (a loop): no status can be reported, so the
 //!   device goes to NEEDS_RESET.
 
-use std::io::{self, Write};
+use std::io;
+
+use smallvec::SmallVec;
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
@@ -25,7 +27,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Address, ByteValued, Bytes, GuestMemoryBackend};
+use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::{DiskBackend, SECTOR_SIZE, SEG_MAX};
 use crate::virtio::{DeviceError, GuestMemoryMmap};
@@ -74,12 +76,18 @@ struct IoError;
 
 type Chain<'a> = DescriptorChain<&'a GuestMemoryMmap>;
 
+/// A request's descriptors, on the stack for the usual few (header, data,
+/// status): serving a request allocates nothing.
+type Descriptors = SmallVec<[Descriptor; 8]>;
+/// The iovecs of a request's data, on the stack for up to 8 pieces.
+type Iovecs = SmallVec<[libc::iovec; 8]>;
+
 impl Disk {
     /// Handles one request; returns the number of bytes written into the
     /// chain (the used length). An error means the chain has no usable
     /// status byte and the device must be reset.
     pub fn handle(&mut self, mem: &GuestMemoryMmap, chain: Chain<'_>) -> Result<u32, DeviceError> {
-        let descriptors: Vec<_> = chain.clone().collect();
+        let descriptors: Descriptors = chain.collect();
         let Some(last) = descriptors.last() else {
             return Err(DeviceError(
                 "descriptor chain is empty or unreadable".into(),
@@ -102,15 +110,18 @@ impl Disk {
             .iter()
             .position(|d| d.is_write_only())
             .unwrap_or(descriptors.len());
-        let direction_ok = descriptors[first_writable..]
-            .iter()
-            .all(|d| d.is_write_only());
+        // The readable bytes come first, then the writable ones.
+        let (readable, writable) = descriptors.split_at(first_writable);
+        let direction_ok = writable.iter().all(|d| d.is_write_only());
         let too_long = descriptors.len() > SEG_MAX as usize + 2;
+        let in_memory = descriptors
+            .iter()
+            .all(|d| mem.check_range(d.addr(), d.len() as usize));
 
-        let (status, written) = if !direction_ok || too_long {
+        let (status, written) = if !direction_ok || too_long || !in_memory {
             (VIRTIO_BLK_S_IOERR, 0)
         } else {
-            match self.execute(mem, chain, &descriptors) {
+            match self.execute(mem, readable, writable) {
                 Ok(Some(written)) => (VIRTIO_BLK_S_OK, written),
                 Ok(None) => (VIRTIO_BLK_S_UNSUPP, 0),
                 Err(IoError) => (VIRTIO_BLK_S_IOERR, 0),
@@ -124,27 +135,35 @@ impl Disk {
         Ok(written + 1)
     }
 
-    /// Runs the request. `Ok(None)`: unsupported type; `Ok(Some(n))`: done,
-    /// `n` data bytes written to the guest.
+    /// Runs the request whose device-readable descriptors are `readable`
+    /// (all inside guest memory) and device-writable ones `writable` (the
+    /// last byte of which is the status). `Ok(None)`: unsupported type;
+    /// `Ok(Some(n))`: done, `n` data bytes written to the guest.
     fn execute(
         &mut self,
         mem: &GuestMemoryMmap,
-        chain: Chain<'_>,
-        descriptors: &[Descriptor],
+        readable: &[Descriptor],
+        writable: &[Descriptor],
     ) -> Result<Option<u32>, IoError> {
-        let mut reader = chain.clone().reader(mem).map_err(|_| IoError)?;
-        let mut writer = chain.writer(mem).map_err(|_| IoError)?;
-        // The last writable byte is the status, written separately.
-        let data_len = writer.available_bytes().checked_sub(1).ok_or(IoError)?;
-        writer.split_at(data_len).map_err(|_| IoError)?;
-        let header: Header = reader.read_obj().map_err(|_| IoError)?;
-        let (readable, writable): (Vec<_>, Vec<_>) =
-            descriptors.iter().partition(|d| !d.is_write_only());
+        let header_len = std::mem::size_of::<Header>();
+        let mut header = Header::default();
+        let mut at = 0;
+        pieces(readable, 0, header_len, |addr, n| {
+            mem.read_slice(&mut header.as_mut_slice()[at..at + n], addr)
+                .map_err(|_| IoError)?;
+            at += n;
+            Ok(())
+        })?;
+        // The last writable byte is the status, written by `handle`.
+        let data_len = usize::try_from(stream_len(writable))
+            .ok()
+            .and_then(|n| n.checked_sub(1))
+            .ok_or(IoError)?;
 
         match header.kind {
             VIRTIO_BLK_T_IN => {
                 let offset = self.range(header.sector, data_len)?;
-                let mut iov = iovecs(mem, &writable, 0, data_len)?;
+                let mut iov = iovecs(mem, writable, 0, data_len)?;
                 transfer(&*self.file, &mut iov, offset, Direction::FromDisk)
                     .map_err(|_| IoError)?;
                 self.counters.read_count += 1;
@@ -155,10 +174,10 @@ impl Disk {
                 if self.read_only {
                     return Err(IoError);
                 }
-                let len = reader.available_bytes();
+                let len = usize::try_from(stream_len(readable) - header_len as u64)
+                    .map_err(|_| IoError)?;
                 let offset = self.range(header.sector, len)?;
-                let header_len = std::mem::size_of::<Header>();
-                let mut iov = iovecs(mem, &readable, header_len, len)?;
+                let mut iov = iovecs(mem, readable, header_len, len)?;
                 transfer(&*self.file, &mut iov, offset, Direction::ToDisk).map_err(|_| IoError)?;
                 self.counters.write_count += 1;
                 self.counters.write_bytes += len as u64;
@@ -171,7 +190,13 @@ impl Disk {
             }
             VIRTIO_BLK_T_GET_ID => {
                 let n = data_len.min(self.serial.len());
-                writer.write_all(&self.serial[..n]).map_err(|_| IoError)?;
+                let mut at = 0;
+                pieces(writable, 0, n, |addr, len| {
+                    mem.write_slice(&self.serial[at..at + len], addr)
+                        .map_err(|_| IoError)?;
+                    at += len;
+                    Ok(())
+                })?;
                 Ok(Some(n as u32))
             }
             _ => Ok(None),
@@ -193,37 +218,58 @@ impl Disk {
     }
 }
 
-/// The guest memory holding bytes `[start, start + len)` of the byte stream
-/// that `descriptors` make up, as iovecs. Fails if any of it is outside
-/// guest memory.
-fn iovecs(
-    mem: &GuestMemoryMmap,
-    descriptors: &[&Descriptor],
+/// The number of bytes in the byte stream `descriptors` make up (at most
+/// SEG_MAX + 2 lengths of u32, so it cannot overflow).
+fn stream_len(descriptors: &[Descriptor]) -> u64 {
+    descriptors.iter().map(|d| u64::from(d.len())).sum()
+}
+
+/// Calls `f` with the guest address and length of each piece of bytes
+/// `[start, start + len)` of the byte stream `descriptors` make up, in
+/// order. Fails if the stream is shorter.
+fn pieces(
+    descriptors: &[Descriptor],
     start: usize,
     len: usize,
-) -> Result<Vec<libc::iovec>, IoError> {
-    let mut iov = Vec::with_capacity(descriptors.len());
+    mut f: impl FnMut(GuestAddress, usize) -> Result<(), IoError>,
+) -> Result<(), IoError> {
     let (mut skip, mut want) = (start, len);
     for d in descriptors {
-        let d_len = d.len() as usize;
         if want == 0 {
             break;
         }
+        let d_len = d.len() as usize;
         if skip >= d_len {
             skip -= d_len;
             continue;
         }
         let n = (d_len - skip).min(want);
-        let addr = d.addr().checked_add(skip as u64).ok_or(IoError)?;
-        let slice = mem.get_slice(addr, n).map_err(|_| IoError)?;
-        iov.push(crate::virtio::iovec(&slice));
+        f(d.addr().checked_add(skip as u64).ok_or(IoError)?, n)?;
         (skip, want) = (0, want - n);
     }
     if want == 0 {
-        Ok(iov)
+        Ok(())
     } else {
         Err(IoError)
     }
+}
+
+/// The guest memory holding bytes `[start, start + len)` of the byte stream
+/// that `descriptors` make up, as iovecs. Fails if any of it is outside
+/// guest memory.
+fn iovecs(
+    mem: &GuestMemoryMmap,
+    descriptors: &[Descriptor],
+    start: usize,
+    len: usize,
+) -> Result<Iovecs, IoError> {
+    let mut iov = Iovecs::new();
+    pieces(descriptors, start, len, |addr, n| {
+        let slice = mem.get_slice(addr, n).map_err(|_| IoError)?;
+        iov.push(crate::virtio::iovec(&slice));
+        Ok(())
+    })?;
+    Ok(iov)
 }
 
 #[derive(Clone, Copy)]

@@ -19,6 +19,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
+use smallvec::SmallVec;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
@@ -113,7 +114,8 @@ pub struct NetCounters {
 /// its descriptors (all checked, all device-writable).
 struct RxChain {
     head: u16,
-    parts: Vec<(GuestAddress, usize)>,
+    /// Linux posts one descriptor per buffer: two fit without allocating.
+    parts: SmallVec<[(GuestAddress, usize); 2]>,
     len: usize,
 }
 
@@ -192,7 +194,7 @@ impl Net {
                 };
                 let read = if direct {
                     // Straight into the guest's buffers.
-                    let mut slices = Vec::new();
+                    let mut slices = super::Slices::new();
                     let mut room = 0;
                     for (addr, len) in self.rx_chains.iter().flat_map(|c| c.parts.iter()) {
                         if room >= MAX_FRAME {
@@ -271,7 +273,7 @@ impl Net {
                 .next();
             let Some(chain) = chain else { break };
             let head = chain.head_index();
-            let mut parts = Vec::new();
+            let mut parts = SmallVec::new();
             let mut len = 0usize;
             let mut usable = !super::chain_uses_indirect(mem, rxq, head);
             for d in chain {
@@ -430,7 +432,7 @@ impl Net {
             let indirect = super::chain_uses_indirect(mem, txq, head);
             // The frame is the chain's readable descriptors, sent straight
             // from guest memory.
-            let mut slices = Vec::new();
+            let mut slices = super::Slices::new();
             let mut len = 0usize;
             let mut usable = true;
             // A chain must end within the queue's size: virtio-queue stops

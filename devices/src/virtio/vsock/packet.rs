@@ -2,9 +2,10 @@
 //! `OP_RW` the data. The guest sends them on the transmit queue and
 //! receives them in buffers it puts on the receive queue.
 
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, VolatileSlice};
+use smallvec::SmallVec;
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend};
 
-use crate::virtio::{DeviceError, GuestMemoryMmap};
+use crate::virtio::{DeviceError, GuestMemoryMmap, Slices};
 
 /// The host's CID (VMADDR_CID_HOST).
 pub const HOST_CID: u64 = 2;
@@ -102,7 +103,8 @@ impl Header {
 /// A descriptor chain's guest memory: its parts in order, each checked to
 /// lie in guest memory, and whether the device may write them.
 pub struct Buffers {
-    parts: Vec<(GuestAddress, usize)>,
+    /// On the stack for up to 4 parts: Linux uses one or two.
+    parts: SmallVec<[(GuestAddress, usize); 4]>,
     len: usize,
 }
 
@@ -114,7 +116,7 @@ impl Buffers {
     where
         I: IntoIterator<Item = virtio_queue::desc::split::Descriptor>,
     {
-        let mut parts = Vec::new();
+        let mut parts = SmallVec::new();
         let mut len = 0usize;
         for d in descriptors {
             if d.is_write_only() != writable {
@@ -144,8 +146,8 @@ impl Buffers {
         mem: &'m GuestMemoryMmap,
         mut offset: usize,
         mut len: usize,
-    ) -> Result<Vec<VolatileSlice<'m, ()>>, DeviceError> {
-        let mut out = Vec::new();
+    ) -> Result<Slices<'m>, DeviceError> {
+        let mut out = Slices::new();
         for &(addr, part_len) in &self.parts {
             if len == 0 {
                 break;
