@@ -181,7 +181,9 @@ case $cmd in
         # Device cost (host only, no guest), then the VM benchmark (boots
         # guests: directly, or inside the rig). Each prints its table and
         # writes its JSON; results.json holds both. VM-BENCH-ARGS: --runs N
-        # (boots per figure, default 10), --launches N (default 10).
+        # (boots per figure, default 10), --launches N (default 10),
+        # --io-runs N (I/O guest boots per VMM, default 3; 0 for none),
+        # --peer firecracker=PATH (a peer beside moat and QEMU).
         setup
         build_moat
         build_images

@@ -1,10 +1,12 @@
 //! VM benchmarks with a real guest: start-up time, memory overhead and
-//! launch rate of moat, and the same guest under QEMU's microvm machine
-//! side by side; then moat's snapshots of that guest: their size, the time
-//! to write one, and the time from exec to a restored guest running
-//! against a cold boot of the same guest.
+//! launch rate of moat, and the same guest under peer VMMs side by side
+//! (QEMU's microvm machine when it is installed, Firecracker when given);
+//! then moat's snapshots of that guest: their size, the time to write one,
+//! and the time from exec to a restored guest running against a cold boot
+//! of the same guest.
 //!
-//!   cargo bench -p moat-tests --bench vm [-- --runs N --launches N]
+//!   cargo bench -p moat-tests --bench vm [-- --runs N --launches N
+//!       --peer firecracker=PATH --peer qemu=PATH]
 //!
 //! The guest is the benchmark kernel + initramfs from build-images.sh: its
 //! /init (resources/bench/init.c) writes moat's boot-timer port and a
@@ -32,6 +34,9 @@ use std::time::{Duration, Instant};
 
 use moat_tests::{image, moat_bin, repo_root, Backend};
 
+#[path = "vm/io.rs"]
+mod io;
+
 /// Guest memory for every VM in this benchmark.
 const GUEST_MIB: u64 = 128;
 /// How long a guest measured for memory stays up after its marker.
@@ -53,7 +58,12 @@ struct Setup {
     moat: PathBuf,
     kernel: PathBuf,
     initramfs: PathBuf,
-    qemu: Option<PathBuf>,
+    /// The test initramfs with the I/O rows' script (see [`io`]).
+    io_initramfs: PathBuf,
+    /// Boots of the I/O guest per VMM (0: no I/O rows).
+    io_runs: usize,
+    /// The VMMs measured beside moat, in column order.
+    peers: Vec<Peer>,
     qemu_bios: PathBuf,
     runs: usize,
     launches: usize,
@@ -71,6 +81,10 @@ impl Setup {
             path(&self.kernel),
             "--initramfs".into(),
             path(&self.initramfs),
+            "--io-initramfs".into(),
+            path(&self.io_initramfs),
+            "--io-runs".into(),
+            self.io_runs.to_string(),
             "--qemu-bios".into(),
             path(&self.qemu_bios),
             "--runs".into(),
@@ -80,8 +94,11 @@ impl Setup {
             "--scrub-mib".into(),
             self.scrub_mib.to_string(),
         ];
-        if let Some(qemu) = &self.qemu {
-            args.extend(["--qemu".into(), path(qemu)]);
+        for peer in &self.peers {
+            args.extend([
+                "--peer".into(),
+                format!("{}={}", peer.kind.key(), path(&peer.path)),
+            ]);
         }
         args
     }
@@ -101,7 +118,20 @@ impl Setup {
                 "--moat" => setup.moat = value()?.into(),
                 "--kernel" => setup.kernel = value()?.into(),
                 "--initramfs" => setup.initramfs = value()?.into(),
-                "--qemu" => setup.qemu = Some(value()?.into()),
+                "--io-initramfs" => setup.io_initramfs = value()?.into(),
+                "--io-runs" => {
+                    let v = value()?;
+                    setup.io_runs = v
+                        .parse()
+                        .map_err(|_| format!("--io-runs wants a whole number, not '{v}'"))?;
+                }
+                "--peer" => {
+                    let peer = Peer::parse(&value()?)?;
+                    // A peer given twice (or QEMU, found in PATH, given
+                    // again) runs once, from the last path.
+                    setup.peers.retain(|p| p.kind != peer.kind);
+                    setup.peers.push(peer);
+                }
                 "--qemu-bios" => setup.qemu_bios = value()?.into(),
                 "--runs" => setup.runs = count(value()?)?,
                 "--launches" => setup.launches = count(value()?)?,
@@ -194,6 +224,91 @@ impl Setup {
         .arg("-append")
         .arg(format!("{CMDLINE} reboot=t -- {hold_ms}"));
         cmd
+    }
+
+    /// Firecracker without its API, from a config file: the same guest,
+    /// COM1 on stdout. The guest reboots through the i8042 (reboot=k),
+    /// which ends Firecracker, as it ends moat.
+    fn firecracker(&self, firecracker: &Path, hold_ms: u64, tag: &str) -> Command {
+        let config = temp_file(&format!("fc-{tag}"), "json");
+        let text = format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{}", "initrd_path": "{}", "boot_args": "{CMDLINE} reboot=k -- {hold_ms}"}}, "machine-config": {{"vcpu_count": 1, "mem_size_mib": {GUEST_MIB}}}, "drives": []}}"#,
+            self.kernel.display(),
+            self.initramfs.display()
+        );
+        std::fs::write(&config, text).unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
+        let mut cmd = Command::new(firecracker);
+        cmd.arg("--no-api")
+            .arg("--config-file")
+            .arg(config)
+            .args(["--level", "Error"]);
+        cmd
+    }
+}
+
+/// A VMM the benchmark runs beside moat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PeerKind {
+    Qemu,
+    Firecracker,
+}
+
+impl PeerKind {
+    const ALL: [PeerKind; 2] = [PeerKind::Qemu, PeerKind::Firecracker];
+
+    /// Its name in `--peer` and in vm.json.
+    fn key(self) -> &'static str {
+        match self {
+            PeerKind::Qemu => "qemu",
+            PeerKind::Firecracker => "firecracker",
+        }
+    }
+
+    /// Its column heading.
+    fn title(self) -> &'static str {
+        match self {
+            PeerKind::Qemu => "QEMU microvm",
+            PeerKind::Firecracker => "Firecracker",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Peer {
+    kind: PeerKind,
+    path: PathBuf,
+}
+
+impl Peer {
+    /// `KIND=PATH` of `--peer`.
+    fn parse(arg: &str) -> Result<Peer, String> {
+        let keys = || PeerKind::ALL.map(PeerKind::key).join(", ");
+        let (key, path) = arg.split_once('=').ok_or_else(|| {
+            format!(
+                "--peer wants KIND=PATH (KIND one of {}), not '{arg}'",
+                keys()
+            )
+        })?;
+        let kind = PeerKind::ALL
+            .into_iter()
+            .find(|k| k.key() == key)
+            .ok_or_else(|| format!("--peer: unknown VMM '{key}' (known: {})", keys()))?;
+        if path.is_empty() {
+            return Err(format!("--peer {key}= needs the path of its binary"));
+        }
+        Ok(Peer {
+            kind,
+            path: path.into(),
+        })
+    }
+
+    /// The command that boots the benchmark guest, holding it `hold_ms`
+    /// after its marker; `tag` names the run's temporary files.
+    fn command(&self, setup: &Setup, hold_ms: u64, tag: &str) -> Command {
+        match self.kind {
+            PeerKind::Qemu => setup.qemu(&self.path, hold_ms),
+            PeerKind::Firecracker => setup.firecracker(&self.path, hold_ms, tag),
+        }
     }
 }
 
@@ -638,26 +753,28 @@ fn launch_rate(
     Ok(launches as f64 / started.elapsed().as_secs_f64())
 }
 
-/// One table row: a figure for moat, for QEMU, and their ratio.
+/// One table row: a figure for moat and for each peer (in
+/// `Setup::peers`' order; `None` where it has no such figure).
 struct Row {
     key: &'static str,
     what: String,
     unit: &'static str,
     moat: Option<f64>,
-    qemu: Option<f64>,
+    peers: Vec<Option<f64>>,
 }
 
 fn measure(setup: &Setup, place: &str) -> Result<(String, String), String> {
     let mut moat_boots = Vec::new();
     let mut traced_boots = Vec::new();
     let mut moat_held = Vec::new();
-    let mut qemu_boots = Vec::new();
-    let mut qemu_held = Vec::new();
+    let peer_count = setup.peers.len();
+    let mut peer_boots: Vec<Vec<Launch>> = (0..peer_count).map(|_| Vec::new()).collect();
+    let mut peer_held: Vec<Vec<Launch>> = (0..peer_count).map(|_| Vec::new()).collect();
     let mut api_held = Vec::new();
     let mut api_ready = Vec::new();
     let mut snapshots = Vec::new();
     let mut restores = Vec::new();
-    // Interleaved, so that drift in the machine hits both alike.
+    // Interleaved, so that drift in the machine hits every VMM alike.
     for run in 0..setup.runs {
         eprintln!("vm bench: boot {}/{}", run + 1, setup.runs);
         let timed = |cmd: Command, sample_memory: bool| {
@@ -681,10 +798,15 @@ fn measure(setup: &Setup, place: &str) -> Result<(String, String), String> {
         snapshot.remove();
         restores.push(restored?);
         snapshots.push(snapshot);
-        if let Some(qemu) = &setup.qemu {
-            qemu_boots.push(timed(setup.qemu(qemu, 0), false)?);
-            qemu_held.push(timed(setup.qemu(qemu, HOLD_MS), true)?);
+        for (i, peer) in setup.peers.iter().enumerate() {
+            let tag = run.to_string();
+            peer_boots[i].push(timed(peer.command(setup, 0, &tag), false)?);
+            peer_held[i].push(timed(peer.command(setup, HOLD_MS, &tag), true)?);
         }
+    }
+    // Firecracker's config files (see `Setup::firecracker`).
+    for run in 0..setup.runs {
+        let _ = std::fs::remove_file(temp_file(&format!("fc-{run}"), "json"));
     }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     eprintln!("vm bench: launch rate");
@@ -697,9 +819,44 @@ fn measure(setup: &Setup, place: &str) -> Result<(String, String), String> {
         Ok((one, all))
     };
     let moat_rates = rates(&|| setup.moat(0))?;
-    let qemu_rates = match &setup.qemu {
-        Some(qemu) => Some(rates(&|| setup.qemu(qemu, 0))?),
-        None => None,
+    let peer_rates = setup
+        .peers
+        .iter()
+        .map(|peer| rates(&|| peer.command(setup, 0, "rate")))
+        .collect::<Result<Vec<_>, String>>()?;
+    let _ = std::fs::remove_file(temp_file("fc-rate", "json"));
+
+    // The I/O guest: moat and each peer in turn, run after run. A run that
+    // fails is reported and left out (the table says how many counted).
+    let vmms: Vec<io::Vmm> = std::iter::once(io::Vmm::Moat)
+        .chain(setup.peers.iter().map(io::Vmm::Peer))
+        .collect();
+    let mut io_figures: Vec<Vec<io::Figures>> = vmms.iter().map(|_| Vec::new()).collect();
+    for run in 0..setup.io_runs {
+        for (i, vmm) in vmms.iter().enumerate() {
+            eprintln!(
+                "vm bench: I/O run {}/{} under {}",
+                run + 1,
+                setup.io_runs,
+                vmm.name()
+            );
+            scrub(setup.scrub_mib);
+            match io::run(setup, *vmm, &format!("{run}{i}")) {
+                Ok(figures) => io_figures[i].push(figures),
+                Err(e) => eprintln!("vm bench: I/O run failed, left out: {e}"),
+            }
+        }
+    }
+    let io_median = |runs: &[io::Figures], key: &str| {
+        median(
+            runs.iter()
+                .filter_map(|f| f.iter().find(|(k, _)| *k == key).map(|(_, v)| *v))
+                .collect(),
+        )
+    };
+    let none = || vec![None; peer_count];
+    let of_peers = |launches: &[Vec<Launch>], f: &dyn Fn(&[Launch]) -> Option<f64>| {
+        launches.iter().map(|l| f(l)).collect::<Vec<_>>()
     };
 
     type Field = fn(&Launch) -> Option<Duration>;
@@ -726,7 +883,7 @@ fn measure(setup: &Setup, place: &str) -> Result<(String, String), String> {
             what: what.to_string(),
             unit: "ms",
             moat: med_ms(&moat_boots, f),
-            qemu: med_ms(&qemu_boots, f),
+            peers: of_peers(&peer_boots, &|l| med_ms(l, f)),
         })
         .collect();
     rows.push(Row {
@@ -734,42 +891,42 @@ fn measure(setup: &Setup, place: &str) -> Result<(String, String), String> {
         what: "exec -> VMM exit, moat run --trace-exits".into(),
         unit: "ms",
         moat: med_ms(&traced_boots, |l| Some(l.exit)),
-        qemu: None,
+        peers: none(),
     });
     rows.push(Row {
         key: "rss_after_boot_kib",
         what: "RSS without guest RAM, guest booted".into(),
         unit: "KiB",
         moat: med_kib(&moat_held, |l| l.rss_after_boot),
-        qemu: med_kib(&qemu_held, |l| l.rss_after_boot),
+        peers: of_peers(&peer_held, &|l| med_kib(l, |l| l.rss_after_boot)),
     });
     rows.push(Row {
         key: "rss_peak_kib",
         what: "peak RSS without guest RAM (5 ms samples)".into(),
         unit: "KiB",
         moat: med_kib(&moat_held, |l| l.rss_peak),
-        qemu: med_kib(&qemu_held, |l| l.rss_peak),
+        peers: of_peers(&peer_held, &|l| med_kib(l, |l| l.rss_peak)),
     });
     rows.push(Row {
         key: "api_socket_ready_ms",
         what: "exec -> API socket accepts (moat --api-sock)".into(),
         unit: "ms",
         moat: median(api_ready.iter().map(|d| d.as_secs_f64() * 1e3).collect()),
-        qemu: None,
+        peers: none(),
     });
     rows.push(Row {
         key: "api_rss_after_boot_kib",
         what: "RSS w/o guest RAM, booted, API served".into(),
         unit: "KiB",
         moat: med_kib(&api_held, |l| l.rss_after_boot),
-        qemu: None,
+        peers: none(),
     });
     rows.push(Row {
         key: "launches_per_s_1",
         what: format!("launch rate, 1 at a time ({} VMs)", setup.launches),
         unit: "VM/s",
         moat: Some(moat_rates.0),
-        qemu: qemu_rates.map(|r| r.0),
+        peers: peer_rates.iter().map(|r| Some(r.0)).collect(),
     });
     if cpus > 1 {
         rows.push(Row {
@@ -777,7 +934,7 @@ fn measure(setup: &Setup, place: &str) -> Result<(String, String), String> {
             what: format!("launch rate, {cpus} at a time ({} VMs)", setup.launches),
             unit: "VM/s",
             moat: moat_rates.1,
-            qemu: qemu_rates.and_then(|r| r.1),
+            peers: peer_rates.iter().map(|r| r.1).collect(),
         });
     }
     let per_snapshot = |f: &dyn Fn(&Snapshot) -> f64| median(snapshots.iter().map(f).collect());
@@ -788,7 +945,7 @@ fn measure(setup: &Setup, place: &str) -> Result<(String, String), String> {
         what: what.to_string(),
         unit,
         moat,
-        qemu: None,
+        peers: none(),
     };
     rows.extend([
         moat_only(
@@ -842,6 +999,21 @@ fn measure(setup: &Setup, place: &str) -> Result<(String, String), String> {
         ),
     ]);
 
+    if setup.io_runs > 0 {
+        for (key, json_key, what) in io::ROWS {
+            rows.push(Row {
+                key: json_key,
+                what: what.to_string(),
+                unit: "ms",
+                moat: io_median(&io_figures[0], key),
+                peers: io_figures[1..]
+                    .iter()
+                    .map(|runs| io_median(runs, key))
+                    .collect(),
+            });
+        }
+    }
+
     let show = |v: Option<f64>, unit: &str| {
         v.map_or("-".to_string(), |v| match unit {
             "ratio" => format!("{v:.3}"),
@@ -859,40 +1031,70 @@ fn measure(setup: &Setup, place: &str) -> Result<(String, String), String> {
             String::new()
         }
     );
-    let _ = writeln!(
-        table,
-        "{:<48} {:>6} {:>12} {:>12} {:>10}",
-        "", "unit", "moat", "QEMU microvm", "moat/QEMU"
-    );
+    let _ = write!(table, "{:<48} {:>6} {:>12}", "", "unit", "moat");
+    for peer in &setup.peers {
+        let _ = write!(
+            table,
+            " {:>12} {:>10}",
+            peer.kind.title(),
+            format!("moat/{}", peer.kind.key())
+        );
+    }
+    table.push('\n');
     let mut json = format!(
         "{{\"place\": \"{place}\", \"guest_mib\": {GUEST_MIB}, \"runs\": {}, \"launches\": {}, \"parallel\": {cpus}, \"scrub_mib\": {}, \"rows\": [",
         setup.runs, setup.launches, setup.scrub_mib
     );
+    let num = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.3}"));
     for (i, row) in rows.iter().enumerate() {
-        let ratio = row.moat.zip(row.qemu).map(|(m, q)| m / q);
-        let _ = writeln!(
+        let _ = write!(
             table,
-            "{:<48} {:>6} {:>12} {:>12} {:>10}",
+            "{:<48} {:>6} {:>12}",
             row.what,
             row.unit,
-            show(row.moat, row.unit),
-            show(row.qemu, row.unit),
-            ratio.map_or("-".to_string(), |r| format!("{r:.2}"))
+            show(row.moat, row.unit)
         );
-        let num = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.3}"));
         let _ = write!(
             json,
-            "{}{{\"key\": \"{}\", \"unit\": \"{}\", \"moat\": {}, \"qemu\": {}, \"moat_over_qemu\": {}}}",
+            "{}{{\"key\": \"{}\", \"unit\": \"{}\", \"moat\": {}",
             if i == 0 { "" } else { ", " },
             row.key,
             row.unit,
             num(row.moat),
-            num(row.qemu),
-            num(ratio)
         );
+        for (peer, value) in setup.peers.iter().zip(&row.peers) {
+            let ratio = row.moat.zip(*value).map(|(m, p)| m / p);
+            let _ = write!(
+                table,
+                " {:>12} {:>10}",
+                show(*value, row.unit),
+                ratio.map_or("-".to_string(), |r| format!("{r:.2}"))
+            );
+            let key = peer.kind.key();
+            let _ = write!(
+                json,
+                ", \"{key}\": {}, \"moat_over_{key}\": {}",
+                num(*value),
+                num(ratio)
+            );
+        }
+        table.push('\n');
+        json.push('}');
     }
     json.push_str("]}");
-    table.push_str("moat/QEMU below 1 favours moat for times and sizes, above 1 for rates.\n");
+    if setup.io_runs > 0 {
+        let counted: Vec<String> = vmms
+            .iter()
+            .zip(&io_figures)
+            .map(|(vmm, runs)| format!("{} {} of {}", vmm.name(), runs.len(), setup.io_runs))
+            .collect();
+        let _ = writeln!(
+            table,
+            "I/O rows: medians of the runs that completed ({}).",
+            counted.join(", ")
+        );
+    }
+    table.push_str("moat/peer below 1 favours moat for times and sizes, above 1 for rates.\n");
     Ok((table, json))
 }
 
@@ -923,7 +1125,9 @@ fn main() {
             moat: PathBuf::new(),
             kernel: PathBuf::new(),
             initramfs: PathBuf::new(),
-            qemu: None,
+            io_initramfs: PathBuf::new(),
+            io_runs: 0,
+            peers: Vec::new(),
             qemu_bios: PathBuf::new(),
             runs: 0,
             launches: 0,
@@ -948,9 +1152,17 @@ fn main() {
         moat: moat_bin(),
         kernel: image("VMLINUX"),
         initramfs: image("BENCH_INITRAMFS"),
+        io_initramfs: repo_root().join("target/bench/io-initramfs.cpio"),
+        io_runs: 3,
         // Debian's QEMU build with only the microvm machine, else the full one.
-        qemu: find_in_path("qemu-system-x86_64-microvm")
-            .or_else(|| find_in_path("qemu-system-x86_64")),
+        peers: find_in_path("qemu-system-x86_64-microvm")
+            .or_else(|| find_in_path("qemu-system-x86_64"))
+            .map(|path| Peer {
+                kind: PeerKind::Qemu,
+                path,
+            })
+            .into_iter()
+            .collect(),
         qemu_bios: PathBuf::from("/usr/share/qemu/qboot.rom"),
         runs: 10,
         launches: 10,
@@ -963,8 +1175,27 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if setup.qemu.is_none() {
-        eprintln!("vm bench: no qemu-system-x86_64 in PATH: the QEMU column stays empty");
+    if !setup.peers.iter().any(|p| p.kind == PeerKind::Qemu) {
+        eprintln!(
+            "vm bench: no qemu-system-x86_64 in PATH and no --peer qemu=PATH: no QEMU column"
+        );
+    }
+    if let Some(missing) = setup.peers.iter().find(|p| !p.path.is_file()) {
+        eprintln!(
+            "vm bench: --peer {}={}: no such file",
+            missing.kind.key(),
+            missing.path.display()
+        );
+        std::process::exit(2);
+    }
+    if setup.io_runs > 0 {
+        let made = std::fs::create_dir_all(repo_root().join("target/bench"))
+            .map_err(|e| format!("create target/bench: {e}"))
+            .and_then(|()| io::make_initramfs(&image("INITRAMFS"), &setup.io_initramfs));
+        if let Err(e) = made {
+            eprintln!("vm bench: {e}");
+            std::process::exit(1);
+        }
     }
     match Backend::detect() {
         Backend::Direct => match measure(&setup, "directly on this host's KVM") {
@@ -990,9 +1221,10 @@ fn run_in_rig(setup: &Setup) {
         &setup.moat,
         &setup.kernel,
         &setup.initramfs,
+        &setup.io_initramfs,
         &setup.qemu_bios,
     ];
-    files.extend(setup.qemu.as_ref());
+    files.extend(setup.peers.iter().map(|p| &p.path));
     for file in files {
         cmd.arg("--file").arg(file);
     }
