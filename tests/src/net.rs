@@ -5,20 +5,34 @@
 
 /// Waits for moat to create TAP `$1`, gives it address `$2`, and starts a
 /// web server on it serving `/tmp/www`; also ping, fetch and report helpers.
+/// Each helper gives up as soon as moat (`$moat`) is gone, a fetch under
+/// way too: a guest that died (a triple fault ends moat) ends the host
+/// script with moat's status and message, instead of the script waiting on
+/// a connection to a card that no longer exists.
 pub const HOST_TAP_SETUP: &str = r#"
 tap_up() {
     until [ -e /sys/class/net/$1 ]; do kill -0 "$moat" 2>/dev/null || exit 1; sleep 0.1; done
     ip addr add $2/26 dev $1 && ip link set $1 up
 }
+# Whether another try may follow: moat runs, and fewer than $1 tries so far.
+again() { i=$((i+1)); [ $i -lt $1 ] && kill -0 "$moat" 2>/dev/null; }
 ping_until() {
-    i=0; until ping -c 1 -W 1 $1 >/dev/null 2>&1; do i=$((i+1)); [ $i -ge 120 ] && return 1; sleep 0.5; done
+    i=0; until ping -c 1 -W 1 $1 >/dev/null 2>&1; do again 120 || return 1; sleep 0.5; done
+}
+fetch_once() {
+    wget -q -O $2 $1 2>/dev/null & w=$!
+    while kill -0 $w 2>/dev/null; do
+        kill -0 "$moat" 2>/dev/null || { kill $w; wait $w 2>/dev/null; return 1; }
+        sleep 0.5
+    done
+    wait $w
 }
 fetch_until() {
-    i=0; until wget -q -O $2 $1 2>/dev/null; do i=$((i+1)); [ $i -ge 120 ] && return 1; sleep 1; done
+    i=0; until fetch_once $1 $2; do again 120 || return 1; sleep 1; done
 }
 # Tells the guest (listening on port 5003) that the host is done.
 tell_done() {
-    i=0; until echo done | nc $1 5003 2>/dev/null; do i=$((i+1)); [ $i -ge 120 ] && return 1; sleep 0.5; done
+    i=0; until echo done | nc $1 5003 2>/dev/null; do again 120 || return 1; sleep 0.5; done
 }
 sha() { sha256sum < $1 | cut -d' ' -f1; }
 # What the host reports is printed after moat exits: written while the
@@ -94,7 +108,44 @@ pub fn value<'a>(console: &'a str, key: &str) -> &'a str {
 
 #[cfg(test)]
 mod tests {
-    use super::value;
+    use super::{value, HOST_TAP_SETUP};
+
+    /// A guest that dies mid-transfer (a triple fault ends moat) must end
+    /// the host script, not leave its fetch waiting on a dead connection.
+    #[test]
+    fn a_fetch_under_way_ends_when_moat_does() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // Accepts and never answers, like a guest that stopped mid-reply.
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for stream in listener.incoming() {
+                held.push(stream);
+            }
+        });
+        // busybox's wget, as in the rig's VM.
+        let bin = crate::Scratch::new("fetch-ends");
+        std::os::unix::fs::symlink("/bin/busybox", bin.path("wget")).unwrap();
+        let path = format!(
+            "{}:{}",
+            bin.path("").display(),
+            std::env::var("PATH").unwrap()
+        );
+        let script = format!(
+            "{HOST_TAP_SETUP}\nsleep 1 & moat=$!\n\
+             fetch_until http://127.0.0.1:{port}/blob /dev/null; echo fetch-rc=$?"
+        );
+        let started = std::time::Instant::now();
+        let out = std::process::Command::new("timeout")
+            .args(["-k", "5", "60", "sh", "-c", &script])
+            .env("PATH", path)
+            .stderr(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("fetch-rc=1"), "{stdout}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    }
 
     #[test]
     fn a_value_ends_where_a_kernel_message_cuts_into_its_line() {
