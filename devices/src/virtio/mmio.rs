@@ -190,31 +190,63 @@ pub struct MmioTransport {
 }
 
 /// One of the windows a transport is reachable at (see the module notes).
+///
+/// The guest's interrupt handler reads InterruptStatus and writes
+/// InterruptACK on every interrupt. Both are the interrupt line's atomic
+/// bits, so the owning window serves them without the transport's lock:
+/// the event loop holds that lock for a whole batch of queue work (many
+/// frames read from a TAP), and a vCPU waiting on it would sit idle for
+/// the batch instead of running the guest beside it.
 pub struct MmioWindow {
     transport: Arc<std::sync::Mutex<MmioTransport>>,
     window: u8,
+    interrupt: Arc<Interrupt>,
+    /// This window owns the transport. Ownership, once taken, never moves
+    /// (see [`MmioTransport::read_window`]), so this is learnt once, under
+    /// the lock.
+    owns: bool,
 }
 
 impl MmioWindow {
     /// Window `window` of `transport`.
     pub fn new(transport: Arc<std::sync::Mutex<MmioTransport>>, window: u8) -> Self {
-        Self { transport, window }
+        let interrupt = transport
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .interrupt
+            .clone();
+        Self {
+            transport,
+            window,
+            interrupt,
+            owns: false,
+        }
     }
 
-    fn transport(&self) -> std::sync::MutexGuard<'_, MmioTransport> {
-        self.transport.lock().unwrap_or_else(|e| e.into_inner())
+    /// Runs `f` on the transport under its lock, and learns whether this
+    /// window owns it.
+    fn locked(&mut self, f: impl FnOnce(&mut MmioTransport, u8)) {
+        let mut transport = self.transport.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut transport, self.window);
+        self.owns = transport.owner == Some(self.window);
     }
 }
 
 impl BusDevice for MmioWindow {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let window = self.window;
-        self.transport().read_window(window, offset, data);
+        if self.owns && offset == INTERRUPT_STATUS && data.len() == 4 {
+            data.copy_from_slice(&self.interrupt.status().to_le_bytes());
+            return;
+        }
+        self.locked(|t, window| t.read_window(window, offset, data));
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        let window = self.window;
-        self.transport().write_window(window, offset, data);
+        if let (true, INTERRUPT_ACK, Ok(bytes)) = (self.owns, offset, <[u8; 4]>::try_from(data)) {
+            self.interrupt.ack(u32::from_le_bytes(bytes));
+            return;
+        }
+        self.locked(|t, window| t.write_window(window, offset, data));
     }
 }
 
@@ -787,6 +819,30 @@ mod tests {
             shared.lock().unwrap().is_active(),
             "the placeholder cannot reset it"
         );
+    }
+
+    #[test]
+    fn the_interrupt_registers_answer_while_the_event_loop_holds_the_device() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let irq = Arc::new(Interrupt::new().unwrap());
+        let t =
+            MmioTransport::new(Box::new(Recorder::default()), mem.clone(), irq.clone()).unwrap();
+        let shared = Arc::new(Mutex::new(t));
+        let mut window = MmioWindow::new(shared.clone(), 0);
+        Driver::init(&mut window, &mem, VIRTIO_F_VERSION_1, &[16, 8]).unwrap();
+        irq.signal_used_queue();
+        // The event loop is in the middle of a long batch of queue work.
+        let busy = shared.lock().unwrap();
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let status = test_driver::read32(&mut window, INTERRUPT_STATUS);
+            test_driver::write32(&mut window, INTERRUPT_ACK, status);
+            let _ = done.send((status, test_driver::read32(&mut window, INTERRUPT_STATUS)));
+        });
+        let answer = finished.recv_timeout(std::time::Duration::from_secs(5));
+        drop(busy);
+        let vring = super::super::interrupt::INT_VRING;
+        assert_eq!(answer, Ok((vring, 0)), "the vCPU waited for the event loop");
     }
 
     #[test]
