@@ -35,8 +35,9 @@ const GUEST_IP: &str = "192.0.2.2";
 /// The host's HTTP server (host -> guest) and sink (guest -> host).
 const HTTP_PORT: u16 = 8080;
 const SINK_PORT: u16 = 5001;
-/// One I/O run may take this long.
-const RUN_TIMEOUT: Duration = Duration::from_secs(600);
+/// One I/O run may take this long (under moat it takes about 2 minutes in
+/// the rig).
+const RUN_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The guest's /test.sh: prints IO-<KEY>-MS=<ms> for each figure.
 const GUEST_SCRIPT: &str = r#"
