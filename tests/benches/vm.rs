@@ -191,6 +191,13 @@ impl Setup {
     /// it goes: no ACPI, no option ROMs, no RTC, COM1 on stdio. It has no
     /// i8042, so the guest reboots by triple fault and -no-reboot ends QEMU.
     fn qemu(&self, qemu: &Path, hold_ms: u64) -> Command {
+        let append = format!("{CMDLINE} reboot=t -- {hold_ms}");
+        self.qemu_vm(qemu, &self.initramfs, GUEST_MIB, &append)
+    }
+
+    /// [`Setup::qemu`] for any initramfs, memory size and command line;
+    /// the caller adds devices.
+    fn qemu_vm(&self, qemu: &Path, initramfs: &Path, mib: u64, append: &str) -> Command {
         let mut cmd = Command::new(qemu);
         cmd.args([
             "-M",
@@ -203,7 +210,7 @@ impl Setup {
             "1",
             "-m",
         ])
-        .arg(format!("{GUEST_MIB}M"))
+        .arg(format!("{mib}M"))
         .args([
             "-nodefaults",
             "-no-user-config",
@@ -220,9 +227,9 @@ impl Setup {
         .arg("-kernel")
         .arg(&self.kernel)
         .arg("-initrd")
-        .arg(&self.initramfs)
+        .arg(initramfs)
         .arg("-append")
-        .arg(format!("{CMDLINE} reboot=t -- {hold_ms}"));
+        .arg(append);
         cmd
     }
 
@@ -230,20 +237,40 @@ impl Setup {
     /// COM1 on stdout. The guest reboots through the i8042 (reboot=k),
     /// which ends Firecracker, as it ends moat.
     fn firecracker(&self, firecracker: &Path, hold_ms: u64, tag: &str) -> Command {
-        let config = temp_file(&format!("fc-{tag}"), "json");
-        let text = format!(
-            r#"{{"boot-source": {{"kernel_image_path": "{}", "initrd_path": "{}", "boot_args": "{CMDLINE} reboot=k -- {hold_ms}"}}, "machine-config": {{"vcpu_count": 1, "mem_size_mib": {GUEST_MIB}}}, "drives": []}}"#,
-            self.kernel.display(),
-            self.initramfs.display()
-        );
-        std::fs::write(&config, text).unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
-        let mut cmd = Command::new(firecracker);
-        cmd.arg("--no-api")
-            .arg("--config-file")
-            .arg(config)
-            .args(["--level", "Error"]);
-        cmd
+        let boot_args = format!("{CMDLINE} reboot=k -- {hold_ms}");
+        let config = self.firecracker_config(&self.initramfs, GUEST_MIB, &boot_args, "[]", "");
+        firecracker_vm(firecracker, &format!("fc-{tag}"), &config)
     }
+
+    /// A Firecracker config file's text for this kernel: `drives` is its
+    /// JSON list, `more` any further members (each with a leading comma).
+    fn firecracker_config(
+        &self,
+        initramfs: &Path,
+        mib: u64,
+        boot_args: &str,
+        drives: &str,
+        more: &str,
+    ) -> String {
+        format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{}", "initrd_path": "{}", "boot_args": "{boot_args}"}}, "machine-config": {{"vcpu_count": 1, "mem_size_mib": {mib}}}, "drives": {drives}{more}}}"#,
+            self.kernel.display(),
+            initramfs.display()
+        )
+    }
+}
+
+/// Firecracker booting from `config` (written to the temporary file of
+/// `tag`), logging errors only.
+fn firecracker_vm(firecracker: &Path, tag: &str, config: &str) -> Command {
+    let path = temp_file(tag, "json");
+    std::fs::write(&path, config).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    let mut cmd = Command::new(firecracker);
+    cmd.arg("--no-api")
+        .arg("--config-file")
+        .arg(path)
+        .args(["--level", "Error"]);
+    cmd
 }
 
 /// A VMM the benchmark runs beside moat.
@@ -1216,7 +1243,7 @@ fn main() {
 fn run_in_rig(setup: &Setup) {
     let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
     let mut cmd = Command::new(repo_root().join("resources/rig.sh"));
-    cmd.args(["--timeout", "1800", "--mem", "2048", "--cpus", "2"]);
+    cmd.args(["--timeout", "3600", "--mem", "2048", "--cpus", "2"]);
     let mut files = vec![
         &setup.moat,
         &setup.kernel,

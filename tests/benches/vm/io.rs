@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{temp_file, watch, Peer, PeerKind, Setup, CMDLINE};
+use super::{firecracker_vm, temp_file, watch, Peer, PeerKind, Setup, CMDLINE};
 
 /// Guest memory of the I/O guest (the test initramfs runs from it).
 const IO_GUEST_MIB: u64 = 256;
@@ -184,62 +184,27 @@ fn command(setup: &Setup, vmm: Vmm<'_>, tap: &str, disk: &Path, tag: &str) -> Co
         }
         Vmm::Peer(peer) => match peer.kind {
             PeerKind::Qemu => {
-                let mut cmd = Command::new(&peer.path);
-                cmd.args([
-                    "-M",
-                    "microvm,acpi=off,x-option-roms=off,rtc=off",
-                    "-accel",
-                    "kvm",
-                    "-cpu",
-                    "host",
-                    "-smp",
-                    "1",
-                    "-m",
-                ])
-                .arg(format!("{IO_GUEST_MIB}M"))
-                .args([
-                    "-nodefaults",
-                    "-no-user-config",
-                    "-display",
-                    "none",
-                    "-monitor",
-                    "none",
-                    "-no-reboot",
-                    "-serial",
-                    "stdio",
-                    "-bios",
-                ])
-                .arg(&setup.qemu_bios)
-                .arg("-kernel")
-                .arg(kernel)
-                .arg("-initrd")
-                .arg(initramfs)
-                .arg("-append")
-                .arg(format!("{CMDLINE} reboot=t"))
-                .arg("-drive")
-                .arg(format!("id=d0,file={},format=raw,if=none", disk.display()))
-                .args(["-device", "virtio-blk-device,drive=d0", "-netdev"])
-                .arg(format!("tap,id=n0,ifname={tap},script=no,downscript=no"))
-                .args(["-device", "virtio-net-device,netdev=n0"]);
+                let append = format!("{CMDLINE} reboot=t");
+                let mut cmd = setup.qemu_vm(&peer.path, initramfs, IO_GUEST_MIB, &append);
+                cmd.arg("-drive")
+                    .arg(format!("id=d0,file={},format=raw,if=none", disk.display()))
+                    .args(["-device", "virtio-blk-device,drive=d0", "-netdev"])
+                    .arg(format!("tap,id=n0,ifname={tap},script=no,downscript=no"))
+                    .args(["-device", "virtio-net-device,netdev=n0"]);
                 cmd
             }
             PeerKind::Firecracker => {
-                let config = temp_file(&format!("fc-io-{tag}"), "json");
-                let text = format!(
-                    r#"{{"boot-source": {{"kernel_image_path": "{}", "initrd_path": "{}", "boot_args": "{CMDLINE} reboot=k"}}, "machine-config": {{"vcpu_count": 1, "mem_size_mib": {IO_GUEST_MIB}}}, "drives": [{{"drive_id": "d0", "path_on_host": "{}", "is_root_device": false, "is_read_only": false}}], "network-interfaces": [{{"iface_id": "n0", "host_dev_name": "{tap}"}}]}}"#,
-                    kernel.display(),
-                    initramfs.display(),
+                let drives = format!(
+                    r#"[{{"drive_id": "d0", "path_on_host": "{}", "is_root_device": false, "is_read_only": false}}]"#,
                     disk.display()
                 );
-                if let Err(e) = std::fs::write(&config, text) {
-                    eprintln!("vm bench: write {}: {e}", config.display());
-                }
-                let mut cmd = Command::new(&peer.path);
-                cmd.arg("--no-api")
-                    .arg("--config-file")
-                    .arg(config)
-                    .args(["--level", "Error"]);
-                cmd
+                let card = format!(
+                    r#", "network-interfaces": [{{"iface_id": "n0", "host_dev_name": "{tap}"}}]"#
+                );
+                let boot_args = format!("{CMDLINE} reboot=k");
+                let config =
+                    setup.firecracker_config(initramfs, IO_GUEST_MIB, &boot_args, &drives, &card);
+                firecracker_vm(&peer.path, &format!("fc-io-{tag}"), &config)
             }
         },
     }
