@@ -150,17 +150,25 @@ impl Setup {
     }
 
     fn moat(&self, hold_ms: u64) -> Command {
+        let cmdline = format!("{CMDLINE} reboot=k -- {hold_ms}");
+        let mut cmd = self.moat_vm(&self.initramfs, GUEST_MIB, &cmdline);
+        cmd.arg("--boot-timer");
+        cmd
+    }
+
+    /// `moat run` of this kernel with any initramfs, memory size and
+    /// command line, 1 vCPU; the caller adds devices.
+    fn moat_vm(&self, initramfs: &Path, mib: u64, cmdline: &str) -> Command {
         let mut cmd = Command::new(&self.moat);
         cmd.arg("run")
             .arg("--kernel")
             .arg(&self.kernel)
             .arg("--initramfs")
-            .arg(&self.initramfs)
+            .arg(initramfs)
             .args(["--cpus", "boot=1", "--memory"])
-            .arg(format!("size={GUEST_MIB}M"))
+            .arg(format!("size={mib}M"))
             .arg("--cmdline")
-            .arg(format!("{CMDLINE} reboot=k -- {hold_ms}"))
-            .arg("--boot-timer");
+            .arg(cmdline);
         cmd
     }
 

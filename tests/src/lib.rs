@@ -471,15 +471,7 @@ impl Guest {
             let initramfs = match &self.script {
                 Some(script) => {
                     let path = scratch.path("initramfs.cpio");
-                    let mut bytes =
-                        std::fs::read(base).map_err(|e| format!("read {}: {e}", base.display()))?;
-                    bytes.extend(cpio::archive(&[cpio::Entry {
-                        name: "test.sh",
-                        mode: 0o755,
-                        data: script.as_bytes(),
-                    }]));
-                    std::fs::write(&path, bytes)
-                        .map_err(|e| format!("write {}: {e}", path.display()))?;
+                    initramfs_with_script(base, script, &path)?;
                     path
                 }
                 None => base.clone(),
@@ -626,6 +618,18 @@ pub const HOST_SCRIPT_HELPERS: &str = r#"stop_if_stuck() {
     fi
 }
 "#;
+
+/// Writes to `out` the initramfs `base` with `script` added as `/test.sh`
+/// (the test guest's /init runs it).
+pub fn initramfs_with_script(base: &Path, script: &str, out: &Path) -> Result<(), String> {
+    let mut bytes = std::fs::read(base).map_err(|e| format!("read {}: {e}", base.display()))?;
+    bytes.extend(cpio::archive(&[cpio::Entry {
+        name: "test.sh",
+        mode: 0o755,
+        data: script.as_bytes(),
+    }]));
+    std::fs::write(out, bytes).map_err(|e| format!("write {}: {e}", out.display()))
+}
 
 /// Runs `sh -c SCRIPT sh SCRIPT_ARGS... MOAT ARGS...` on `backend`: the
 /// script plays the host's part (a TAP's address, the far end of a

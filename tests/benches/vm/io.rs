@@ -95,19 +95,13 @@ pub const ROWS: [(&str, &str, &str); 6] = [
 
 /// The test initramfs with the I/O script as /test.sh, written to `out`.
 pub fn make_initramfs(base: &Path, out: &Path) -> Result<(), String> {
-    let mut bytes = std::fs::read(base).map_err(|e| format!("read {}: {e}", base.display()))?;
     let script = GUEST_SCRIPT
         .replace("@GUEST@", GUEST_IP)
         .replace("@HOST@", HOST_IP)
         .replace("@HTTP@", &HTTP_PORT.to_string())
         .replace("@SINK@", &SINK_PORT.to_string())
         .replace("@BLOCKS@", &(NET_BYTES / 65536).to_string());
-    bytes.extend(moat_tests::cpio::archive(&[moat_tests::cpio::Entry {
-        name: "test.sh",
-        mode: 0o755,
-        data: script.as_bytes(),
-    }]));
-    std::fs::write(out, bytes).map_err(|e| format!("write {}: {e}", out.display()))
+    moat_tests::initramfs_with_script(base, &script, out)
 }
 
 /// Which VMM an I/O run boots.
@@ -162,21 +156,12 @@ fn tail(s: &str) -> String {
 
 /// The command booting the I/O guest under `vmm`.
 fn command(setup: &Setup, vmm: Vmm<'_>, tap: &str, disk: &Path, tag: &str) -> Command {
-    let kernel = &setup.kernel;
     let initramfs = &setup.io_initramfs;
     match vmm {
         Vmm::Moat => {
-            let mut cmd = Command::new(&setup.moat);
-            cmd.arg("run")
-                .arg("--kernel")
-                .arg(kernel)
-                .arg("--initramfs")
-                .arg(initramfs)
-                .args(["--cpus", "boot=1", "--memory"])
-                .arg(format!("size={IO_GUEST_MIB}M"))
-                .arg("--cmdline")
-                .arg(format!("{CMDLINE} reboot=k"))
-                .arg("--disk")
+            let cmdline = format!("{CMDLINE} reboot=k");
+            let mut cmd = setup.moat_vm(initramfs, IO_GUEST_MIB, &cmdline);
+            cmd.arg("--disk")
                 .arg(format!("path={}", disk.display()))
                 .arg("--net")
                 .arg(format!("tap={tap}"));
