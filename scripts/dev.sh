@@ -37,9 +37,17 @@ setup() {
     "$root/resources/install-deps.sh"
 }
 
+# moat as people run it: the dist profile, glibc linked in statically
+# (a static PIE), so no shared library is mapped and only the code moat
+# uses is paged in (docs/benchmarks.md, "Memory: the static binary").
+# --target keeps the static flag off build scripts and proc macros.
 build_moat() {
-    cargo build --release --locked -p moat-vmm --bin moat >&2
-    export MOAT_BIN=$root/target/release/moat
+    local triple
+    triple=$(rustc -vV | sed -n 's/^host: //p')
+    local flags_var=CARGO_TARGET_$(tr 'a-z-' 'A-Z_' <<<"$triple")_RUSTFLAGS
+    env "$flags_var=-C target-feature=+crt-static" \
+        cargo build --profile dist --locked --target "$triple" -p moat-vmm --bin moat >&2
+    export MOAT_BIN=$root/target/$triple/dist/moat
 }
 
 # Reads KEY=PATH lines from build-images.sh into IMG_KEY variables.
