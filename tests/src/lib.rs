@@ -120,19 +120,32 @@ pub fn repo_root() -> PathBuf {
         .unwrap_or_default()
 }
 
-/// The moat binary under test: `MOAT_BIN`, else the release build, else the
-/// debug build.
+/// The moat binary under test: `MOAT_BIN`, else the newest of the builds
+/// in `target/`: `scripts/dev.sh build`'s static one
+/// (`target/<host>/dist/moat`), `cargo build --release`'s and the debug
+/// one. With none built, the release path (which then fails to spawn).
 pub fn moat_bin() -> PathBuf {
     if let Ok(path) = std::env::var("MOAT_BIN") {
         return PathBuf::from(path);
     }
     let target = repo_root().join("target");
+    let dist = format!("{}-unknown-linux-gnu/dist/moat", std::env::consts::ARCH);
     let release = target.join("release/moat");
-    if release.exists() {
-        release
-    } else {
-        target.join("debug/moat")
-    }
+    newest(&[
+        target.join(dist),
+        release.clone(),
+        target.join("debug/moat"),
+    ])
+    .unwrap_or(release)
+}
+
+/// Of `paths`, the existing file modified last.
+fn newest(paths: &[PathBuf]) -> Option<PathBuf> {
+    paths
+        .iter()
+        .filter_map(|p| Some((std::fs::metadata(p).ok()?.modified().ok()?, p)))
+        .max_by_key(|(modified, _)| *modified)
+        .map(|(_, p)| p.clone())
 }
 
 /// Creates (or empties) `path` for reading and writing, with `contents`;
@@ -1119,6 +1132,23 @@ finish() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_newest_existing_build_is_the_one_under_test() {
+        let dir = std::env::temp_dir().join(format!("moat-newest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let [old, new, missing] = ["old", "new", "missing"].map(|n| dir.join(n));
+        let base = std::time::SystemTime::now();
+        for (path, age) in [(&new, 10), (&old, 100)] {
+            let file = std::fs::File::create(path).unwrap();
+            file.set_modified(base - Duration::from_secs(age)).unwrap();
+        }
+        let all = [old.clone(), missing.clone(), new.clone()];
+        assert_eq!(newest(&all), Some(new));
+        assert_eq!(newest(&all[..2]), Some(old));
+        assert_eq!(newest(&[missing]), None);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     #[test]
     fn parses_markers_and_rc() {
