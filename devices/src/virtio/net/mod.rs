@@ -6,10 +6,11 @@
 //! span several receive buffers; `num_buffers` in its header says how many.
 //!
 //! Receive buffers are taken off the ring into a queue of their own (each
-//! chain checked once). When they add up to the largest frame, the TAP
-//! reads the next frame straight into them; otherwise the frame goes
-//! through a bounce buffer and waits there for the driver to add buffers:
-//! receiving never drops a frame for lack of buffers. Meanwhile the device
+//! chain checked once). The TAP reads the next frame straight into as many
+//! of them as recent frames needed, and what does not fit into a bounce
+//! buffer, from where it is copied into the next buffers, waiting for the
+//! driver to add some if need be: receiving never drops a frame for lack
+//! of buffers. Meanwhile the device
 //! asks the event loop to stop polling the TAP (see
 //! [`VirtioDevice::backend_wanted`]).
 
@@ -133,11 +134,15 @@ pub struct Net {
     /// and how many bytes they hold.
     rx_chains: VecDeque<RxChain>,
     rx_room: usize,
-    /// A frame read from the backend into this bounce buffer (when the
-    /// buffers in `rx_chains` could not hold the largest frame) and not yet
-    /// given to the guest.
+    /// A frame of `rx_len` bytes read from the backend and not yet given
+    /// to the guest: its first `rx_in_place` bytes fill the first buffers
+    /// in `rx_chains`, the rest is in this bounce buffer.
     rx_frame: Vec<u8>,
     rx_len: usize,
+    rx_in_place: usize,
+    /// About the largest recent frame: the largest one so far, decaying by
+    /// a sixteenth with each frame.
+    rx_recent: usize,
     /// The guest has no receive buffers for `rx_frame`.
     rx_blocked: bool,
     /// The backend failed a read (say, its interface was deleted): stop
@@ -165,6 +170,8 @@ impl Net {
             rx_room: 0,
             rx_frame: vec![0; MAX_FRAME],
             rx_len: 0,
+            rx_in_place: 0,
+            rx_recent: 0,
             rx_blocked: false,
             backend_broken: false,
             drops: NetDrops::default(),
@@ -187,38 +194,37 @@ impl Net {
         loop {
             if self.rx_len == 0 {
                 self.take_rx_chains(mem, MAX_FRAME)?;
-                let direct = if self.mergeable {
-                    self.rx_room >= MAX_FRAME
-                } else {
-                    self.rx_chains.front().is_some_and(|c| c.len >= MAX_FRAME)
-                };
-                let read = if direct {
-                    // Straight into the guest's buffers.
-                    let mut slices = super::Slices::new();
-                    let mut room = 0;
-                    for (addr, len) in self.rx_chains.iter().flat_map(|c| c.parts.iter()) {
-                        if room >= MAX_FRAME {
-                            break;
-                        }
+                // Straight into as many of the guest's buffers as recent
+                // frames needed (each one more iovec for the TAP's read);
+                // what does not fit goes to the bounce buffer.
+                let mut slices = super::Slices::new();
+                let mut room = 0;
+                for chain in &self.rx_chains {
+                    if room >= self.rx_recent.max(1) {
+                        break;
+                    }
+                    for &(addr, len) in &chain.parts {
                         // Checked when the chain was taken; memory does not shrink.
                         let slice = mem
-                            .get_slice(*addr, *len)
+                            .get_slice(addr, len)
                             .map_err(|e| DeviceError(format!("rx buffer vanished: {e}")))?;
                         slices.push(slice);
-                        room += len;
                     }
-                    self.backend.recv_into(&slices)
-                } else {
-                    self.backend.recv(&mut self.rx_frame)
-                };
+                    room += chain.len;
+                }
+                if room < MAX_FRAME {
+                    slices.push(VolatileSlice::from(&mut self.rx_frame[..MAX_FRAME - room]));
+                }
+                let read = self.backend.recv_into(&slices);
+                drop(slices);
                 match read {
                     Ok(0) => return Ok(delivered),
-                    Ok(n) if direct => {
+                    Ok(n) if n <= room => {
                         self.complete_direct(mem, n)?;
                         delivered = true;
                         continue;
                     }
-                    Ok(n) => self.rx_len = n,
+                    Ok(n) => (self.rx_len, self.rx_in_place) = (n, room),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(delivered),
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     // A broken backend loses its input, not the device.
@@ -240,7 +246,7 @@ impl Net {
                 self.rx_blocked = true;
                 return Ok(delivered);
             }
-            self.rx_len = 0;
+            (self.rx_len, self.rx_in_place) = (0, 0);
             delivered = true;
         }
     }
@@ -358,10 +364,11 @@ impl Net {
     fn count_rx(&mut self, len: usize) {
         self.counters.rx_packets += 1;
         self.counters.rx_bytes += len as u64;
+        self.rx_recent = len.max(self.rx_recent - self.rx_recent / 16);
     }
 
-    /// Gives the frame in the bounce buffer to the guest. `Ok(false)`: not
-    /// enough buffers yet (nothing consumed).
+    /// Gives the frame read in part or whole into the bounce buffer to the
+    /// guest. `Ok(false)`: not enough buffers yet (nothing consumed).
     fn deliver(&mut self, mem: &GuestMemoryMmap) -> Result<bool, DeviceError> {
         let len = self.rx_len;
         if len < NET_HDR_LEN {
@@ -386,11 +393,17 @@ impl Net {
                 Some(_) => 1,
             }
         };
+        // The chains filled by the read come first; the bounced rest
+        // follows them.
         let mut offset = 0;
         for chain in self.rx_chains.iter().take(count) {
-            let n = chain.len.min(len - offset);
-            write_at(mem, &chain.parts, 0, &self.rx_frame[offset..offset + n])?;
-            offset += n;
+            let end = (offset + chain.len).min(len);
+            if end > self.rx_in_place {
+                let start = offset.max(self.rx_in_place);
+                let bounced = &self.rx_frame[start - self.rx_in_place..end - self.rx_in_place];
+                write_at(mem, &chain.parts, start - offset, bounced)?;
+            }
+            offset = end;
         }
         self.count_rx(len);
         self.publish(mem, count, len)?;
@@ -562,6 +575,7 @@ impl VirtioDevice for Net {
         self.rx_chains.clear();
         self.rx_room = 0;
         self.rx_len = 0;
+        self.rx_in_place = 0;
         self.rx_blocked = false;
         self.tx_more = false;
     }

@@ -497,6 +497,74 @@ fn with_room_for_the_largest_frame_frames_go_straight_into_guest_buffers() {
 }
 
 #[test]
+fn reads_take_as_many_buffers_as_recent_frames_needed_and_bounce_the_rest() {
+    let mut r = rig(all_features());
+    for i in 0..5u64 {
+        r.driver.queues[0].add_chain(&r.mem, &[(BUFS + i * 0x1000, 4096, true)]);
+    }
+    // Nothing received yet: one guest buffer, then the bounce buffer.
+    r.wire.lock().unwrap().to_guest.push_back(frame(6000));
+    r.transport.process_backend();
+    assert_eq!(r.wire.lock().unwrap().last_frame_buffers, 2);
+    // The next frame of that size goes wholly into guest buffers.
+    r.wire.lock().unwrap().to_guest.push_back(frame(6000));
+    r.transport.process_backend();
+    assert_eq!(r.wire.lock().unwrap().last_frame_buffers, 3);
+    assert_eq!(
+        r.driver.queues[0].take_used(&r.mem),
+        vec![(0, 4096), (1, 1916), (2, 4096), (3, 1916)]
+    );
+    for first in [BUFS, BUFS + 0x2000] {
+        let mut whole = r.read(first, 2 * 4096);
+        assert_eq!(u16::from_le_bytes([whole[10], whole[11]]), 2);
+        whole.truncate(6012);
+        assert_eq!(whole[12..], frame(6000)[12..]);
+    }
+    // A frame bigger than the one buffer left: its start lands in that
+    // buffer, the rest waits in the bounce buffer for more buffers.
+    r.wire.lock().unwrap().to_guest.push_back(frame(10_000));
+    r.transport.process_backend();
+    assert!(r.driver.queues[0].take_used(&r.mem).is_empty());
+    assert!(!r.transport.backend_wanted(), "stop polling the TAP");
+    for i in 5..7u64 {
+        r.driver.queues[0].add_chain(&r.mem, &[(BUFS + i * 0x1000, 4096, true)]);
+    }
+    r.transport.process_queue(0);
+    assert_eq!(
+        r.driver.queues[0].take_used(&r.mem),
+        vec![(4, 4096), (5, 4096), (6, 10_012 - 8192)]
+    );
+    let mut whole = r.read(BUFS + 0x4000, 3 * 4096);
+    assert_eq!(u16::from_le_bytes([whole[10], whole[11]]), 3);
+    whole.truncate(10_012);
+    assert_eq!(whole[12..], frame(10_000)[12..]);
+    assert!(r.transport.backend_wanted());
+}
+
+#[test]
+fn without_mergeable_buffers_a_frame_is_read_into_the_one_buffer_it_fits() {
+    let mut r = rig(VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MAC);
+    r.rx_buffers(2, 1536);
+    r.wire
+        .lock()
+        .unwrap()
+        .to_guest
+        .extend([frame(1500), frame(2000)]);
+    r.transport.process_backend();
+    assert_eq!(
+        r.wire.lock().unwrap().last_frame_buffers,
+        2,
+        "the guest buffer, then the bounce tail"
+    );
+    // The second frame does not fit a buffer: dropped, buffer given back.
+    assert_eq!(
+        r.driver.queues[0].take_used(&r.mem),
+        vec![(0, 1512), (1, 0)]
+    );
+    assert_eq!(r.read(BUFS + 12, 1500), frame(1500)[12..]);
+}
+
+#[test]
 fn a_reset_gives_up_the_buffers_taken_off_the_ring() {
     let mut r = rig(all_features());
     r.rx_buffers(3, 2048);
