@@ -376,6 +376,9 @@ struct Launch {
     /// KiB outside guest RAM when the marker was seen, and the most seen.
     rss_after_boot: Option<u64>,
     rss_peak: Option<u64>,
+    /// Of `rss_after_boot`, the anonymous KiB: what each VM costs that no
+    /// other process shares (the binary's pages are shared).
+    anon_after_boot: Option<u64>,
 }
 
 /// Reads a child's pipe to the end; reports the first time `marker` shows.
@@ -424,21 +427,22 @@ fn watch(child: &mut Child, marker: &'static [u8]) -> Result<Watched, String> {
     Ok((stdout, stderr, marker_rx))
 }
 
-/// Resident KiB of `pid` outside its guest RAM: the sum of Rss over
-/// /proc/PID/smaps without the one anonymous mapping of the guest's size
-/// (allowing QEMU's few pages of alignment).
-fn rss_without_guest(pid: u32) -> Result<u64, String> {
+/// Resident and anonymous KiB of `pid` outside its guest RAM: the sums of
+/// Rss and Anonymous over /proc/PID/smaps without the one anonymous mapping
+/// of the guest's size (allowing QEMU's few pages of alignment).
+fn rss_without_guest(pid: u32) -> Result<(u64, u64), String> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
         .map_err(|e| format!("read /proc/{pid}/smaps: {e}"))?;
     let guest_kib = GUEST_MIB * 1024;
-    let mut mappings: Vec<(bool, u64, u64)> = Vec::new(); // (anonymous, size, rss)
+    // (anonymous, size, rss, anonymous rss)
+    let mut mappings: Vec<(bool, u64, u64, u64)> = Vec::new();
     for line in smaps.lines() {
         let mut words = line.split_whitespace();
         let first = words.next().unwrap_or_default();
         if first.contains('-') && !first.ends_with(':') {
             let path = line.split_whitespace().nth(5).unwrap_or("");
             let anonymous = path.is_empty() || path.starts_with("[anon") || path == "/dev/zero";
-            mappings.push((anonymous, 0, 0));
+            mappings.push((anonymous, 0, 0, 0));
         } else if let Some(last) = mappings.last_mut() {
             let mut kib = || {
                 words
@@ -449,6 +453,7 @@ fn rss_without_guest(pid: u32) -> Result<u64, String> {
             match first {
                 "Size:" => last.1 = kib(),
                 "Rss:" => last.2 = kib(),
+                "Anonymous:" => last.3 = kib(),
                 _ => {}
             }
         }
@@ -460,12 +465,14 @@ fn rss_without_guest(pid: u32) -> Result<u64, String> {
         .max_by_key(|(_, m)| m.1)
         .map(|(i, _)| i)
         .ok_or(format!("pid {pid}: no {GUEST_MIB} MiB guest RAM mapping"))?;
-    Ok(mappings
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != guest)
-        .map(|(_, m)| m.2)
-        .sum())
+    let rest = || {
+        mappings
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != guest)
+            .map(|(_, m)| m)
+    };
+    Ok((rest().map(|m| m.2).sum(), rest().map(|m| m.3).sum()))
 }
 
 /// Parses moat's `--boot-timer` line into (first KVM_RUN, marker) since
@@ -535,14 +542,17 @@ fn launch_until(
             result.console_marker = Some(at - spawned);
             if sample_memory {
                 match rss_without_guest(pid) {
-                    Ok(kib) => result.rss_after_boot = Some(kib),
+                    Ok((kib, anon)) => {
+                        result.rss_after_boot = Some(kib);
+                        result.anon_after_boot = Some(anon);
+                    }
                     Err(e) => sample_error = Some(e),
                 }
             }
         }
         if sample_memory {
             // Fails once the process is gone; the exit arrives next.
-            if let Ok(kib) = rss_without_guest(pid) {
+            if let Ok((kib, _)) = rss_without_guest(pid) {
                 result.rss_peak = Some(result.rss_peak.unwrap_or(0).max(kib));
             }
         }
@@ -934,6 +944,13 @@ fn measure(setup: &Setup, place: &str) -> Result<(String, String), String> {
         unit: "KiB",
         moat: med_kib(&moat_held, |l| l.rss_after_boot),
         peers: of_peers(&peer_held, &|l| med_kib(l, |l| l.rss_after_boot)),
+    });
+    rows.push(Row {
+        key: "anon_after_boot_kib",
+        what: "of which anonymous (not shared)".into(),
+        unit: "KiB",
+        moat: med_kib(&moat_held, |l| l.anon_after_boot),
+        peers: of_peers(&peer_held, &|l| med_kib(l, |l| l.anon_after_boot)),
     });
     rows.push(Row {
         key: "rss_peak_kib",
