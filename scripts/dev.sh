@@ -191,7 +191,8 @@ case $cmd in
         # writes its JSON; results.json holds both. VM-BENCH-ARGS: --runs N
         # (boots per figure, default 10), --launches N (default 10),
         # --io-runs N (I/O guest boots per VMM, default 3; 0 for none),
-        # --peer firecracker=PATH (a peer beside moat and QEMU).
+        # --peer firecracker=PATH, --peer cloud-hypervisor=PATH (peers beside
+        # moat and QEMU).
         setup
         build_moat
         build_images

@@ -14,7 +14,9 @@
  *      snapshot benchmark snapshots the guest while it waits, and types
  *      the line into the restored VM);
  *   4. reboots: with reboot=k moat exits, with reboot=t and -no-reboot
- *      QEMU does.
+ *      QEMU does; or, if argv[2] is "off", powers off (through ACPI):
+ *      Cloud Hypervisor restarts a guest that reboots and ends only when
+ *      it powers off.
  *
  * Needs a kernel with CONFIG_X86_IOPL_IOPERM (for ioperm(2)) and, to wait,
  * CONFIG_DEVPORT.
@@ -47,6 +49,7 @@
 #define REBOOT_MAGIC1 0xfee1deadL
 #define REBOOT_MAGIC2 672274793L
 #define REBOOT_CMD_RESTART 0x01234567L
+#define REBOOT_CMD_POWER_OFF 0x4321fedcL
 
 static long syscall3(long nr, long a, long b, long c)
 {
@@ -125,7 +128,8 @@ __attribute__((noreturn, used)) static void start(long *sp)
 		wait_for_console();
 	else if (argc > 1)
 		sleep_ms(parse_ms(argv[1]));
-	syscall3(SYS_REBOOT, REBOOT_MAGIC1, REBOOT_MAGIC2, REBOOT_CMD_RESTART);
+	syscall3(SYS_REBOOT, REBOOT_MAGIC1, REBOOT_MAGIC2,
+		 argc > 2 && argv[2][0] == 'o' ? REBOOT_CMD_POWER_OFF : REBOOT_CMD_RESTART);
 	/* Not reached; pid 1 must never exit. */
 	for (;;)
 		syscall3(SYS_PAUSE, 0, 0, 0);

@@ -1,12 +1,13 @@
 //! VM benchmarks with a real guest: start-up time, memory overhead and
 //! launch rate of moat, and the same guest under peer VMMs side by side
-//! (QEMU's microvm machine when it is installed, Firecracker when given);
+//! (QEMU's microvm machine when it is installed, Firecracker and Cloud
+//! Hypervisor when given);
 //! then moat's snapshots of that guest: their size, the time to write one,
 //! and the time from exec to a restored guest running against a cold boot
 //! of the same guest.
 //!
 //!   cargo bench -p moat-tests --bench vm [-- --runs N --launches N
-//!       --peer firecracker=PATH --peer qemu=PATH]
+//!       --peer firecracker=PATH --peer cloud-hypervisor=PATH --peer qemu=PATH]
 //!
 //! The guest is the benchmark kernel + initramfs from build-images.sh: its
 //! /init (resources/bench/init.c) writes moat's boot-timer port and a
@@ -268,6 +269,30 @@ impl Setup {
     }
 }
 
+/// Cloud Hypervisor booting this kernel with any initramfs, memory size
+/// and command line, 1 vCPU, COM1 on stdout and no virtio console; the
+/// caller adds devices. It restarts a guest that reboots and ends when the
+/// guest powers off.
+fn cloud_hypervisor_vm(
+    setup: &Setup,
+    path: &Path,
+    initramfs: &Path,
+    mib: u64,
+    cmdline: &str,
+) -> Command {
+    let mut cmd = Command::new(path);
+    cmd.arg("--kernel")
+        .arg(&setup.kernel)
+        .arg("--initramfs")
+        .arg(initramfs)
+        .arg("--cmdline")
+        .arg(cmdline)
+        .args(["--cpus", "boot=1", "--memory"])
+        .arg(format!("size={mib}M"))
+        .args(["--serial", "tty", "--console", "off"]);
+    cmd
+}
+
 /// Firecracker booting from `config` (written to the temporary file of
 /// `tag`), logging errors only.
 fn firecracker_vm(firecracker: &Path, tag: &str, config: &str) -> Command {
@@ -286,16 +311,22 @@ fn firecracker_vm(firecracker: &Path, tag: &str, config: &str) -> Command {
 enum PeerKind {
     Qemu,
     Firecracker,
+    CloudHypervisor,
 }
 
 impl PeerKind {
-    const ALL: [PeerKind; 2] = [PeerKind::Qemu, PeerKind::Firecracker];
+    const ALL: [PeerKind; 3] = [
+        PeerKind::Qemu,
+        PeerKind::Firecracker,
+        PeerKind::CloudHypervisor,
+    ];
 
     /// Its name in `--peer` and in vm.json.
     fn key(self) -> &'static str {
         match self {
             PeerKind::Qemu => "qemu",
             PeerKind::Firecracker => "firecracker",
+            PeerKind::CloudHypervisor => "cloud-hypervisor",
         }
     }
 
@@ -304,6 +335,7 @@ impl PeerKind {
         match self {
             PeerKind::Qemu => "QEMU microvm",
             PeerKind::Firecracker => "Firecracker",
+            PeerKind::CloudHypervisor => "Cloud Hypervisor",
         }
     }
 }
@@ -343,6 +375,12 @@ impl Peer {
         match self.kind {
             PeerKind::Qemu => setup.qemu(&self.path, hold_ms),
             PeerKind::Firecracker => setup.firecracker(&self.path, hold_ms, tag),
+            // The guest powers off rather than rebooting (see
+            // [`cloud_hypervisor_vm`]).
+            PeerKind::CloudHypervisor => {
+                let cmdline = format!("{CMDLINE} -- {hold_ms} off");
+                cloud_hypervisor_vm(setup, &self.path, &setup.initramfs, GUEST_MIB, &cmdline)
+            }
         }
     }
 }
