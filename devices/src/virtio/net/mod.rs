@@ -10,9 +10,8 @@
 //! of them as recent frames needed, and what does not fit into a bounce
 //! buffer, from where it is copied into the next buffers, waiting for the
 //! driver to add some if need be: receiving never drops a frame for lack
-//! of buffers. Meanwhile the device
-//! asks the event loop to stop polling the TAP (see
-//! [`VirtioDevice::backend_wanted`]).
+//! of buffers. While a frame waits, the device asks the event loop to stop
+//! polling the TAP (see [`VirtioDevice::backend_wanted`]).
 
 mod tap;
 
