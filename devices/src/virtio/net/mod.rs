@@ -38,6 +38,8 @@ use super::{
 pub const NET_HDR_LEN: usize = 12;
 /// Largest frame: a 64 KiB packet plus Ethernet header, plus the vnet header.
 pub const MAX_FRAME: usize = 65_550 + NET_HDR_LEN;
+/// Most buffers one readv(2) takes (UIO_MAXIOV).
+const MAX_IOVECS: usize = 1024;
 /// Queue size offered for both queues.
 pub const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
@@ -199,7 +201,10 @@ impl Net {
                 let mut slices = super::Slices::new();
                 let mut room = 0;
                 for chain in &self.rx_chains {
-                    if room >= self.rx_recent.max(1) {
+                    // One iovec is kept for the bounce buffer.
+                    if room >= self.rx_recent.max(1)
+                        || slices.len() + chain.parts.len() >= MAX_IOVECS
+                    {
                         break;
                     }
                     for &(addr, len) in &chain.parts {
@@ -553,6 +558,7 @@ impl VirtioDevice for Net {
         self.queues = Some([rx, tx]);
         self.rx_chains.clear();
         self.rx_room = 0;
+        (self.rx_len, self.rx_in_place) = (0, 0);
         self.mergeable = acked_features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
         self.rx_blocked = false;
         Ok(())
