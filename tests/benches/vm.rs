@@ -976,27 +976,30 @@ fn measure(setup: &Setup, place: &str) -> Result<(String, String), String> {
         moat: med_ms(&traced_boots, |l| Some(l.exit)),
         peers: none(),
     });
-    rows.push(Row {
-        key: "rss_after_boot_kib",
-        what: "RSS without guest RAM, guest booted".into(),
+    let memory_row = |key, what: &str, f: fn(&Launch) -> Option<u64>| Row {
+        key,
+        what: what.to_string(),
         unit: "KiB",
-        moat: med_kib(&moat_held, |l| l.rss_after_boot),
-        peers: of_peers(&peer_held, &|l| med_kib(l, |l| l.rss_after_boot)),
-    });
-    rows.push(Row {
-        key: "anon_after_boot_kib",
-        what: "of which anonymous (not shared)".into(),
-        unit: "KiB",
-        moat: med_kib(&moat_held, |l| l.anon_after_boot),
-        peers: of_peers(&peer_held, &|l| med_kib(l, |l| l.anon_after_boot)),
-    });
-    rows.push(Row {
-        key: "rss_peak_kib",
-        what: "peak RSS without guest RAM (5 ms samples)".into(),
-        unit: "KiB",
-        moat: med_kib(&moat_held, |l| l.rss_peak),
-        peers: of_peers(&peer_held, &|l| med_kib(l, |l| l.rss_peak)),
-    });
+        moat: med_kib(&moat_held, f),
+        peers: of_peers(&peer_held, &|l| med_kib(l, f)),
+    };
+    rows.extend([
+        memory_row(
+            "rss_after_boot_kib",
+            "RSS without guest RAM, guest booted",
+            |l| l.rss_after_boot,
+        ),
+        memory_row(
+            "anon_after_boot_kib",
+            "of which anonymous (not shared)",
+            |l| l.anon_after_boot,
+        ),
+        memory_row(
+            "rss_peak_kib",
+            "peak RSS without guest RAM (5 ms samples)",
+            |l| l.rss_peak,
+        ),
+    ]);
     rows.push(Row {
         key: "api_socket_ready_ms",
         what: "exec -> API socket accepts (moat --api-sock)".into(),
@@ -1325,20 +1328,22 @@ fn run_in_rig(setup: &Setup) {
     cmd.arg("--").arg(exe).arg("--inside").args(setup.args());
     cmd.stdin(Stdio::null()).stderr(Stdio::inherit());
     // A 2-vCPU L1 crashes now and then under this much I/O (rig.sh exits
-    // 125; its console is on stderr above): that costs a run, not the
-    // benchmark.
+    // 125), and its emulated interrupts now and then leave a guest hung
+    // (docs/testing.md): the failure, printed on stderr above, costs a
+    // run, not the benchmark.
     const ATTEMPTS: u32 = 3;
     let mut attempt = 1;
     let out = loop {
         let out = cmd
             .output()
             .unwrap_or_else(|e| panic!("run resources/rig.sh: {e}"));
-        if out.status.code() != Some(125) || attempt == ATTEMPTS {
+        if out.status.success() || attempt == ATTEMPTS {
             break out;
         }
         attempt += 1;
         eprintln!(
-            "vm bench: the rig itself failed (L1's console above); running again, attempt {attempt} of {ATTEMPTS}"
+            "vm bench: the run in the rig failed ({}; why above); running again, attempt {attempt} of {ATTEMPTS}",
+            out.status
         );
     };
     let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
