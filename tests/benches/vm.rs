@@ -1329,16 +1329,26 @@ fn run_in_rig(setup: &Setup) {
     cmd.stdin(Stdio::null()).stderr(Stdio::inherit());
     // A 2-vCPU L1 crashes now and then under this much I/O (rig.sh exits
     // 125), and its emulated interrupts now and then leave a guest hung
-    // (docs/testing.md): the failure, printed on stderr above, costs a
-    // run, not the benchmark.
+    // (docs/testing.md): the failure, printed with the run's output, costs
+    // a run, not the benchmark.
     const ATTEMPTS: u32 = 3;
     let mut attempt = 1;
-    let out = loop {
+    let (out, json) = loop {
         let out = cmd
             .output()
             .unwrap_or_else(|e| panic!("run resources/rig.sh: {e}"));
+        // Everything the run printed in L1 (its progress, a failed VM's
+        // console tail) comes on rig.sh's stdout: relayed, JSON kept.
+        let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+        let mut json = None;
+        for line in text.lines() {
+            match line.strip_prefix(JSON_PREFIX) {
+                Some(j) => json = Some(j.to_string()),
+                None => println!("{line}"),
+            }
+        }
         if out.status.success() || attempt == ATTEMPTS {
-            break out;
+            break (out, json);
         }
         attempt += 1;
         eprintln!(
@@ -1346,14 +1356,6 @@ fn run_in_rig(setup: &Setup) {
             out.status
         );
     };
-    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
-    let mut json = None;
-    for line in text.lines() {
-        match line.strip_prefix(JSON_PREFIX) {
-            Some(j) => json = Some(j.to_string()),
-            None => println!("{line}"),
-        }
-    }
     match (out.status.success(), json) {
         (true, Some(json)) => write_json(&json),
         _ => {
