@@ -376,7 +376,7 @@ impl Vm {
         }
 
         // The machine: VM and RAM.
-        let vm_fd = vm::create_vm(&kvm)?;
+        let vm_fd = Arc::new(vm::create_vm(&kvm)?);
         let memory = match restored_memory {
             None => vm::create_memory(&vm_fd, config.memory)?,
             Some(mapped) => {
@@ -491,7 +491,6 @@ impl Vm {
             trace,
             msr_indices: Arc::new(vcpu::snapshot_msrs(&kvm)?),
         };
-        let vm_fd = Arc::new(vm_fd);
         let handle = VmHandle {
             vcpus: Arc::new(Mutex::new(Vec::with_capacity(vcpu_fds.len()))),
             pause: shared.pause.clone(),

@@ -8,7 +8,8 @@
 //!
 //! - vCPU threads: `KVM_RUN` and the two vCPU reads of the halt probe, and
 //!   what the devices do when a guest writes their registers (the UART's
-//!   output, eventfd writes, a virtio device's activation and reset).
+//!   output, eventfd writes, a virtio device's activation and reset, and
+//!   mapping a virtio window's register page when the guest claims it).
 //! - The VMM thread (the event loop, and in API mode the controller once
 //!   the VM runs): I/O on disks, TAPs, Unix sockets and eventfds, epoll,
 //!   timers, kicking vCPUs, and opening a disk for `PATCH /drives`.
@@ -81,6 +82,18 @@ fn kvm_get_regs() -> u64 {
         KVMIO,
         0x81,
         std::mem::size_of::<kvm_bindings::kvm_regs>() as u32,
+    )
+}
+
+/// KVM_SET_USER_MEMORY_REGION: a vCPU maps a virtio device's register
+/// page when the guest's first DeviceID read claims the device's window
+/// (see [`crate::virtio`]).
+fn kvm_set_user_memory_region() -> u64 {
+    ioctl_expr(
+        1,
+        KVMIO,
+        0x46,
+        std::mem::size_of::<kvm_bindings::kvm_userspace_memory_region>() as u32,
     )
 }
 
@@ -192,6 +205,7 @@ pub fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
                 kvm_run(),
                 kvm_get_regs(),
                 kvm_get_mp_state(),
+                kvm_set_user_memory_region(),
                 tun_set_offload(),
                 // isatty (the boot timer's report), and the SIGSYS
                 // handler putting the terminal back.
@@ -546,6 +560,7 @@ mod tests {
         assert_eq!(kvm_run(), 0xae80);
         assert_eq!(kvm_get_regs(), 0x8090_ae81);
         assert_eq!(kvm_get_mp_state(), 0x8004_ae98);
+        assert_eq!(kvm_set_user_memory_region(), 0x4020_ae46);
         assert_eq!(tun_set_offload(), 0x4004_54d0);
     }
 

@@ -1,6 +1,10 @@
 //! Placing virtio devices: each gets a 4 KiB virtio-mmio window in the MMIO
 //! hole, an interrupt line, ioeventfds for its queues, a kernel command-line
 //! entry so the guest finds it, and an event-loop handler for its queues.
+//! Where KVM can map memory read-only, the window that owns a device gets
+//! its register page as a read-only memory slot (see
+//! [`moat_devices::virtio::mmio`]), so the guest reads registers without
+//! exits; each device has a slot number of its own for it.
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
@@ -8,14 +12,15 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use kvm_ioctls::{IoEventAddress, VmFd};
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
+use kvm_ioctls::{Cap, IoEventAddress, VmFd};
 use moat_boot::{layout, GuestMemoryMmap};
 use moat_devices::virtio::block::Block;
 use moat_devices::virtio::mmio::{MmioTransport, MmioWindow, MMIO_WINDOW, QUEUE_NOTIFY};
 use moat_devices::virtio::net::{default_mac, Net, Tap};
 use moat_devices::virtio::rng::{PoolWaiter, Rng};
 use moat_devices::virtio::vsock::{self, Vsock};
-use moat_devices::virtio::{Interrupt, VirtioDevice};
+use moat_devices::virtio::{Interrupt, RegisterPage, VirtioDevice};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::Bus;
@@ -42,6 +47,32 @@ pub struct MmioSlot {
     pub cmdline_base: u64,
     /// Interrupt line.
     pub irq: u32,
+}
+
+/// The KVM memory slot of the first device's register page; guest RAM
+/// takes the slots below (one or two regions).
+const FIRST_REGISTER_SLOT: u32 = 8;
+
+/// Maps `page` at `base` as KVM memory slot `slot`, read-only: the guest's
+/// reads of the window are then served from it, its writes still exit.
+/// A failure is logged and leaves the window's reads exiting as before.
+fn map_register_page(vm: &VmFd, slot: u32, base: u64, page: &RegisterPage) {
+    let region = kvm_userspace_memory_region {
+        slot,
+        guest_phys_addr: base,
+        memory_size: RegisterPage::SIZE,
+        userspace_addr: page.host_address(),
+        flags: KVM_MEM_READONLY,
+    };
+    // SAFETY: the page is page-aligned and lives as long as the window that
+    // maps it, which stays on the MMIO bus while any vCPU can run; the
+    // window's guest range overlaps no other slot (guest RAM ends below
+    // the MMIO hole, and each device has its own slot number and window).
+    if let Err(e) = unsafe { vm.set_user_memory_region(region) } {
+        log::warn!(
+            "could not map a virtio register page at {base:#x} ({e}); its reads exit as before"
+        );
+    }
 }
 
 /// The slot of the `index`th virtio device.
@@ -254,13 +285,14 @@ pub struct Attached {
 /// Puts each device behind a virtio-mmio transport on `mmio`, wires its
 /// interrupt (irqfd) and queue notifications (ioeventfds) into KVM.
 pub fn attach(
-    vm: &VmFd,
+    vm: &Arc<VmFd>,
     memory: &GuestMemoryMmap,
     mmio: &mut Bus,
     devices: Vec<Named>,
 ) -> Result<Vec<Attached>, Error> {
     let io = |what| move |e| Error::Io(what, e);
     let mut attached = Vec::with_capacity(devices.len());
+    let read_only_memory = vm.check_extension(Cap::ReadonlyMem);
     for (index, (name, device)) in devices.into_iter().enumerate() {
         let slot = slot(index);
         let interrupt = Arc::new(Interrupt::new().map_err(io("create an eventfd"))?);
@@ -280,7 +312,14 @@ pub fn attach(
         }
         let transport = Arc::new(Mutex::new(transport));
         for (window, base) in [slot.base, slot.cmdline_base].into_iter().enumerate() {
-            let window = Arc::new(Mutex::new(MmioWindow::new(transport.clone(), window as u8)));
+            let mut window = MmioWindow::new(transport.clone(), window as u8);
+            if read_only_memory {
+                let (vm, slot) = (vm.clone(), FIRST_REGISTER_SLOT + index as u32);
+                window.set_mapper(Box::new(move |page: &RegisterPage| {
+                    map_register_page(&vm, slot, base, page)
+                }));
+            }
+            let window = Arc::new(Mutex::new(window));
             mmio.insert(base, MMIO_WINDOW, &name, window)
                 .map_err(|e| Error::Internal(e.to_string()))?;
         }
@@ -367,6 +406,15 @@ mod tests {
             read_only,
             id: None,
         }
+    }
+
+    #[test]
+    fn register_pages_take_memory_slots_guest_ram_never_does() {
+        for size in [128 << 20, 4 << 30, 1 << 40] {
+            assert!(layout::ram_regions(size).len() as u32 <= FIRST_REGISTER_SLOT);
+        }
+        // KVM on x86 has had 509 user slots since Linux 4.x, 32 before.
+        assert!(FIRST_REGISTER_SLOT + MAX_DEVICES as u32 <= 32);
     }
 
     #[test]

@@ -1,6 +1,11 @@
 //! The virtio-mmio interrupt: a status register the guest reads and
 //! acknowledges, and an eventfd the VMM registers with KVM as an irqfd, so
 //! a device raises its interrupt from any thread without a vCPU exit.
+//!
+//! The status register is one word of the device's [`RegisterPage`]: the
+//! guest's view of the whole register window, which the VMM may map into
+//! the guest read-only, so that reading InterruptStatus on every interrupt
+//! costs no exit.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -11,18 +16,69 @@ pub const INT_VRING: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 /// InterruptStatus bit: the configuration (or device status) changed.
 pub const INT_CONFIG: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
 
+/// Offset of InterruptStatus in the register window.
+pub(crate) const INTERRUPT_STATUS: u64 = 0x060;
+
+/// A virtio-mmio register window as the guest reads it: 4 KiB, page
+/// aligned, little-endian 32-bit words. The transport writes every
+/// register's current value here whenever one changes (see
+/// [`crate::virtio::mmio`]); the VMM can give the page to KVM as a
+/// read-only memory slot at the window's address, and then the guest's
+/// reads are plain memory reads while its writes still exit to moat.
+#[repr(C, align(4096))]
+pub struct RegisterPage {
+    words: [AtomicU32; 1024],
+}
+
+impl RegisterPage {
+    /// The page's size.
+    pub const SIZE: u64 = 4096;
+
+    fn new() -> Box<Self> {
+        Box::new(Self {
+            words: std::array::from_fn(|_| AtomicU32::new(0)),
+        })
+    }
+
+    fn word(&self, offset: u64) -> &AtomicU32 {
+        &self.words[(offset / 4) as usize]
+    }
+
+    /// The word at `offset` (a multiple of 4 below 4096).
+    pub fn get(&self, offset: u64) -> u32 {
+        self.word(offset).load(Ordering::SeqCst)
+    }
+
+    /// Sets the word at `offset` (a multiple of 4 below 4096).
+    pub(crate) fn set(&self, offset: u64, value: u32) {
+        self.word(offset).store(value, Ordering::SeqCst);
+    }
+
+    /// Where the page is in moat's memory, for the VMM to map it.
+    pub fn host_address(&self) -> u64 {
+        self.words.as_ptr() as u64
+    }
+}
+
 /// A virtio-mmio device's interrupt line.
-#[derive(Debug)]
 pub struct Interrupt {
-    status: AtomicU32,
+    page: Box<RegisterPage>,
     irq: EventFd,
 }
 
+impl std::fmt::Debug for Interrupt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Interrupt")
+            .field("status", &self.status())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Interrupt {
-    /// A new interrupt with its own eventfd.
+    /// A new interrupt with its own eventfd and register page.
     pub fn new() -> std::io::Result<Self> {
         Ok(Self {
-            status: AtomicU32::new(0),
+            page: RegisterPage::new(),
             irq: crate::trigger::new_eventfd()?,
         })
     }
@@ -30,6 +86,15 @@ impl Interrupt {
     /// The eventfd to register as an irqfd.
     pub fn irq_fd(&self) -> &EventFd {
         &self.irq
+    }
+
+    /// The device's register page, InterruptStatus included.
+    pub fn page(&self) -> &RegisterPage {
+        &self.page
+    }
+
+    fn status_word(&self) -> &AtomicU32 {
+        self.page.word(INTERRUPT_STATUS)
     }
 
     /// Tells the driver a queue has used buffers.
@@ -43,31 +108,31 @@ impl Interrupt {
     }
 
     fn raise(&self, bits: u32) {
-        self.status.fetch_or(bits, Ordering::SeqCst);
+        self.status_word().fetch_or(bits, Ordering::SeqCst);
         // A full eventfd counter still means "interrupt pending".
         let _ = self.irq.write(1);
     }
 
     /// The InterruptStatus register.
     pub fn status(&self) -> u32 {
-        self.status.load(Ordering::SeqCst)
+        self.status_word().load(Ordering::SeqCst)
     }
 
     /// The InterruptACK register: clears the acknowledged bits.
     pub fn ack(&self, bits: u32) {
-        self.status.fetch_and(!bits, Ordering::SeqCst);
+        self.status_word().fetch_and(!bits, Ordering::SeqCst);
     }
 
     /// Sets the InterruptStatus register to what a snapshot recorded,
     /// without raising the line (the interrupt controller's own state,
     /// restored with the VM's, says whether it is pending).
     pub fn restore_status(&self, bits: u32) {
-        self.status.store(bits, Ordering::SeqCst);
+        self.status_word().store(bits, Ordering::SeqCst);
     }
 
     /// Clears everything (device reset).
     pub fn clear(&self) {
-        self.status.store(0, Ordering::SeqCst);
+        self.status_word().store(0, Ordering::SeqCst);
     }
 }
 
@@ -86,5 +151,19 @@ mod tests {
         assert_eq!(irq.status(), INT_CONFIG);
         irq.clear();
         assert_eq!(irq.status(), 0);
+    }
+
+    #[test]
+    fn the_status_is_the_register_pages_word_and_the_page_is_page_aligned() {
+        let irq = Interrupt::new().unwrap();
+        irq.signal_used_queue();
+        assert_eq!(irq.page().get(INTERRUPT_STATUS), INT_VRING);
+        irq.ack(INT_VRING);
+        assert_eq!(irq.page().get(INTERRUPT_STATUS), 0);
+        assert_eq!(irq.page().host_address() % RegisterPage::SIZE, 0);
+        assert_eq!(
+            std::mem::size_of::<RegisterPage>() as u64,
+            RegisterPage::SIZE
+        );
     }
 }

@@ -14,6 +14,15 @@
 //! first window whose DeviceID the guest reads owns the device, and every
 //! other window then reads as the empty placeholder of virtio 1.2, 4.2.2
 //! (magic and version, DeviceID 0), which Linux skips without a message.
+//!
+//! Reads need not exit at all. The transport keeps the guest's view of its
+//! registers and config space in a [`RegisterPage`], rewritten after every
+//! change (a register write, a reset, a failure, a config change; the
+//! interrupt line sets its status word itself). Once a window owns the
+//! device, it hands the page to the VMM ([`MmioWindow::set_mapper`]), which
+//! maps it at the window as a read-only KVM memory slot: from then on the
+//! guest's reads (InterruptStatus on every interrupt above all) are memory
+//! reads, and its writes still exit here (or end in an ioeventfd).
 
 use std::sync::Arc;
 
@@ -24,7 +33,8 @@ use virtio_bindings::virtio_config::{
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{GuestMemoryMmap, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::interrupt::INTERRUPT_STATUS;
+use super::{GuestMemoryMmap, Interrupt, RegisterPage, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::bus::BusDevice;
 
 /// Size of a device's register window.
@@ -44,7 +54,6 @@ const QUEUE_SEL: u64 = 0x030;
 const QUEUE_NUM_MAX: u64 = 0x034;
 const QUEUE_NUM: u64 = 0x038;
 const QUEUE_READY: u64 = 0x044;
-const INTERRUPT_STATUS: u64 = 0x060;
 const INTERRUPT_ACK: u64 = 0x064;
 const STATUS: u64 = 0x070;
 const QUEUE_DESC_LOW: u64 = 0x080;
@@ -200,12 +209,20 @@ pub struct MmioTransport {
 pub struct MmioWindow {
     transport: Arc<std::sync::Mutex<MmioTransport>>,
     window: u8,
+    /// Holds the register page the mapper maps for as long as the window
+    /// is on the bus.
     interrupt: Arc<Interrupt>,
     /// This window owns the transport. Ownership, once taken, never moves
     /// (see [`MmioTransport::read_window`]), so this is learnt once, under
     /// the lock.
     owns: bool,
+    /// Maps the register page at this window, called once when the window
+    /// is found to own the device.
+    mapper: Option<Mapper>,
 }
+
+/// What maps a device's [`RegisterPage`] into the guest at its window.
+pub type Mapper = Box<dyn FnOnce(&RegisterPage) + Send>;
 
 impl MmioWindow {
     /// Window `window` of `transport`.
@@ -220,15 +237,28 @@ impl MmioWindow {
             window,
             interrupt,
             owns: false,
+            mapper: None,
         }
     }
 
+    /// Has `mapper` map the device's register page at this window once
+    /// the window owns the device (see the module notes). The page
+    /// outlives the mapping: the window holds it while on the bus.
+    pub fn set_mapper(&mut self, mapper: Mapper) {
+        self.mapper = Some(mapper);
+    }
+
     /// Runs `f` on the transport under its lock, and learns whether this
-    /// window owns it.
+    /// window owns it; an owner maps the register page the first time.
     fn locked(&mut self, f: impl FnOnce(&mut MmioTransport, u8)) {
         let mut transport = self.transport.lock().unwrap_or_else(|e| e.into_inner());
         f(&mut transport, self.window);
         self.owns = transport.owner == Some(self.window);
+        if self.owns {
+            if let Some(map) = self.mapper.take() {
+                map(self.interrupt.page());
+            }
+        }
     }
 }
 
@@ -266,7 +296,7 @@ impl MmioTransport {
             .iter()
             .map(|_| crate::trigger::new_eventfd())
             .collect::<std::io::Result<Vec<_>>>()?;
-        Ok(Self {
+        let transport = Self {
             device,
             mem,
             interrupt,
@@ -284,7 +314,27 @@ impl MmioTransport {
             notifications: 0,
             needs_reset: 0,
             last_error: None,
-        })
+        };
+        transport.render();
+        Ok(transport)
+    }
+
+    /// Writes every register but InterruptStatus (the interrupt line's own
+    /// word) and the config space into the register page, as a read
+    /// through the transport would return them.
+    fn render(&self) {
+        let page = self.interrupt.page();
+        for offset in (0..CONFIG).step_by(4) {
+            if offset != INTERRUPT_STATUS {
+                page.set(offset, self.read_register(offset));
+            }
+        }
+        let mut config = [0u8; (MMIO_WINDOW - CONFIG) as usize];
+        self.device.read_config(0, &mut config);
+        for (offset, word) in (CONFIG..).step_by(4).zip(config.chunks_exact(4)) {
+            let word: [u8; 4] = word.try_into().unwrap_or_default();
+            page.set(offset, u32::from_le_bytes(word));
+        }
     }
 
     /// Names the device for logs and metrics (`block_rootfs`, `net_eth0`).
@@ -319,6 +369,7 @@ impl MmioTransport {
     /// config-change interrupt once the driver is up (virtio 1.2, 2.5.1).
     pub fn config_changed(&mut self) {
         self.config_generation = self.config_generation.wrapping_add(1);
+        self.render();
         if self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
             self.interrupt.signal_config_change();
         }
@@ -365,6 +416,12 @@ impl MmioTransport {
     /// device must be the same kind with the same queues; guest memory must
     /// be the snapshot's.
     pub fn restore(&mut self, state: &TransportState) -> Result<(), String> {
+        let restored = self.restore_registers(state);
+        self.render();
+        restored
+    }
+
+    fn restore_registers(&mut self, state: &TransportState) -> Result<(), String> {
         if state.device_type != self.device.device_type() {
             return Err(format!(
                 "{}: the snapshot has a device of type {} here, this VM one of type {}",
@@ -488,6 +545,7 @@ impl MmioTransport {
         self.active = false;
         self.device.reset();
         self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+        self.render();
         self.interrupt.signal_config_change();
     }
 
@@ -687,6 +745,7 @@ impl MmioTransport {
         } else if let (Ok(bytes), 0) = (<[u8; 4]>::try_from(data), offset % 4) {
             self.write_register(offset, u32::from_le_bytes(bytes));
         }
+        self.render();
     }
 }
 
@@ -734,7 +793,9 @@ mod tests {
             VIRTIO_F_VERSION_1 | 1 << 5
         }
         fn read_config(&self, offset: u64, data: &mut [u8]) {
-            data.fill(offset as u8);
+            for (at, byte) in (offset..).zip(data.iter_mut()) {
+                *byte = at as u8;
+            }
         }
         fn activate(&mut self, features: u64, queues: Vec<Queue>) -> Result<(), DeviceError> {
             self.log
@@ -777,6 +838,136 @@ mod tests {
 
     fn read(t: &mut MmioTransport, offset: u64) -> u32 {
         test_driver::read32(t, offset)
+    }
+
+    /// The guest's view of a window whose register page is mapped: reads
+    /// come from the page, writes reach the transport.
+    struct Mapped<'a>(&'a mut MmioTransport);
+
+    impl BusDevice for Mapped<'_> {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
+            let page = self.0.interrupt.page();
+            for (at, byte) in (offset..).zip(data.iter_mut()) {
+                *byte = page.get(at & !3).to_le_bytes()[(at % 4) as usize];
+            }
+        }
+
+        fn write(&mut self, offset: u64, data: &[u8]) {
+            self.0.write(offset, data);
+        }
+    }
+
+    /// Every word of the page is what a read through the transport returns.
+    fn assert_page_matches(t: &mut MmioTransport) {
+        for offset in (0..MMIO_WINDOW).step_by(4) {
+            let page = t.interrupt.page().get(offset);
+            assert_eq!(page, read(t, offset), "register page at {offset:#x}");
+        }
+    }
+
+    #[test]
+    fn a_driver_reading_only_the_register_page_brings_the_device_up_and_down() {
+        let (mut t, log, mem) = setup(Recorder::default());
+        assert_page_matches(&mut t);
+        assert_eq!(read(&mut t, DEVICE_ID), 42);
+        // Features the device does not offer: FEATURES_OK must read back
+        // clear from the page.
+        let refused = Driver::init(
+            &mut Mapped(&mut t),
+            &mem,
+            1 << 40 | VIRTIO_F_VERSION_1,
+            &[4],
+        );
+        assert_eq!(refused.err().as_deref(), Some("device refused FEATURES_OK"));
+        // QueueNumMax follows QueueSel: the page is rewritten on the write.
+        Driver::init(&mut Mapped(&mut t), &mem, VIRTIO_F_VERSION_1, &[16, 8]).unwrap();
+        assert!(t.is_active());
+        assert_page_matches(&mut t);
+        t.process_queue(1);
+        let vring = super::super::interrupt::INT_VRING;
+        assert_eq!(
+            test_driver::read32(&mut Mapped(&mut t), INTERRUPT_STATUS),
+            vring
+        );
+        test_driver::write32(&mut Mapped(&mut t), INTERRUPT_ACK, vring);
+        assert_eq!(
+            test_driver::read32(&mut Mapped(&mut t), INTERRUPT_STATUS),
+            0
+        );
+        t.config_changed();
+        assert_eq!(
+            test_driver::read32(&mut Mapped(&mut t), CONFIG_GENERATION),
+            1
+        );
+        let mut mac = [0u8; 3];
+        Mapped(&mut t).read(CONFIG + 5, &mut mac);
+        assert_eq!(mac, [5, 6, 7]);
+        assert_page_matches(&mut t);
+        test_driver::write32(&mut Mapped(&mut t), STATUS, 0);
+        assert_eq!(test_driver::read32(&mut Mapped(&mut t), STATUS), 0);
+        assert!(log.lock().unwrap().contains(&"reset".to_string()));
+        assert_page_matches(&mut t);
+    }
+
+    #[test]
+    fn a_failing_device_shows_needs_reset_in_the_register_page() {
+        let (mut t, _, mem) = setup(Recorder {
+            fail_process: true,
+            ..Default::default()
+        });
+        assert_eq!(read(&mut t, DEVICE_ID), 42);
+        Driver::init(&mut Mapped(&mut t), &mem, VIRTIO_F_VERSION_1, &[16, 8]).unwrap();
+        t.process_queue(0);
+        let status = test_driver::read32(&mut Mapped(&mut t), STATUS);
+        assert_ne!(status & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+        assert_page_matches(&mut t);
+    }
+
+    #[test]
+    fn a_restored_transport_shows_its_registers_in_the_page() {
+        let (mut t, _, mem) = setup(Recorder::default());
+        Driver::init(&mut t, &mem, VIRTIO_F_VERSION_1, &[16, 8]).unwrap();
+        test_driver::write32(&mut t, QUEUE_SEL, 1);
+        t.config_changed();
+        let state = t.state();
+        let irq = Arc::new(Interrupt::new().unwrap());
+        let mut restored =
+            MmioTransport::new(Box::new(Recorder::default()), mem.clone(), irq).unwrap();
+        restored.restore(&state).unwrap();
+        assert_eq!(restored.interrupt.page().get(STATUS), 0xf);
+        assert_eq!(restored.interrupt.page().get(QUEUE_NUM_MAX), 8);
+        assert_page_matches(&mut restored);
+    }
+
+    #[test]
+    fn the_owning_window_maps_the_page_once_and_the_other_never() {
+        let (t, _, mem) = setup(Recorder::default());
+        let page = t.interrupt.page().host_address();
+        let shared = Arc::new(Mutex::new(t));
+        let mapped = Arc::new(Mutex::new(Vec::new()));
+        let mut windows: Vec<MmioWindow> = (0..2)
+            .map(|index| {
+                let mut window = MmioWindow::new(shared.clone(), index);
+                let mapped = mapped.clone();
+                window.set_mapper(Box::new(move |page: &RegisterPage| {
+                    mapped.lock().unwrap().push((index, page.host_address()));
+                }));
+                window
+            })
+            .collect();
+        for window in &mut windows {
+            test_driver::read32(window, MAGIC_VALUE);
+            test_driver::write32(window, STATUS, 1);
+        }
+        assert!(
+            mapped.lock().unwrap().is_empty(),
+            "mapped before a window owns it"
+        );
+        let (cmdline, rest) = windows.split_last_mut().unwrap();
+        Driver::init(cmdline, &mem, VIRTIO_F_VERSION_1, &[16, 8]).unwrap();
+        test_driver::read32(&mut rest[0], DEVICE_ID);
+        test_driver::read32(cmdline, STATUS);
+        assert_eq!(*mapped.lock().unwrap(), vec![(1, page)]);
     }
 
     #[test]
