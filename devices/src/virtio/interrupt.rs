@@ -49,9 +49,11 @@ impl RegisterPage {
         self.word(offset).load(Ordering::SeqCst)
     }
 
-    /// Sets the word at `offset` (a multiple of 4 below 4096).
+    /// Sets the word at `offset` (a multiple of 4 below 4096). The guest
+    /// reads it after the exit that made the change returns to it, or
+    /// after the interrupt that announces it: no stronger ordering needed.
     pub(crate) fn set(&self, offset: u64, value: u32) {
-        self.word(offset).store(value, Ordering::SeqCst);
+        self.word(offset).store(value, Ordering::Release);
     }
 
     /// Where the page is in moat's memory, for the VMM to map it.

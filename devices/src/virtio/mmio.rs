@@ -323,12 +323,24 @@ impl MmioTransport {
     /// word) and the config space into the register page, as a read
     /// through the transport would return them.
     fn render(&self) {
+        self.render_registers();
+        self.render_config();
+    }
+
+    /// The registers only: what a register write, a reset or a failure
+    /// changes.
+    fn render_registers(&self) {
         let page = self.interrupt.page();
         for offset in (0..CONFIG).step_by(4) {
             if offset != INTERRUPT_STATUS {
                 page.set(offset, self.read_register(offset));
             }
         }
+    }
+
+    /// The config space only: what a config write changes.
+    fn render_config(&self) {
+        let page = self.interrupt.page();
         let mut config = [0u8; (MMIO_WINDOW - CONFIG) as usize];
         self.device.read_config(0, &mut config);
         for (offset, word) in (CONFIG..).step_by(4).zip(config.chunks_exact(4)) {
@@ -545,7 +557,7 @@ impl MmioTransport {
         self.active = false;
         self.device.reset();
         self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
-        self.render();
+        self.render_registers();
         self.interrupt.signal_config_change();
     }
 
@@ -742,10 +754,17 @@ impl MmioTransport {
         }
         if offset >= CONFIG {
             self.device.write_config(offset - CONFIG, data);
+            self.render_config();
         } else if let (Ok(bytes), 0) = (<[u8; 4]>::try_from(data), offset % 4) {
             self.write_register(offset, u32::from_le_bytes(bytes));
+            match offset {
+                // Neither changes a register the page holds.
+                QUEUE_NOTIFY | INTERRUPT_ACK => {}
+                // A reset or activation may touch the device's config.
+                STATUS => self.render(),
+                _ => self.render_registers(),
+            }
         }
-        self.render();
     }
 }
 
