@@ -490,6 +490,12 @@ impl Vm {
             seccomp: filters.as_ref().map(|f| f.vcpu.clone()),
             trace,
             msr_indices: Arc::new(vcpu::snapshot_msrs(&kvm)?),
+            reset: Arc::new(
+                legacy
+                    .reset
+                    .try_clone()
+                    .map_err(|e| Error::Io("clone an eventfd", e))?,
+            ),
         };
         let handle = VmHandle {
             vcpus: Arc::new(Mutex::new(Vec::with_capacity(vcpu_fds.len()))),

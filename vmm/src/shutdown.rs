@@ -126,8 +126,11 @@ impl MutEventSubscriber for ExitWatcher {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         let fd = events.fd();
         if fd == self.reset.as_raw_fd() {
-            self.reset.drain();
+            // Recorded before the request is consumed: a vCPU that finds
+            // it consumed after a triple fault knows the reset is already
+            // the VM's exit reason (vcpu::triple_fault).
             self.exit.raise(VmExit::GuestReset);
+            self.reset.drain();
         } else if fd == self.power_off.as_raw_fd() {
             self.power_off.drain();
             self.exit.raise(VmExit::GuestPowerOff);

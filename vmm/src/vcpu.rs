@@ -15,6 +15,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 use moat_boot::cpu::{self, EntryPoint};
+use moat_devices::trigger::EventFdTrigger;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::boot_timer::FirstRun;
@@ -393,6 +394,9 @@ pub struct Shared {
     pub trace: Option<Arc<ExitTrace>>,
     /// The MSRs a snapshot saves (KVM's list).
     pub msr_indices: Arc<Vec<u32>>,
+    /// The guest's reset request (i8042 or ACPI reset register), which the
+    /// event loop serves; a vCPU looks at it when the guest triple-faults.
+    pub reset: Arc<EventFdTrigger>,
 }
 
 /// IA32_TSC_DEADLINE: restored after the TSC, or the deadline it holds
@@ -654,6 +658,21 @@ fn describe(exit: &VcpuExit) -> Exit {
 }
 
 /// Handles one exit; returns why the VM must stop, if it must.
+/// Why the VM ends when vCPU `cpu` triple-faults. Linux reboots by asking
+/// the i8042 (or the ACPI reset register) to reset the machine, waits
+/// about a millisecond, then triple-faults on purpose. When the event loop
+/// has not yet acted on the request by then (a busy host), the fault is
+/// the reboot's last step, not a crash. The event loop records the reset
+/// before it consumes the request (see [`crate::shutdown`]), so a request
+/// this finds consumed has already been recorded, and first reason wins.
+fn triple_fault(cpu: u8, reset: &EventFdTrigger) -> VmExit {
+    if reset.drain() > 0 {
+        VmExit::GuestReset
+    } else {
+        VmExit::TripleFault { cpu }
+    }
+}
+
 fn handle_exit(cpu: u8, exit: VcpuExit, shared: &Shared) -> Option<VmExit> {
     let count = |c: &AtomicU64| c.fetch_add(1, Ordering::Relaxed);
     match exit {
@@ -683,7 +702,7 @@ fn handle_exit(cpu: u8, exit: VcpuExit, shared: &Shared) -> Option<VmExit> {
             count(&shared.exits.other);
             None
         }
-        VcpuExit::Shutdown => Some(VmExit::TripleFault { cpu }),
+        VcpuExit::Shutdown => Some(triple_fault(cpu, &shared.reset)),
         VcpuExit::SystemEvent(kind, _) => match kind {
             KVM_SYSTEM_EVENT_SHUTDOWN => Some(VmExit::GuestPowerOff),
             KVM_SYSTEM_EVENT_RESET => Some(VmExit::GuestReset),
@@ -711,6 +730,19 @@ fn handle_exit(cpu: u8, exit: VcpuExit, shared: &Shared) -> Option<VmExit> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_superio::Trigger;
+
+    #[test]
+    fn a_triple_fault_after_a_reset_request_is_the_reset() {
+        let reset = EventFdTrigger::new().unwrap();
+        assert_eq!(triple_fault(1, &reset), VmExit::TripleFault { cpu: 1 });
+        // The guest wrote the i8042's reset command; the event loop has
+        // not served it yet.
+        reset.trigger().unwrap();
+        assert_eq!(triple_fault(1, &reset), VmExit::GuestReset);
+        // Served now, by the vCPU: the event loop finds nothing to do.
+        assert_eq!(reset.drain(), 0);
+    }
 
     /// A thread that ends once `until` is set (the stop flag, or a flag
     /// `stop_all` knows nothing of: a thread stuck in a device).
