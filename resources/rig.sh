@@ -200,7 +200,10 @@ initrd=$tmp/initrd.cpio
 cp "$RIG_INITRAMFS" "$initrd"
 "$here/lib/pack-cpio.sh" "$stage" >>"$initrd"
 
-append="console=ttyS1 reboot=t panic=-1 8250.nr_uarts=2 i8042.noaux i8042.nokbd tsc=reliable no_timer_check"
+# oops=panic: an oops in L1 (seen: a double fault in a task, a BUG in
+# kernel/entry) left L1 hung until --timeout; as a panic it ends the rig at
+# once, with the console kept, and the caller can run it again.
+append="console=ttyS1 reboot=t panic=-1 oops=panic 8250.nr_uarts=2 i8042.noaux i8042.nokbd tsc=reliable no_timer_check"
 # A periodic tick (no high-resolution one-shot timer, no tickless idle): a
 # timer interrupt lost by TCG's nested SVM would otherwise leave L1 halted
 # with no timer armed, for good (docs/testing.md).
