@@ -657,7 +657,6 @@ fn describe(exit: &VcpuExit) -> Exit {
     Exit { kind, addr, len }
 }
 
-/// Handles one exit; returns why the VM must stop, if it must.
 /// Why the VM ends when vCPU `cpu` triple-faults. Linux reboots by asking
 /// the i8042 (or the ACPI reset register) to reset the machine, waits
 /// about a millisecond, then triple-faults on purpose. When the event loop
@@ -673,6 +672,7 @@ fn triple_fault(cpu: u8, reset: &EventFdTrigger) -> VmExit {
     }
 }
 
+/// Handles one exit; returns why the VM must stop, if it must.
 fn handle_exit(cpu: u8, exit: VcpuExit, shared: &Shared) -> Option<VmExit> {
     let count = |c: &AtomicU64| c.fetch_add(1, Ordering::Relaxed);
     match exit {
