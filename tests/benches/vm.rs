@@ -27,7 +27,7 @@
 //! machine; the ratios are what carries over.
 
 use std::fmt::Write as _;
-use std::io::Read;
+use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -294,10 +294,18 @@ fn cloud_hypervisor_vm(
 }
 
 /// Firecracker booting from `config` (written to the temporary file of
-/// `tag`), logging errors only.
+/// `tag`), logging errors only. The launch rate starts Firecrackers from
+/// the same file in parallel, so the file is replaced whole (written
+/// beside it, then renamed over it): a Firecracker starting meanwhile
+/// reads one complete config, never a truncated one.
 fn firecracker_vm(firecracker: &Path, tag: &str, config: &str) -> Command {
+    static WRITES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let path = temp_file(tag, "json");
-    std::fs::write(&path, config).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let partial = temp_file(&format!("{tag}-{n}"), "json.partial");
+    std::fs::write(&partial, config)
+        .and_then(|()| std::fs::rename(&partial, &path))
+        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
     let mut cmd = Command::new(firecracker);
     cmd.arg("--no-api")
         .arg("--config-file")
@@ -1333,34 +1341,128 @@ fn run_in_rig(setup: &Setup) {
     // a run, not the benchmark.
     const ATTEMPTS: u32 = 3;
     let mut attempt = 1;
-    let (out, json) = loop {
-        let out = cmd
-            .output()
-            .unwrap_or_else(|e| panic!("run resources/rig.sh: {e}"));
-        // Everything the run printed in L1 (its progress, a failed VM's
-        // console tail) comes on rig.sh's stdout: relayed, JSON kept.
-        let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
-        let mut json = None;
-        for line in text.lines() {
-            match line.strip_prefix(JSON_PREFIX) {
-                Some(j) => json = Some(j.to_string()),
-                None => println!("{line}"),
-            }
-        }
-        if out.status.success() || attempt == ATTEMPTS {
-            break (out, json);
+    let (status, json) = loop {
+        let (status, json) = run_relayed(&mut cmd);
+        if status.as_ref().is_ok_and(ExitStatus::success) || attempt == ATTEMPTS {
+            break (status, json);
         }
         attempt += 1;
         eprintln!(
             "vm bench: the run in the rig failed ({}; why above); running again, attempt {attempt} of {ATTEMPTS}",
-            out.status
+            describe(&status)
         );
     };
-    match (out.status.success(), json) {
+    match (status.as_ref().is_ok_and(ExitStatus::success), json) {
         (true, Some(json)) => write_json(&json),
         _ => {
-            eprintln!("vm bench: the run in the rig failed ({})", out.status);
+            eprintln!(
+                "vm bench: the run in the rig failed ({})",
+                describe(&status)
+            );
             std::process::exit(1);
         }
     }
+}
+
+/// How long the run in the rig may print nothing before it counts as hung:
+/// longer than any one step (an I/O run is stopped after
+/// [`io::RUN_TIMEOUT`], and its servers' reads and writes time out after
+/// as long again), far shorter than rig.sh's own timeout for the whole run.
+const RIG_STALL: Duration = Duration::from_secs(3 * io::RUN_TIMEOUT.as_secs());
+
+/// Runs rig.sh, relaying each line the benchmark prints in L1 as it comes
+/// (its progress, a failed VM's console tail) and keeping the JSON line.
+/// A run that prints nothing for [`RIG_STALL`] is hung (L1 stalled, or a
+/// VMM stuck where no timeout reaches): rig.sh and everything it started
+/// are killed, and the run has failed.
+fn run_relayed(cmd: &mut Command) -> (Result<ExitStatus, String>, Option<String>) {
+    cmd.stdout(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("run resources/rig.sh: {e}"));
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (line_tx, line_rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).split(b'\n') {
+            let Ok(line) = line else { break };
+            let line = String::from_utf8_lossy(&line).replace('\r', "");
+            if line_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut json = None;
+    let mut stalled = false;
+    loop {
+        match line_rx.recv_timeout(RIG_STALL) {
+            Ok(line) => match line.strip_prefix(JSON_PREFIX) {
+                Some(j) => json = Some(j.to_string()),
+                None => println!("{line}"),
+            },
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                eprintln!(
+                    "vm bench: the run in the rig printed nothing for {} s: stopping it",
+                    RIG_STALL.as_secs()
+                );
+                stalled = true;
+                kill_tree(child.id());
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    let status = child.wait().map_err(|e| format!("wait for rig.sh: {e}"));
+    if stalled {
+        return (
+            Err(format!("no output for {} s", RIG_STALL.as_secs())),
+            None,
+        );
+    }
+    (status, json)
+}
+
+/// A run's end, for the messages.
+fn describe(status: &Result<ExitStatus, String>) -> String {
+    match status {
+        Ok(status) => status.to_string(),
+        Err(e) => e.clone(),
+    }
+}
+
+/// SIGKILLs `pid` and every process descended from it (rig.sh, `timeout`,
+/// QEMU, rig.sh's helpers), children first found while the parents still
+/// exist. rig.sh keeps the caller's process group, so ^C still reaches
+/// all of them.
+fn kill_tree(pid: u32) {
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while i < tree.len() {
+        tree.extend(children_of(tree[i]));
+        i += 1;
+    }
+    for pid in tree {
+        if let Ok(pid) = i32::try_from(pid) {
+            // SAFETY: kill(2) touches no memory of ours.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// The pids whose parent is `parent`, from /proc.
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // The fields after "(comm) ": state, then ppid.
+                    let rest = stat.rsplit_once(") ")?.1;
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(parent)
+        })
+        .collect()
 }

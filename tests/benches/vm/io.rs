@@ -39,7 +39,7 @@ const HTTP_PORT: u16 = 8080;
 const SINK_PORT: u16 = 5001;
 /// One I/O run may take this long (under moat it takes about 2 minutes in
 /// the rig).
-const RUN_TIMEOUT: Duration = Duration::from_secs(300);
+pub(super) const RUN_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The guest's /test.sh: prints IO-<KEY>-MS=<ms> for each figure.
 const GUEST_SCRIPT: &str = r#"
@@ -322,7 +322,10 @@ fn accept_each(listener: &TcpListener, stop: &AtomicBool, handle: fn(TcpStream))
         match listener.accept() {
             Ok((stream, _)) => {
                 let _ = stream.set_nonblocking(false);
+                // Both ways: a guest that dies mid-transfer must not hold
+                // the run (and the joins after it) until TCP gives up.
                 let _ = stream.set_read_timeout(Some(RUN_TIMEOUT));
+                let _ = stream.set_write_timeout(Some(RUN_TIMEOUT));
                 handle(stream);
             }
             Err(_) => std::thread::sleep(Duration::from_millis(20)),
