@@ -844,6 +844,17 @@ fn launch_rate(
     Ok(launches as f64 / started.elapsed().as_secs_f64())
 }
 
+/// `attempt`, and once more if it fails: in the rig a guest now and then
+/// dies of the rig's own flakes (docs/testing.md), whichever VMM runs it.
+/// The failure is printed with its console tail; a second one in a row
+/// fails the run.
+fn once_more<T>(what: &str, mut attempt: impl FnMut() -> Result<T, String>) -> Result<T, String> {
+    attempt().or_else(|e| {
+        eprintln!("vm bench: {what} failed, once more: {e}");
+        attempt()
+    })
+}
+
 /// One table row: a figure for moat and for each peer (in
 /// `Setup::peers`' order; `None` where it has no such figure).
 struct Row {
@@ -868,17 +879,22 @@ fn measure(setup: &Setup, place: &str) -> Result<(String, String), String> {
     // Interleaved, so that drift in the machine hits every VMM alike.
     for run in 0..setup.runs {
         eprintln!("vm bench: boot {}/{}", run + 1, setup.runs);
-        let timed = |cmd: Command, sample_memory: bool| {
-            scrub(setup.scrub_mib);
-            launch(cmd, sample_memory)
+        let timed = |cmd: &dyn Fn() -> Command, sample_memory: bool| {
+            once_more("a boot", || {
+                scrub(setup.scrub_mib);
+                launch(cmd(), sample_memory)
+            })
         };
-        moat_boots.push(timed(setup.moat(0), false)?);
-        let mut traced = setup.moat(0);
-        traced.arg("--trace-exits");
-        traced_boots.push(timed(traced, false)?);
-        moat_held.push(timed(setup.moat(HOLD_MS), true)?);
+        moat_boots.push(timed(&|| setup.moat(0), false)?);
+        let traced = || {
+            let mut traced = setup.moat(0);
+            traced.arg("--trace-exits");
+            traced
+        };
+        traced_boots.push(timed(&traced, false)?);
+        moat_held.push(timed(&|| setup.moat(HOLD_MS), true)?);
         api_held.push(timed(
-            setup.moat_api(&HOLD_MS.to_string(), &run.to_string()),
+            &|| setup.moat_api(&HOLD_MS.to_string(), &run.to_string()),
             true,
         )?);
         api_ready.push(api_socket_ready(setup)?);
@@ -891,8 +907,8 @@ fn measure(setup: &Setup, place: &str) -> Result<(String, String), String> {
         snapshots.push(snapshot);
         for (i, peer) in setup.peers.iter().enumerate() {
             let tag = run.to_string();
-            peer_boots[i].push(timed(peer.command(setup, 0, &tag), false)?);
-            peer_held[i].push(timed(peer.command(setup, HOLD_MS, &tag), true)?);
+            peer_boots[i].push(timed(&|| peer.command(setup, 0, &tag), false)?);
+            peer_held[i].push(timed(&|| peer.command(setup, HOLD_MS, &tag), true)?);
         }
     }
     // Firecracker's config files (see `Setup::firecracker`).
@@ -903,9 +919,9 @@ fn measure(setup: &Setup, place: &str) -> Result<(String, String), String> {
     eprintln!("vm bench: launch rate");
     // (one at a time, all CPUs at a time) for a VMM's command.
     let rates = |vm: &(dyn Fn() -> Command + Sync)| -> Result<(f64, Option<f64>), String> {
-        let one = launch_rate(vm, setup.launches, 1)?;
+        let one = once_more("a launch rate", || launch_rate(vm, setup.launches, 1))?;
         let all = (cpus > 1)
-            .then(|| launch_rate(vm, setup.launches, cpus))
+            .then(|| once_more("a launch rate", || launch_rate(vm, setup.launches, cpus)))
             .transpose()?;
         Ok((one, all))
     };
