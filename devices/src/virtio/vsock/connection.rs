@@ -15,6 +15,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 
 use vm_memory::VolatileSlice;
+use vmm_sys_util::epoll::EventSet;
 
 use super::packet::{Header, HOST_CID, OP_CREDIT_UPDATE, TYPE_STREAM};
 
@@ -72,6 +73,9 @@ pub struct Connection {
     pub host_eof: bool,
     /// The host end's write side is shut (after the guest's SHUTDOWN_SEND).
     host_write_shut: bool,
+    /// What the muxer's epoll set watches the host end for (empty: the
+    /// socket is not in the set).
+    pub polled: EventSet,
 }
 
 /// The guest broke the credit rules: the connection must be reset.
@@ -96,6 +100,7 @@ impl Connection {
             guest_shutdown: 0,
             host_eof: false,
             host_write_shut: false,
+            polled: EventSet::empty(),
         }
     }
 

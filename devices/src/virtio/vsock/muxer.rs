@@ -130,6 +130,8 @@ pub struct MuxerStats {
     pub dropped: u64,
     /// Control packets dropped because the guest posted no buffers.
     pub control_dropped: u64,
+    /// epoll_ctl calls for connections' sockets (each a system call).
+    pub poll_updates: u64,
 }
 
 /// The host side of the device.
@@ -242,7 +244,7 @@ impl Muxer {
 
     /// Serves what the host side has ready, without blocking.
     pub fn process_host(&mut self) {
-        let mut events = vec![EpollEvent::default(); 64];
+        let mut events = [EpollEvent::default(); 64];
         let Ok(n) = self.epoll.wait(0, &mut events) else {
             return;
         };
@@ -442,9 +444,12 @@ impl Muxer {
         self.update_interest(key);
     }
 
-    /// Sets a connection's epoll interest from its state.
+    /// Sets a connection's epoll interest from its state, with a system
+    /// call only when it changes (a stream to the guest would otherwise
+    /// make one per packet).
     fn update_interest(&mut self, key: Key) {
-        let Some(conn) = self.conns.get(&key) else {
+        let queued = self.ready.contains(&key);
+        let Some(conn) = self.conns.get_mut(&key) else {
             return;
         };
         let mut events = EventSet::empty();
@@ -452,27 +457,36 @@ impl Muxer {
             && !conn.host_eof
             && conn.guest_shutdown & SHUTDOWN_RCV == 0
             && conn.guest_credit() > 0
-            && !self.ready.contains(&key);
+            && !queued;
         if readable {
             events |= EventSet::IN;
         }
         if conn.has_pending() {
             events |= EventSet::OUT;
         }
+        if events == conn.polled {
+            return;
+        }
         let fd = conn.stream.as_raw_fd();
+        let event = EpollEvent::new(events, fd as u64);
         // With no interest the socket leaves the set: epoll reports a hang
         // up even unasked, which would spin the loop while the guest has
         // no credit.
-        if events.is_empty() {
-            let _ = self
-                .epoll
-                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
-            return;
+        let (op, fallback) = if events.is_empty() {
+            (ControlOperation::Delete, None)
+        } else if conn.polled.is_empty() {
+            (ControlOperation::Add, Some(ControlOperation::Modify))
+        } else {
+            (ControlOperation::Modify, Some(ControlOperation::Add))
+        };
+        self.stats.poll_updates += 1;
+        let mut done = self.epoll.ctl(op, fd, event).is_ok();
+        if let (false, Some(op)) = (done, fallback) {
+            self.stats.poll_updates += 1;
+            done = self.epoll.ctl(op, fd, event).is_ok();
         }
-        let event = EpollEvent::new(events, fd as u64);
-        if self.epoll.ctl(ControlOperation::Modify, fd, event).is_err() {
-            let _ = self.epoll.ctl(ControlOperation::Add, fd, event);
-        }
+        // A failed Delete leaves nothing registered either.
+        conn.polled = if done { events } else { EventSet::empty() };
     }
 
     /// Closes a connection; with `tell_guest`, queues an RST for it.

@@ -703,3 +703,26 @@ fn a_guest_sending_to_a_prompt_host_reader_gets_credit_updates() {
     });
     assert_eq!(reader.join().unwrap(), 2 * BUF_ALLOC as usize);
 }
+
+#[test]
+fn streaming_to_the_guest_does_not_touch_epoll_per_packet() {
+    let mut r = rig("pollcalls");
+    let (mut client, _) = r.host_connect(1234);
+    // A burst fills the eight 4 KiB buffers `data_to_guest` posts.
+    let chunk = [3u8; RX_BUF as usize - HEADER_LEN];
+    let mut got = 0;
+    let before = r.dev.stats().poll_updates;
+    // Eight bursts stay within the 256 KiB credit the guest gave.
+    for _ in 0..8 {
+        for _ in 0..8 {
+            client.write_all(&chunk).unwrap();
+        }
+        got += r.data_to_guest().len();
+    }
+    assert_eq!(got, 8 * 8 * chunk.len());
+    // A packet per buffer: 64 packets. The socket's epoll interest only
+    // changes when it goes from "read when the guest has buffers" to
+    // "wait for data" and back, once per burst at most.
+    let updates = r.dev.stats().poll_updates - before;
+    assert!(updates <= 2 * 8, "{updates} epoll updates for 8 bursts");
+}
