@@ -6,6 +6,11 @@
 //! virtio-vsock write(2) and read(2) on a Unix socket pair, with a thread
 //! at the far end of both.
 //!
+//! Each row also counts the interrupts the device raised per request and
+//! gives the ceiling they set: the dev/base of a device that did nothing
+//! but the baseline's I/O and that many eventfd writes (each timed here
+//! too), the least a VMM whose interrupts are irqfds pays.
+//!
 //!     cargo bench -p moat-devices --features test-driver --bench device_cost
 //!
 //! Prints a table and writes target/bench/device_cost.json. Figures are
@@ -46,6 +51,8 @@ struct Measurement {
     requests: u64,
     wall: Duration,
     cpu: Duration,
+    /// Interrupts the device raised meanwhile (see [`counting_interrupts`]).
+    interrupts: u64,
 }
 
 impl Measurement {
@@ -55,6 +62,34 @@ impl Measurement {
     fn cpu_us_per_request(&self) -> f64 {
         self.cpu.as_secs_f64() * 1e6 / self.requests as f64
     }
+    fn interrupts_per_request(&self) -> f64 {
+        self.interrupts as f64 / self.requests as f64
+    }
+}
+
+/// Runs a device's measurement and counts the interrupts it raised: the
+/// writes to its interrupt eventfd, which nothing else reads here (the
+/// counter adds them up). The warm-up's few requests are counted too.
+fn counting_interrupts(irq: &Interrupt, run: impl FnOnce() -> Measurement) -> Measurement {
+    let _ = irq.irq_fd().read(); // zero it (EAGAIN if it is)
+    let mut m = run();
+    m.interrupts = irq.irq_fd().read().unwrap_or(0);
+    m
+}
+
+/// The least an interrupt costs the device: one write(2) to an eventfd
+/// (under KVM the irqfd's injection into the guest comes on top).
+fn signal_cost() -> Duration {
+    let efd = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let m = measure(|_| efd.write(1).unwrap());
+    m.wall / m.requests as u32
+}
+
+/// The highest dev/base a device can reach when each of its requests does
+/// what the baseline does plus `interrupts_per_request` eventfd writes.
+fn ceiling(dev: &Measurement, base: &Measurement, signal: Duration) -> f64 {
+    let base_time = 1.0 / base.per_second();
+    base_time / (base_time + dev.interrupts_per_request() * signal.as_secs_f64())
 }
 
 /// Runs `op(i)` for RUN_FOR and measures it.
@@ -74,6 +109,7 @@ fn measure(mut op: impl FnMut(u64)) -> Measurement {
         requests,
         wall: start.elapsed(),
         cpu: cpu_time() - cpu,
+        interrupts: 0,
     }
 }
 
@@ -96,6 +132,7 @@ fn measure_rounds(per_round: u64, mut round: impl FnMut(Half)) -> Measurement {
         requests: 0,
         wall: Duration::ZERO,
         cpu: Duration::ZERO,
+        interrupts: 0,
     };
     while started.elapsed() < RUN_FOR {
         round(Half::Prepare);
@@ -150,11 +187,13 @@ fn net_rows() -> Result<Vec<(String, u64, Measurement, Measurement)>, String> {
     for (size, baseline) in sizes.into_iter().zip(baselines) {
         let frame = frame(size);
         mem.write_slice(&frame, GuestAddress(DATA)).unwrap();
-        let device = measure(|_| {
-            driver.queues[1].add_chain(&mem, &[(DATA, frame.len() as u32, false)]);
-            transport.process_queue(1);
-            driver.queues[1].take_used(&mem);
-            irq.ack(1);
+        let device = counting_interrupts(&irq, || {
+            measure(|_| {
+                driver.queues[1].add_chain(&mem, &[(DATA, frame.len() as u32, false)]);
+                transport.process_queue(1);
+                driver.queues[1].take_used(&mem);
+                irq.ack(1);
+            })
         });
         rows.push((format!("virtio-net tx {size} B"), size, device, baseline));
     }
@@ -307,19 +346,21 @@ fn net_rx_rows() -> Result<Vec<(String, u64, Measurement, Measurement)>, String>
     for (size, baseline) in sizes.into_iter().zip(baselines) {
         let (frame, n) = (frame(size), batch(size));
         let buffers = n * (size + NET_HDR_LEN as u64).div_ceil(RX_BUFFER);
-        let device = measure_rounds(n, |half| {
-            if half == Half::Prepare {
-                for b in 0..buffers {
-                    let buffer = (DATA + b * RX_BUFFER, RX_BUFFER as u32, true);
-                    driver.queues[0].add_chain(&mem, &[buffer]);
+        let device = counting_interrupts(&irq, || {
+            measure_rounds(n, |half| {
+                if half == Half::Prepare {
+                    for b in 0..buffers {
+                        let buffer = (DATA + b * RX_BUFFER, RX_BUFFER as u32, true);
+                        driver.queues[0].add_chain(&mem, &[buffer]);
+                    }
+                    transport.process_queue(0);
+                    (0..n).for_each(|_| injector.send(&frame));
+                } else {
+                    transport.process_backend();
+                    assert_eq!(driver.queues[0].take_used(&mem).len() as u64, buffers);
+                    irq.ack(1);
                 }
-                transport.process_queue(0);
-                (0..n).for_each(|_| injector.send(&frame));
-            } else {
-                transport.process_backend();
-                assert_eq!(driver.queues[0].take_used(&mem).len() as u64, buffers);
-                irq.ack(1);
-            }
+            })
         });
         rows.push((format!("virtio-net rx {size} B"), size, device, baseline));
     }
@@ -399,20 +440,22 @@ fn vsock_rows() -> Vec<(String, u64, Measurement, Measurement)> {
     let credit_buf = DATA + (4 << 20);
     let (mut sent, mut fwd_cnt) = (0u32, 0u32);
     driver.queues[0].add_chain(&mem, &[(credit_buf, 4096, true)]);
-    let tx_device = measure(|_| {
-        while sent.wrapping_sub(fwd_cnt) + TX_BYTES as u32 > BUF_ALLOC {
-            t.process_backend();
-            for _ in driver.queues[0].take_used(&mem) {
-                let mut raw = [0u8; 44];
-                mem.read_slice(&mut raw, GuestAddress(credit_buf)).unwrap();
-                fwd_cnt = Header::from_bytes(&raw).fwd_cnt;
-                driver.queues[0].add_chain(&mem, &[(credit_buf, 4096, true)]);
-                t.process_queue(0);
+    let tx_device = counting_interrupts(&irq, || {
+        measure(|_| {
+            while sent.wrapping_sub(fwd_cnt) + TX_BYTES as u32 > BUF_ALLOC {
+                t.process_backend();
+                for _ in driver.queues[0].take_used(&mem) {
+                    let mut raw = [0u8; 44];
+                    mem.read_slice(&mut raw, GuestAddress(credit_buf)).unwrap();
+                    fwd_cnt = Header::from_bytes(&raw).fwd_cnt;
+                    driver.queues[0].add_chain(&mem, &[(credit_buf, 4096, true)]);
+                    t.process_queue(0);
+                }
+                irq.ack(1);
             }
-            irq.ack(1);
-        }
-        send(&mut driver, &mut t, header(OP_RW, TX_BYTES as u32));
-        sent = sent.wrapping_add(TX_BYTES as u32);
+            send(&mut driver, &mut t, header(OP_RW, TX_BYTES as u32));
+            sent = sent.wrapping_add(TX_BYTES as u32);
+        })
     });
     let (mut a, b) = UnixStream::pair().unwrap();
     let pair_reader = sink(b);
@@ -423,24 +466,27 @@ fn vsock_rows() -> Vec<(String, u64, Measurement, Measurement)> {
 
     // Host to guest: a writer keeps the socket full.
     let writer = source(stream.try_clone().unwrap());
-    let rx_device = measure_rounds(64, |half| match half {
-        Half::Prepare => {
-            driver.queues[0].take_used(&mem);
-            for i in 0..64 {
-                driver.queues[0].add_chain(&mem, &[(DATA + i * RX_BYTES, RX_BYTES as u32, true)]);
+    let rx_device = counting_interrupts(&irq, || {
+        measure_rounds(64, |half| match half {
+            Half::Prepare => {
+                driver.queues[0].take_used(&mem);
+                for i in 0..64 {
+                    driver.queues[0]
+                        .add_chain(&mem, &[(DATA + i * RX_BYTES, RX_BYTES as u32, true)]);
+                }
             }
-        }
-        Half::Complete => {
-            let mut got = 0;
-            let give_up = Instant::now() + Duration::from_secs(10);
-            while got < 64 {
-                t.process_queue(0);
-                t.process_backend();
-                got += driver.queues[0].take_used(&mem).len();
-                assert!(Instant::now() < give_up, "vsock receive stalled");
+            Half::Complete => {
+                let mut got = 0;
+                let give_up = Instant::now() + Duration::from_secs(10);
+                while got < 64 {
+                    t.process_queue(0);
+                    t.process_backend();
+                    got += driver.queues[0].take_used(&mem).len();
+                    assert!(Instant::now() < give_up, "vsock receive stalled");
+                }
+                irq.ack(1);
             }
-            irq.ack(1);
-        }
+        })
     });
     let (a, mut b) = UnixStream::pair().unwrap();
     let pair_writer = source(a);
@@ -492,22 +538,24 @@ fn main() {
     let mut rows = Vec::new();
     for size in [4u64 << 10, 64 << 10, 1 << 20] {
         for (name, kind, device_writes) in [("read", 0u32, true), ("write", 1u32, false)] {
-            let device = measure(|i| {
-                mem.write_obj(kind, GuestAddress(HEADER)).unwrap();
-                mem.write_obj(offset(i, size) / 512, GuestAddress(HEADER + 8))
-                    .unwrap();
-                driver.queues[0].add_chain(
-                    &mem,
-                    &[
-                        (HEADER, 16, false),
-                        (DATA, size as u32, device_writes),
-                        (STATUS, 1, true),
-                    ],
-                );
-                transport.process_queue(0);
-                let used = driver.queues[0].take_used(&mem);
-                assert_eq!(used.len(), 1);
-                irq.ack(1);
+            let device = counting_interrupts(&irq, || {
+                measure(|i| {
+                    mem.write_obj(kind, GuestAddress(HEADER)).unwrap();
+                    mem.write_obj(offset(i, size) / 512, GuestAddress(HEADER + 8))
+                        .unwrap();
+                    driver.queues[0].add_chain(
+                        &mem,
+                        &[
+                            (HEADER, 16, false),
+                            (DATA, size as u32, device_writes),
+                            (STATUS, 1, true),
+                        ],
+                    );
+                    transport.process_queue(0);
+                    let used = driver.queues[0].take_used(&mem);
+                    assert_eq!(used.len(), 1);
+                    irq.ack(1);
+                })
             });
             let mut buf = vec![0u8; size as usize];
             let baseline = measure(|i| {
@@ -536,8 +584,9 @@ fn main() {
     }
     rows.append(&mut vsock_rows());
 
+    let signal = signal_cost();
     println!(
-        "{:<26} {:>12} {:>10} {:>11} {:>12} {:>10} {:>11} {:>8}",
+        "{:<26} {:>12} {:>10} {:>11} {:>12} {:>10} {:>11} {:>8} {:>8} {:>8}",
         "case",
         "dev req/s",
         "dev MB/s",
@@ -545,13 +594,16 @@ fn main() {
         "base req/s",
         "base MB/s",
         "base cpu/req",
-        "dev/base"
+        "dev/base",
+        "irq/req",
+        "ceiling"
     );
     let mut json = Vec::new();
     for (name, size, dev, base) in &rows {
         let mb = |m: &Measurement| m.per_second() * *size as f64 / 1e6;
+        let ceiling = ceiling(dev, base, signal);
         println!(
-            "{:<26} {:>12.0} {:>10.1} {:>9.1}us {:>12.0} {:>10.1} {:>10.1}us {:>8.2}",
+            "{:<26} {:>12.0} {:>10.1} {:>9.1}us {:>12.0} {:>10.1} {:>10.1}us {:>8.2} {:>8.3} {:>8.2}",
             name,
             dev.per_second(),
             mb(dev),
@@ -559,17 +611,26 @@ fn main() {
             base.per_second(),
             mb(base),
             base.cpu_us_per_request(),
-            dev.per_second() / base.per_second()
+            dev.per_second() / base.per_second(),
+            dev.interrupts_per_request(),
+            ceiling
         );
         json.push(format!(
-            "{{\"case\":\"{name}\",\"bytes\":{size},\"device_req_per_s\":{:.1},\"device_cpu_us_per_req\":{:.2},\"baseline_req_per_s\":{:.1},\"baseline_cpu_us_per_req\":{:.2},\"device_over_baseline\":{:.3}}}",
+            "{{\"case\":\"{name}\",\"bytes\":{size},\"device_req_per_s\":{:.1},\"device_cpu_us_per_req\":{:.2},\"baseline_req_per_s\":{:.1},\"baseline_cpu_us_per_req\":{:.2},\"device_over_baseline\":{:.3},\"interrupts_per_req\":{:.4},\"ceiling\":{:.3}}}",
             dev.per_second(),
             dev.cpu_us_per_request(),
             base.per_second(),
             base.cpu_us_per_request(),
-            dev.per_second() / base.per_second()
+            dev.per_second() / base.per_second(),
+            dev.interrupts_per_request(),
+            ceiling
         ));
     }
+    println!(
+        "an interrupt (eventfd write) costs {:.2} us here; ceiling: the dev/base of a device \
+         that did only the baseline's I/O and irq/req such writes",
+        signal.as_secs_f64() * 1e6
+    );
     let out = dir.join("device_cost.json");
     std::fs::write(&out, format!("[\n{}\n]\n", json.join(",\n"))).unwrap();
     println!("wrote {}", out.display());
