@@ -46,8 +46,6 @@ const HOLD_MS: u64 = 1500;
 const CONSOLE_MARKER: &[u8] = b"MOAT-BENCH-INIT";
 /// What it writes once a line arrives, when told to wait for one.
 const RESUMED_MARKER: &[u8] = b"MOAT-BENCH-RESUMED";
-/// The line the in-rig run prints its JSON on.
-const JSON_PREFIX: &str = "MOAT-BENCH-JSON ";
 /// Any single boot taking longer than this is a failure.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// The one kernel command line, apart from how each VMM is told to reboot.
@@ -1216,6 +1214,10 @@ fn measure(setup: &Setup, place: &str) -> Result<(String, String), String> {
 }
 
 fn write_json(json: &str) {
+    if let Err(e) = serde_json::from_str::<serde_json::Value>(json) {
+        eprintln!("vm bench: the results are not valid JSON ({e}): {json}");
+        std::process::exit(1);
+    }
     let dir = repo_root().join("target/bench");
     let out = dir.join("vm.json");
     let written =
@@ -1235,8 +1237,17 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--inside") {
+        // The results go to a disk of the rig's (`--json-out DISK`), not
+        // to the console: L1's serial line once lost the end of the long
+        // JSON line.
+        let json_out = match args.iter().position(|a| a == "--json-out") {
+            Some(i) if i + 1 < args.len() => {
+                Some(PathBuf::from(args.drain(i..i + 2).nth(1).unwrap()))
+            }
+            _ => None,
+        };
         // In the rig: every path comes on the command line.
         let empty = Setup {
             moat: PathBuf::new(),
@@ -1255,7 +1266,17 @@ fn main() {
         match outcome {
             Ok((table, json)) => {
                 print!("{table}");
-                println!("{JSON_PREFIX}{json}");
+                let Some(out) = json_out else {
+                    eprintln!("vm bench: --inside needs --json-out DISK");
+                    std::process::exit(1);
+                };
+                if let Err(e) = write_results_disk(&out, &json) {
+                    eprintln!(
+                        "vm bench: cannot write the results to {}: {e}",
+                        out.display()
+                    );
+                    std::process::exit(1);
+                }
             }
             Err(e) => {
                 eprintln!("vm bench: {e}");
@@ -1349,7 +1370,11 @@ fn run_in_rig(setup: &Setup) {
         scrub_mib: 256,
         ..setup.clone()
     };
+    // The run in L1 writes its JSON to this file, L1's disk.
+    let results = temp_file("results", "disk");
+    cmd.arg("--disk").arg(&results);
     cmd.arg("--").arg(exe).arg("--inside").args(setup.args());
+    cmd.arg("--json-out").arg(&results);
     cmd.stdin(Stdio::null()).stderr(Stdio::inherit());
     // A 2-vCPU L1 crashes now and then under this much I/O (rig.sh exits
     // 125), and its emulated interrupts now and then leave a guest hung
@@ -1358,7 +1383,11 @@ fn run_in_rig(setup: &Setup) {
     const ATTEMPTS: u32 = 3;
     let mut attempt = 1;
     let (status, json) = loop {
-        let (status, json) = run_relayed(&mut cmd);
+        if let Err(e) = std::fs::write(&results, vec![0u8; RESULTS_DISK]) {
+            panic!("create {}: {e}", results.display());
+        }
+        let status = run_relayed(&mut cmd);
+        let json = read_results_disk(&results);
         if status.as_ref().is_ok_and(ExitStatus::success) || attempt == ATTEMPTS {
             break (status, json);
         }
@@ -1368,8 +1397,13 @@ fn run_in_rig(setup: &Setup) {
             describe(&status)
         );
     };
+    let _ = std::fs::remove_file(&results);
     match (status.as_ref().is_ok_and(ExitStatus::success), json) {
         (true, Some(json)) => write_json(&json),
+        (true, None) => {
+            eprintln!("vm bench: the run in the rig ended without writing its results");
+            std::process::exit(1);
+        }
         _ => {
             eprintln!(
                 "vm bench: the run in the rig failed ({})",
@@ -1387,11 +1421,11 @@ fn run_in_rig(setup: &Setup) {
 const RIG_STALL: Duration = Duration::from_secs(3 * io::RUN_TIMEOUT.as_secs());
 
 /// Runs rig.sh, relaying each line the benchmark prints in L1 as it comes
-/// (its progress, a failed VM's console tail) and keeping the JSON line.
+/// (its progress, a failed VM's console tail, its table).
 /// A run that prints nothing for [`RIG_STALL`] is hung (L1 stalled, or a
 /// VMM stuck where no timeout reaches): rig.sh and everything it started
 /// are killed, and the run has failed.
-fn run_relayed(cmd: &mut Command) -> (Result<ExitStatus, String>, Option<String>) {
+fn run_relayed(cmd: &mut Command) -> Result<ExitStatus, String> {
     cmd.stdout(Stdio::piped());
     let mut child = cmd
         .spawn()
@@ -1407,14 +1441,10 @@ fn run_relayed(cmd: &mut Command) -> (Result<ExitStatus, String>, Option<String>
             }
         }
     });
-    let mut json = None;
     let mut stalled = false;
     loop {
         match line_rx.recv_timeout(RIG_STALL) {
-            Ok(line) => match line.strip_prefix(JSON_PREFIX) {
-                Some(j) => json = Some(j.to_string()),
-                None => println!("{line}"),
-            },
+            Ok(line) => println!("{line}"),
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 eprintln!(
                     "vm bench: the run in the rig printed nothing for {} s: stopping it",
@@ -1428,12 +1458,32 @@ fn run_relayed(cmd: &mut Command) -> (Result<ExitStatus, String>, Option<String>
     }
     let status = child.wait().map_err(|e| format!("wait for rig.sh: {e}"));
     if stalled {
-        return (
-            Err(format!("no output for {} s", RIG_STALL.as_secs())),
-            None,
-        );
+        return Err(format!("no output for {} s", RIG_STALL.as_secs()));
     }
-    (status, json)
+    status
+}
+
+/// Size of the disk that carries the results out of the rig.
+const RESULTS_DISK: usize = 1 << 20;
+
+/// In L1: writes `json` and a newline at the start of the results disk
+/// (a block device there), through to the disk.
+fn write_results_disk(disk: &Path, json: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let line = format!("{json}\n");
+    if line.len() > RESULTS_DISK {
+        return Err(std::io::Error::other("the results outgrew the disk"));
+    }
+    let mut file = std::fs::OpenOptions::new().write(true).open(disk)?;
+    file.write_all(line.as_bytes())?;
+    file.sync_all()
+}
+
+/// On the host: the JSON line the run in L1 wrote to the results disk.
+fn read_results_disk(disk: &Path) -> Option<String> {
+    let bytes = std::fs::read(disk).ok()?;
+    let end = bytes.iter().position(|&b| b == b'\n')?;
+    String::from_utf8(bytes[..end].to_vec()).ok()
 }
 
 /// A run's end, for the messages.
