@@ -1424,7 +1424,7 @@ const RIG_STALL: Duration = Duration::from_secs(3 * io::RUN_TIMEOUT.as_secs());
 /// (its progress, a failed VM's console tail, its table).
 /// A run that prints nothing for [`RIG_STALL`] is hung (L1 stalled, or a
 /// VMM stuck where no timeout reaches): rig.sh and everything it started
-/// are killed, and the run has failed.
+/// are stopped ([`stop_tree`]), and the run has failed.
 fn run_relayed(cmd: &mut Command) -> Result<ExitStatus, String> {
     cmd.stdout(Stdio::piped());
     let mut child = cmd
@@ -1451,7 +1451,7 @@ fn run_relayed(cmd: &mut Command) -> Result<ExitStatus, String> {
                     RIG_STALL.as_secs()
                 );
                 stalled = true;
-                kill_tree(child.id());
+                stop_tree(&mut child);
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
@@ -1494,21 +1494,47 @@ fn describe(status: &Result<ExitStatus, String>) -> String {
     }
 }
 
-/// SIGKILLs `pid` and every process descended from it (rig.sh, `timeout`,
-/// QEMU, rig.sh's helpers), children first found while the parents still
-/// exist. rig.sh keeps the caller's process group, so ^C still reaches
-/// all of them.
-fn kill_tree(pid: u32) {
+/// How long a stalled rig.sh gets to end after SIGTERM.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Stops `rig` (rig.sh) and every process descended from it (`timeout`,
+/// QEMU, rig.sh's helpers): SIGTERM first, so that once QEMU is gone
+/// rig.sh's exit trap removes its temporary directory; SIGKILL for what
+/// is left after [`STOP_GRACE`]. rig.sh keeps the caller's process group,
+/// so ^C still reaches all of them.
+fn stop_tree(rig: &mut Child) {
+    let tree = descendants(rig.id());
+    signal_all(&tree, libc::SIGTERM);
+    let deadline = Instant::now() + STOP_GRACE;
+    while Instant::now() < deadline {
+        if matches!(rig.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("vm bench: rig.sh did not end on SIGTERM: killing it");
+    // What it started since, and what it started before (found then).
+    let mut all = descendants(rig.id());
+    all.extend(tree);
+    signal_all(&all, libc::SIGKILL);
+}
+
+/// `pid` and every process descended from it, parents first.
+fn descendants(pid: u32) -> Vec<u32> {
     let mut tree = vec![pid];
     let mut i = 0;
     while i < tree.len() {
         tree.extend(children_of(tree[i]));
         i += 1;
     }
-    for pid in tree {
+    tree
+}
+
+fn signal_all(pids: &[u32], signal: i32) {
+    for &pid in pids {
         if let Ok(pid) = i32::try_from(pid) {
             // SAFETY: kill(2) touches no memory of ours.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            unsafe { libc::kill(pid, signal) };
         }
     }
 }
