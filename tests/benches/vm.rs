@@ -1244,7 +1244,9 @@ fn main() {
         // JSON line.
         let json_out = match args.iter().position(|a| a == "--json-out") {
             Some(i) if i + 1 < args.len() => {
-                Some(PathBuf::from(args.drain(i..i + 2).nth(1).unwrap()))
+                let path = args.remove(i + 1);
+                args.remove(i);
+                Some(PathBuf::from(path))
             }
             _ => None,
         };
@@ -1383,7 +1385,9 @@ fn run_in_rig(setup: &Setup) {
     const ATTEMPTS: u32 = 3;
     let mut attempt = 1;
     let (status, json) = loop {
-        if let Err(e) = std::fs::write(&results, vec![0u8; RESULTS_DISK]) {
+        // Zeros (sparse): no JSON until the run writes it.
+        let zeroed = std::fs::File::create(&results).and_then(|f| f.set_len(RESULTS_DISK));
+        if let Err(e) = zeroed {
             panic!("create {}: {e}", results.display());
         }
         let status = run_relayed(&mut cmd);
@@ -1464,14 +1468,14 @@ fn run_relayed(cmd: &mut Command) -> Result<ExitStatus, String> {
 }
 
 /// Size of the disk that carries the results out of the rig.
-const RESULTS_DISK: usize = 1 << 20;
+const RESULTS_DISK: u64 = 1 << 20;
 
 /// In L1: writes `json` and a newline at the start of the results disk
 /// (a block device there), through to the disk.
 fn write_results_disk(disk: &Path, json: &str) -> std::io::Result<()> {
     use std::io::Write as _;
     let line = format!("{json}\n");
-    if line.len() > RESULTS_DISK {
+    if line.len() as u64 > RESULTS_DISK {
         return Err(std::io::Error::other("the results outgrew the disk"));
     }
     let mut file = std::fs::OpenOptions::new().write(true).open(disk)?;
