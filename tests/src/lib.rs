@@ -896,7 +896,7 @@ fn run_command(
         }
         if Instant::now() >= deadline {
             let processes = process_group_listing(child.id());
-            kill(&mut child);
+            stop(&mut child);
             let text = console_text(&output.bytes.lock().unwrap());
             let l1 = l1_log
                 .map(|path| {
@@ -974,6 +974,28 @@ fn process_group_listing(pgid: u32) -> String {
         .filter(|line| line.split_whitespace().next() == Some(&pgid.to_string()))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// How long a timed-out run gets to end on SIGTERM before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Ends a run that timed out: SIGTERM to the child's whole process group
+/// first, so rig.sh's EXIT trap removes its /tmp/moat-rig.* directory
+/// (SIGKILL would leave it), then SIGKILL to whatever is left after
+/// [`STOP_GRACE`].
+fn stop(child: &mut Child) {
+    let Ok(pid) = i32::try_from(child.id()) else {
+        return kill(child);
+    };
+    // SAFETY: kill(2) on our own child's process group; no memory is touched.
+    unsafe { libc::kill(-pid, libc::SIGTERM) };
+    let deadline = Instant::now() + STOP_GRACE;
+    while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The group outlives the child if a member ignored SIGTERM; its ID is
+    // not reused while any member is alive.
+    kill(child);
 }
 
 /// Kills the child's whole process group (the rig's QEMU included).
@@ -1132,6 +1154,27 @@ finish() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_timed_out_run_lets_its_script_clean_up() {
+        // rig.sh removes its /tmp/moat-rig.* directory in an EXIT trap; a
+        // timeout must end the run so that trap still runs.
+        let dir = std::env::temp_dir().join(format!("moat-stop-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let marker = dir.join("cleaned");
+        let mut command = Command::new("bash");
+        command.args([
+            "-c",
+            "trap 'touch \"$0\"' EXIT; trap 'exit 143' TERM; sleep 100",
+            marker.to_str().unwrap(),
+        ]);
+        let start = Instant::now();
+        let err = run_command(command, &[], None, Duration::from_secs(1), None).unwrap_err();
+        assert!(err.contains("timed out"), "{err}");
+        assert!(marker.exists(), "the script's EXIT trap did not run");
+        assert!(start.elapsed() < STOP_GRACE, "{:?}", start.elapsed());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn the_newest_existing_build_is_the_one_under_test() {
