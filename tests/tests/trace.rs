@@ -13,7 +13,7 @@ rm -f /tmp/moat-trace-exits-test.json
 exit $rc"#;
 
 #[test]
-fn traced_exits_name_their_devices_skip_notifications_and_register_reads_and_add_up() {
+fn traced_exits_name_their_devices_skip_notifications_register_reads_and_acks_and_add_up() {
     let scratch = Scratch::new("trace-exits");
     let disk = scratch.path("disk.img");
     std::fs::write(&disk, vec![1u8; 4 << 20]).unwrap();
@@ -55,11 +55,13 @@ fn traced_exits_name_their_devices_skip_notifications_and_register_reads_and_add
     // The guest probed the disk's registers, but its 512 reads sent no
     // notification through moat: KVM's ioeventfd took every one.
     assert!(count("mmio_read", "block_vda") > 0, "{summary}");
-    // Each read's interrupt was acknowledged with a register write, which
-    // exits; the InterruptStatus read before it did not, because the
-    // window's register page is mapped read-only once the driver has
-    // claimed it: reads exit only before that (magic, version, DeviceID).
-    assert!(count("mmio_write", "block_vda") >= 512, "{summary}");
+    // Each read's interrupt cost no exit either. The guest read
+    // InterruptStatus from the window's register page, mapped read-only
+    // once the driver claimed it (reads exit only before that: magic,
+    // version, DeviceID), and KVM absorbed its InterruptACK write through
+    // an ioeventfd. What exits are the driver's setup writes (status,
+    // features, queue addresses): a few dozen, not one per read.
+    assert!(count("mmio_write", "block_vda") < 64, "{summary}");
     assert!(count("mmio_read", "block_vda") < 16, "{summary}");
     assert_eq!(summary["queue_notify_exits"]["block_vda"], 0, "{summary}");
     // Rows and histogram add up to the total.

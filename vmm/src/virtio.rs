@@ -16,11 +16,13 @@ use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
 use kvm_ioctls::{Cap, IoEventAddress, VmFd};
 use moat_boot::{layout, GuestMemoryMmap};
 use moat_devices::virtio::block::Block;
-use moat_devices::virtio::mmio::{MmioTransport, MmioWindow, MMIO_WINDOW, QUEUE_NOTIFY};
+use moat_devices::virtio::mmio::{
+    MmioTransport, MmioWindow, INTERRUPT_ACK, MMIO_WINDOW, QUEUE_NOTIFY,
+};
 use moat_devices::virtio::net::{default_mac, Net, Tap};
 use moat_devices::virtio::rng::{PoolWaiter, Rng};
 use moat_devices::virtio::vsock::{self, Vsock};
-use moat_devices::virtio::{Interrupt, RegisterPage, VirtioDevice};
+use moat_devices::virtio::{Interrupt, RegisterPage, VirtioDevice, INT_VRING};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::Bus;
@@ -280,6 +282,34 @@ pub struct Attached {
     pub handler: QueueHandler,
     /// The transport, for the API and the metrics.
     pub transport: Arc<Mutex<MmioTransport>>,
+    /// Where KVM puts the guest's used-buffer acknowledgements (see
+    /// [`absorb_vring_acks`]); held for as long as the VM, never read.
+    pub ack_sink: EventFd,
+}
+
+/// Has KVM take the guest's InterruptACK writes of exactly
+/// VIRTIO_MMIO_INT_VRING at both of a device's windows, as an ioeventfd
+/// write to `sink`, instead of exiting to moat.
+///
+/// Linux's virtio-mmio interrupt handler reads InterruptStatus (a memory
+/// read once the register page is mapped) and writes the value back to
+/// InterruptACK on every interrupt: that write was the last exit per
+/// interrupt. Absorbed, it no longer clears the used-buffer bit, which
+/// then reads as set from the device's first interrupt until a reset or
+/// an acknowledgement that includes the configuration bit (that one still
+/// exits and clears both). The handler reacts to the bit by looking at
+/// every queue's used ring, which it does on each of its interrupts
+/// anyway; and the device's interrupts come from its irqfd, never from
+/// the bit. Applying the acknowledgements later instead (reading `sink`)
+/// would be wrong: one applied after the device raised the bit again
+/// would clear an interrupt the guest has not read yet.
+fn absorb_vring_acks(vm: &VmFd, sink: &EventFd, slot: &MmioSlot) -> Result<(), Error> {
+    for base in [slot.base, slot.cmdline_base] {
+        let addr = IoEventAddress::Mmio(base + INTERRUPT_ACK);
+        vm.register_ioevent(sink, &addr, INT_VRING)
+            .map_err(KvmOp::Ioeventfd.err())?;
+    }
+    Ok(())
 }
 
 /// Puts each device behind a virtio-mmio transport on `mmio`, wires its
@@ -310,6 +340,8 @@ pub fn attach(
             }
             events.push(event.try_clone().map_err(io("clone an eventfd"))?);
         }
+        let ack_sink = moat_devices::trigger::new_eventfd().map_err(io("create an eventfd"))?;
+        absorb_vring_acks(vm, &ack_sink, &slot)?;
         let transport = Arc::new(Mutex::new(transport));
         for (window, base) in [slot.base, slot.cmdline_base].into_iter().enumerate() {
             let mut window = MmioWindow::new(transport.clone(), window as u8);
@@ -331,6 +363,7 @@ pub fn attach(
                 watching_backend: false,
             },
             transport,
+            ack_sink,
         });
     }
     Ok(attached)

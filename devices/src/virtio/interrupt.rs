@@ -6,6 +6,14 @@
 //! guest's view of the whole register window, which the VMM may map into
 //! the guest read-only, so that reading InterruptStatus on every interrupt
 //! costs no exit.
+//!
+//! Acknowledging still writes InterruptACK, which exits. The VMM may have
+//! KVM absorb the acknowledgements of the used-buffer bit alone (an
+//! ioeventfd that matches the value [`INT_VRING`]): [`Interrupt::ack`]
+//! then never sees them, and that bit stays set from the first used
+//! buffer until a reset or an acknowledgement that includes
+//! [`INT_CONFIG`]. Nothing here depends on the bit being cleared: every
+//! interrupt is raised through the eventfd, whatever the bit was.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -152,6 +160,23 @@ mod tests {
         irq.ack(INT_VRING);
         assert_eq!(irq.status(), INT_CONFIG);
         irq.clear();
+        assert_eq!(irq.status(), 0);
+    }
+
+    #[test]
+    fn with_vring_acks_absorbed_every_raise_still_interrupts() {
+        // The VMM may let KVM swallow acknowledgements of INT_VRING alone:
+        // the bit then stays set, and each raise must still signal.
+        let irq = Interrupt::new().unwrap();
+        for _ in 0..3 {
+            irq.signal_used_queue();
+        }
+        assert_eq!(irq.irq_fd().read().unwrap(), 3);
+        assert_eq!(irq.status(), INT_VRING);
+        // An acknowledgement with the config bit reaches the device and
+        // clears both.
+        irq.signal_config_change();
+        irq.ack(INT_VRING | INT_CONFIG);
         assert_eq!(irq.status(), 0);
     }
 

@@ -54,7 +54,9 @@ const QUEUE_SEL: u64 = 0x030;
 const QUEUE_NUM_MAX: u64 = 0x034;
 const QUEUE_NUM: u64 = 0x038;
 const QUEUE_READY: u64 = 0x044;
-const INTERRUPT_ACK: u64 = 0x064;
+/// Offset of InterruptACK, where the VMM may absorb acknowledgements
+/// (see [`Interrupt`]).
+pub const INTERRUPT_ACK: u64 = 0x064;
 const STATUS: u64 = 0x070;
 const QUEUE_DESC_LOW: u64 = 0x080;
 const QUEUE_DESC_HIGH: u64 = 0x084;

@@ -18,7 +18,7 @@ pub mod vsock;
 use std::fmt;
 use std::os::fd::RawFd;
 
-pub use interrupt::{Interrupt, RegisterPage};
+pub use interrupt::{Interrupt, RegisterPage, INT_CONFIG, INT_VRING};
 use virtio_queue::{Queue, QueueT};
 
 /// Guest memory as devices see it.
