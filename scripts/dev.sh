@@ -192,7 +192,8 @@ case $cmd in
         # (boots per figure, default 10), --launches N (default 10),
         # --io-runs N (I/O guest boots per VMM, default 3; 0 for none),
         # --peer firecracker=PATH, --peer cloud-hypervisor=PATH (peers beside
-        # moat and QEMU).
+        # moat and QEMU), --peer baseline=PATH (another moat build: the
+        # moat/baseline column is a change's effect), --no-qemu.
         setup
         build_moat
         build_images

@@ -7,7 +7,13 @@
 //! of the same guest.
 //!
 //!   cargo bench -p moat-tests --bench vm [-- --runs N --launches N
-//!       --peer firecracker=PATH --peer cloud-hypervisor=PATH --peer qemu=PATH]
+//!       --peer firecracker=PATH --peer cloud-hypervisor=PATH --peer qemu=PATH
+//!       --peer baseline=PATH --no-qemu]
+//!
+//! `--peer baseline=PATH` is another build of moat (say, of the commit
+//! before a change), run like the others: the moat/baseline column is then
+//! the change's effect, measured in one rig. `--no-qemu` leaves out QEMU,
+//! which is otherwise found in PATH.
 //!
 //! The guest is the benchmark kernel + initramfs from build-images.sh: its
 //! /init (resources/bench/init.c) writes moat's boot-timer port and a
@@ -24,7 +30,11 @@
 //! project's PVM hosts) the benchmark runs itself inside the test rig
 //! (resources/rig.sh, an L1 VM under QEMU TCG with nested KVM): the same
 //! measurements, but absolute times are those of a nested, emulated
-//! machine; the ratios are what carries over.
+//! machine; the ratios are what carries over. It runs there in parts, each
+//! in an L1 of its own and tried up to three times: the boots (start-up,
+//! memory, launch rate, snapshots), then each round of I/O runs (moat and
+//! every peer once). An L1 that fails then costs one part, not the run;
+//! the host puts the parts' figures together into the table.
 
 use std::fmt::Write as _;
 use std::io::{BufRead, Read};
@@ -132,6 +142,7 @@ impl Setup {
                     setup.peers.push(peer);
                 }
                 "--qemu-bios" => setup.qemu_bios = value()?.into(),
+                "--no-qemu" => setup.peers.retain(|p| p.kind != PeerKind::Qemu),
                 "--runs" => setup.runs = count(value()?)?,
                 "--launches" => setup.launches = count(value()?)?,
                 "--scrub-mib" => {
@@ -149,16 +160,21 @@ impl Setup {
     }
 
     fn moat(&self, hold_ms: u64) -> Command {
+        self.moat_build(&self.moat, hold_ms)
+    }
+
+    /// [`Setup::moat`] with the moat binary `moat`.
+    fn moat_build(&self, moat: &Path, hold_ms: u64) -> Command {
         let cmdline = format!("{CMDLINE} reboot=k -- {hold_ms}");
-        let mut cmd = self.moat_vm(&self.initramfs, GUEST_MIB, &cmdline);
+        let mut cmd = self.moat_vm(moat, &self.initramfs, GUEST_MIB, &cmdline);
         cmd.arg("--boot-timer");
         cmd
     }
 
-    /// `moat run` of this kernel with any initramfs, memory size and
-    /// command line, 1 vCPU; the caller adds devices.
-    fn moat_vm(&self, initramfs: &Path, mib: u64, cmdline: &str) -> Command {
-        let mut cmd = Command::new(&self.moat);
+    /// `moat run` (the binary `moat`) of this kernel with any initramfs,
+    /// memory size and command line, 1 vCPU; the caller adds devices.
+    fn moat_vm(&self, moat: &Path, initramfs: &Path, mib: u64, cmdline: &str) -> Command {
+        let mut cmd = Command::new(moat);
         cmd.arg("run")
             .arg("--kernel")
             .arg(&self.kernel)
@@ -318,13 +334,16 @@ enum PeerKind {
     Qemu,
     Firecracker,
     CloudHypervisor,
+    /// Another build of moat.
+    Baseline,
 }
 
 impl PeerKind {
-    const ALL: [PeerKind; 3] = [
+    const ALL: [PeerKind; 4] = [
         PeerKind::Qemu,
         PeerKind::Firecracker,
         PeerKind::CloudHypervisor,
+        PeerKind::Baseline,
     ];
 
     /// Its name in `--peer` and in vm.json.
@@ -333,6 +352,7 @@ impl PeerKind {
             PeerKind::Qemu => "qemu",
             PeerKind::Firecracker => "firecracker",
             PeerKind::CloudHypervisor => "cloud-hypervisor",
+            PeerKind::Baseline => "baseline",
         }
     }
 
@@ -342,6 +362,7 @@ impl PeerKind {
             PeerKind::Qemu => "QEMU microvm",
             PeerKind::Firecracker => "Firecracker",
             PeerKind::CloudHypervisor => "Cloud Hypervisor",
+            PeerKind::Baseline => "moat (baseline)",
         }
     }
 }
@@ -387,6 +408,7 @@ impl Peer {
                 let cmdline = format!("{CMDLINE} -- {hold_ms} off");
                 cloud_hypervisor_vm(setup, &self.path, &setup.initramfs, GUEST_MIB, &cmdline)
             }
+            PeerKind::Baseline => setup.moat_build(&self.path, hold_ms),
         }
     }
 }
@@ -863,7 +885,51 @@ struct Row {
     peers: Vec<Option<f64>>,
 }
 
+impl Row {
+    /// The row as a part run in the rig hands it to the host.
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "key": self.key,
+            "what": self.what,
+            "unit": self.unit,
+            "moat": self.moat,
+            "peers": self.peers,
+        })
+    }
+
+    /// [`Row::to_json`]'s row. Its key and unit become `'static` by
+    /// leaking them: a few dozen short strings, once per benchmark.
+    fn from_json(value: &serde_json::Value) -> Option<Row> {
+        let text = |key: &str| value[key].as_str().map(str::to_string);
+        let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+        Some(Row {
+            key: leak(text("key")?),
+            what: text("what")?,
+            unit: leak(text("unit")?),
+            moat: value["moat"].as_f64(),
+            peers: value["peers"]
+                .as_array()?
+                .iter()
+                .map(serde_json::Value::as_f64)
+                .collect(),
+        })
+    }
+}
+
+/// The whole benchmark in this process: the launch rows, then the I/O
+/// rounds; the table and the JSON.
 fn measure(setup: &Setup, place: &str) -> Result<(String, String), String> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut rows = launch_rows(setup, cpus)?;
+    let rounds: Vec<_> = (0..setup.io_runs).map(|r| io_round(setup, r)).collect();
+    let (io, counted) = io_rows(setup, &rounds);
+    rows.extend(io);
+    Ok(render(setup, place, cpus, &rows, counted.as_deref()))
+}
+
+/// Start-up, memory, launch rate and snapshot rows: every boot but the
+/// I/O guest's. `cpus` VMs at a time for the parallel launch rate.
+fn launch_rows(setup: &Setup, cpus: usize) -> Result<Vec<Row>, String> {
     let mut moat_boots = Vec::new();
     let mut traced_boots = Vec::new();
     let mut moat_held = Vec::new();
@@ -913,7 +979,6 @@ fn measure(setup: &Setup, place: &str) -> Result<(String, String), String> {
     for run in 0..setup.runs {
         let _ = std::fs::remove_file(temp_file(&format!("fc-{run}"), "json"));
     }
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     eprintln!("vm bench: launch rate");
     // (one at a time, all CPUs at a time) for a VMM's command.
     let rates = |vm: &(dyn Fn() -> Command + Sync)| -> Result<(f64, Option<f64>), String> {
@@ -931,34 +996,6 @@ fn measure(setup: &Setup, place: &str) -> Result<(String, String), String> {
         .collect::<Result<Vec<_>, String>>()?;
     let _ = std::fs::remove_file(temp_file("fc-rate", "json"));
 
-    // The I/O guest: moat and each peer in turn, run after run. A run that
-    // fails is reported and left out (the table says how many counted).
-    let vmms: Vec<io::Vmm> = std::iter::once(io::Vmm::Moat)
-        .chain(setup.peers.iter().map(io::Vmm::Peer))
-        .collect();
-    let mut io_figures: Vec<Vec<io::Figures>> = vmms.iter().map(|_| Vec::new()).collect();
-    for run in 0..setup.io_runs {
-        for (i, vmm) in vmms.iter().enumerate() {
-            eprintln!(
-                "vm bench: I/O run {}/{} under {}",
-                run + 1,
-                setup.io_runs,
-                vmm.name()
-            );
-            scrub(setup.scrub_mib);
-            match io::run(setup, *vmm, &format!("{run}{i}")) {
-                Ok(figures) => io_figures[i].push(figures),
-                Err(e) => eprintln!("vm bench: I/O run failed, left out: {e}"),
-            }
-        }
-    }
-    let io_median = |runs: &[io::Figures], key: &str| {
-        median(
-            runs.iter()
-                .filter_map(|f| f.iter().find(|(k, _)| *k == key).map(|(_, v)| *v))
-                .collect(),
-        )
-    };
     let none = || vec![None; peer_count];
     let of_peers = |launches: &[Vec<Launch>], f: &dyn Fn(&[Launch]) -> Option<f64>| {
         launches.iter().map(|l| f(l)).collect::<Vec<_>>()
@@ -1114,21 +1151,93 @@ fn measure(setup: &Setup, place: &str) -> Result<(String, String), String> {
         ),
     ]);
 
-    if setup.io_runs > 0 {
-        for (key, json_key, what) in io::ROWS {
-            rows.push(Row {
-                key: json_key,
-                what: what.to_string(),
-                unit: "ms",
-                moat: io_median(&io_figures[0], key),
-                peers: io_figures[1..]
-                    .iter()
-                    .map(|runs| io_median(runs, key))
-                    .collect(),
-            });
+    Ok(rows)
+}
+
+/// The I/O guest under moat and each peer in turn, once: each VMM's
+/// figures, or `None` where its run failed (reported, and left out).
+fn io_round(setup: &Setup, round: usize) -> Vec<Option<io::Figures>> {
+    let vmms = io_vmms(setup);
+    let mut figures = Vec::with_capacity(vmms.len());
+    for (i, vmm) in vmms.iter().enumerate() {
+        eprintln!(
+            "vm bench: I/O run {}/{} under {}",
+            round + 1,
+            setup.io_runs,
+            vmm.name()
+        );
+        scrub(setup.scrub_mib);
+        match io::run(setup, *vmm, &format!("{round}{i}")) {
+            Ok(f) => figures.push(Some(f)),
+            Err(e) => {
+                eprintln!("vm bench: I/O run failed, left out: {e}");
+                figures.push(None);
+            }
         }
     }
+    figures
+}
 
+/// moat, then the peers: the order of [`io_round`]'s figures.
+fn io_vmms(setup: &Setup) -> Vec<io::Vmm<'_>> {
+    std::iter::once(io::Vmm::Moat)
+        .chain(setup.peers.iter().map(io::Vmm::Peer))
+        .collect()
+}
+
+/// The I/O rows: medians over the rounds' figures that exist; and the line
+/// that says how many counted (`None` without I/O rounds).
+fn io_rows(setup: &Setup, rounds: &[Vec<Option<io::Figures>>]) -> (Vec<Row>, Option<String>) {
+    if setup.io_runs == 0 {
+        return (Vec::new(), None);
+    }
+    let vmms = io_vmms(setup);
+    let runs_of = |i: usize| -> Vec<&io::Figures> {
+        rounds
+            .iter()
+            .filter_map(|round| round.get(i)?.as_ref())
+            .collect()
+    };
+    let io_median = |i: usize, key: &str| {
+        median(
+            runs_of(i)
+                .iter()
+                .filter_map(|f| f.iter().find(|(k, _)| *k == key).map(|(_, v)| *v))
+                .collect(),
+        )
+    };
+    let rows = io::ROWS
+        .iter()
+        .map(|&(key, json_key, what)| Row {
+            key: json_key,
+            what: what.to_string(),
+            unit: "ms",
+            moat: io_median(0, key),
+            peers: (1..vmms.len()).map(|i| io_median(i, key)).collect(),
+        })
+        .collect();
+    let counted: Vec<String> = vmms
+        .iter()
+        .enumerate()
+        .map(|(i, vmm)| format!("{} {} of {}", vmm.name(), runs_of(i).len(), setup.io_runs))
+        .collect();
+    (
+        rows,
+        Some(format!(
+            "I/O rows: medians of the runs that completed ({}).",
+            counted.join(", ")
+        )),
+    )
+}
+
+/// The table and the JSON of `rows`; `counted` is [`io_rows`]' line.
+fn render(
+    setup: &Setup,
+    place: &str,
+    cpus: usize,
+    rows: &[Row],
+    counted: Option<&str>,
+) -> (String, String) {
     let show = |v: Option<f64>, unit: &str| {
         v.map_or("-".to_string(), |v| match unit {
             "ratio" => format!("{v:.3}"),
@@ -1197,20 +1306,11 @@ fn measure(setup: &Setup, place: &str) -> Result<(String, String), String> {
         json.push('}');
     }
     json.push_str("]}");
-    if setup.io_runs > 0 {
-        let counted: Vec<String> = vmms
-            .iter()
-            .zip(&io_figures)
-            .map(|(vmm, runs)| format!("{} {} of {}", vmm.name(), runs.len(), setup.io_runs))
-            .collect();
-        let _ = writeln!(
-            table,
-            "I/O rows: medians of the runs that completed ({}).",
-            counted.join(", ")
-        );
+    if let Some(counted) = counted {
+        let _ = writeln!(table, "{counted}");
     }
     table.push_str("moat/peer below 1 favours moat for times and sizes, above 1 for rates.\n");
-    Ok((table, json))
+    (table, json)
 }
 
 fn write_json(json: &str) {
@@ -1263,11 +1363,20 @@ fn main() {
             launches: 0,
             scrub_mib: 0,
         };
-        let outcome = Setup::parse(&args, empty)
-            .and_then(|setup| measure(&setup, "in the rig (nested: QEMU TCG L1, KVM in L1)"));
+        let part = match args.iter().position(|a| a == "--part") {
+            Some(i) if i + 1 < args.len() => {
+                let part = Part::parse(&args.remove(i + 1));
+                args.remove(i);
+                part
+            }
+            _ => Err("--inside needs --part".into()),
+        };
+        let outcome = part.and_then(|part| {
+            let setup = Setup::parse(&args, empty)?;
+            run_part(&setup, part)
+        });
         match outcome {
-            Ok((table, json)) => {
-                print!("{table}");
+            Ok(json) => {
                 let Some(out) = json_out else {
                     eprintln!("vm bench: --inside needs --json-out DISK");
                     std::process::exit(1);
@@ -1315,7 +1424,9 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if !setup.peers.iter().any(|p| p.kind == PeerKind::Qemu) {
+    if !setup.peers.iter().any(|p| p.kind == PeerKind::Qemu)
+        && !args.iter().any(|a| a == "--no-qemu")
+    {
         eprintln!(
             "vm bench: no qemu-system-x86_64 in PATH and no --peer qemu=PATH: no QEMU column"
         );
@@ -1352,8 +1463,137 @@ fn main() {
     }
 }
 
-/// Runs this benchmark inside the rig and relays what it prints.
+/// One piece of the benchmark as it runs in the rig: each in its own L1,
+/// so that an L1 failure (they come every 10-40 minutes of I/O; see
+/// docs/testing.md) costs that piece, not the run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Part {
+    /// [`launch_rows`].
+    Launches,
+    /// [`io_round`] number N.
+    IoRound(usize),
+}
+
+impl Part {
+    fn arg(self) -> String {
+        match self {
+            Part::Launches => "launches".into(),
+            Part::IoRound(n) => format!("io:{n}"),
+        }
+    }
+
+    fn parse(arg: &str) -> Result<Part, String> {
+        match arg.strip_prefix("io:") {
+            None if arg == "launches" => Ok(Part::Launches),
+            Some(n) => n
+                .parse()
+                .map(Part::IoRound)
+                .map_err(|_| format!("bad --part {arg}")),
+            None => Err(format!("bad --part {arg}")),
+        }
+    }
+}
+
+/// In L1: runs `part`, and returns its raw figures as JSON for the host
+/// ([`PartResult`]).
+fn run_part(setup: &Setup, part: Part) -> Result<String, String> {
+    let value = match part {
+        Part::Launches => {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let rows = launch_rows(setup, cpus)?;
+            serde_json::json!({ "parallel": cpus, "rows": rows.iter().map(Row::to_json).collect::<Vec<_>>() })
+        }
+        Part::IoRound(round) => {
+            let figures = io_round(setup, round);
+            let runs: Vec<serde_json::Value> = figures
+                .iter()
+                .map(|f| {
+                    f.as_ref().map_or(serde_json::Value::Null, |f| {
+                        f.iter()
+                            .map(|(k, v)| ((*k).to_string(), serde_json::json!(v)))
+                            .collect()
+                    })
+                })
+                .collect();
+            serde_json::json!({ "io": runs })
+        }
+    };
+    Ok(value.to_string())
+}
+
+/// What the host makes of a part's JSON.
+enum PartResult {
+    Launches { parallel: usize, rows: Vec<Row> },
+    IoRound(Vec<Option<io::Figures>>),
+}
+
+impl PartResult {
+    fn parse(json: &str) -> Result<PartResult, String> {
+        let value: serde_json::Value =
+            serde_json::from_str(json).map_err(|e| format!("{e}: {json}"))?;
+        if let Some(runs) = value["io"].as_array() {
+            let figures = runs
+                .iter()
+                .map(|run| {
+                    let run = run.as_object()?;
+                    io::ROWS
+                        .iter()
+                        .map(|&(key, _, _)| Some((key, run.get(key)?.as_f64()?)))
+                        .collect()
+                })
+                .collect();
+            return Ok(PartResult::IoRound(figures));
+        }
+        let rows = value["rows"]
+            .as_array()
+            .ok_or_else(|| format!("no rows: {json}"))?
+            .iter()
+            .map(Row::from_json)
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| format!("a row without its fields: {json}"))?;
+        let parallel = value["parallel"].as_u64().unwrap_or(1) as usize;
+        Ok(PartResult::Launches { parallel, rows })
+    }
+}
+
+/// Runs this benchmark inside the rig, part by part, relaying what each
+/// prints; then prints the table and writes the JSON here.
 fn run_in_rig(setup: &Setup) {
+    let parts = std::iter::once(Part::Launches).chain((0..setup.io_runs).map(Part::IoRound));
+    let mut rows = Vec::new();
+    let mut cpus = 1;
+    let mut rounds = Vec::new();
+    for part in parts {
+        match run_part_in_rig(setup, part).and_then(|json| PartResult::parse(&json)) {
+            Ok(PartResult::Launches { parallel, rows: r }) if part == Part::Launches => {
+                cpus = parallel;
+                rows = r;
+            }
+            Ok(PartResult::IoRound(figures)) if part != Part::Launches => rounds.push(figures),
+            Ok(_) => {
+                eprintln!("vm bench: part {} returned the wrong figures", part.arg());
+                std::process::exit(1);
+            }
+            // A failed I/O round is left out, like a failed I/O run.
+            Err(e) if part != Part::Launches => {
+                eprintln!("vm bench: I/O round {} left out: {e}", part.arg());
+            }
+            Err(e) => {
+                eprintln!("vm bench: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+    let (io, counted) = io_rows(setup, &rounds);
+    rows.extend(io);
+    let place = "in the rig (nested: QEMU TCG L1, KVM in L1; one L1 per part)";
+    let (table, json) = render(setup, place, cpus, &rows, counted.as_deref());
+    print!("{table}");
+    write_json(&json);
+}
+
+/// Runs `part` in the rig, three times at most, and returns its JSON.
+fn run_part_in_rig(setup: &Setup, part: Part) -> Result<String, String> {
     let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
     let mut cmd = Command::new(repo_root().join("resources/rig.sh"));
     cmd.args(["--timeout", "3600", "--mem", "2048", "--cpus", "2"]);
@@ -1376,12 +1616,13 @@ fn run_in_rig(setup: &Setup) {
     let results = temp_file("results", "disk");
     cmd.arg("--disk").arg(&results);
     cmd.arg("--").arg(exe).arg("--inside").args(setup.args());
+    cmd.args(["--part", &part.arg()]);
     cmd.arg("--json-out").arg(&results);
     cmd.stdin(Stdio::null()).stderr(Stdio::inherit());
     // A 2-vCPU L1 crashes now and then under this much I/O (rig.sh exits
     // 125), and its emulated interrupts now and then leave a guest hung
-    // (docs/testing.md): the failure, printed with the run's output, costs
-    // a run, not the benchmark.
+    // (docs/testing.md): the failure, printed with the part's output,
+    // costs that part one more go.
     const ATTEMPTS: u32 = 3;
     let mut attempt = 1;
     let (status, json) = loop {
@@ -1397,24 +1638,23 @@ fn run_in_rig(setup: &Setup) {
         }
         attempt += 1;
         eprintln!(
-            "vm bench: the run in the rig failed ({}; why above); running again, attempt {attempt} of {ATTEMPTS}",
+            "vm bench: part {} failed in the rig ({}; why above); running it again, attempt {attempt} of {ATTEMPTS}",
+            part.arg(),
             describe(&status)
         );
     };
     let _ = std::fs::remove_file(&results);
     match (status.as_ref().is_ok_and(ExitStatus::success), json) {
-        (true, Some(json)) => write_json(&json),
-        (true, None) => {
-            eprintln!("vm bench: the run in the rig ended without writing its results");
-            std::process::exit(1);
-        }
-        _ => {
-            eprintln!(
-                "vm bench: the run in the rig failed ({})",
-                describe(&status)
-            );
-            std::process::exit(1);
-        }
+        (true, Some(json)) => Ok(json),
+        (true, None) => Err(format!(
+            "part {} ended in the rig without writing its results",
+            part.arg()
+        )),
+        _ => Err(format!(
+            "part {} failed in the rig ({})",
+            part.arg(),
+            describe(&status)
+        )),
     }
 }
 

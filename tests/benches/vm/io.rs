@@ -160,16 +160,9 @@ fn tail(s: &str) -> String {
 fn command(setup: &Setup, vmm: Vmm<'_>, tap: &str, disk: &Path, tag: &str) -> Command {
     let initramfs = &setup.io_initramfs;
     match vmm {
-        Vmm::Moat => {
-            let cmdline = format!("{CMDLINE} reboot=k");
-            let mut cmd = setup.moat_vm(initramfs, IO_GUEST_MIB, &cmdline);
-            cmd.arg("--disk")
-                .arg(format!("path={}", disk.display()))
-                .arg("--net")
-                .arg(format!("tap={tap}"));
-            cmd
-        }
+        Vmm::Moat => moat(setup, &setup.moat, tap, disk),
         Vmm::Peer(peer) => match peer.kind {
+            PeerKind::Baseline => moat(setup, &peer.path, tap, disk),
             PeerKind::Qemu => {
                 let append = format!("{CMDLINE} reboot=t");
                 let mut cmd = setup.qemu_vm(&peer.path, initramfs, IO_GUEST_MIB, &append);
@@ -206,6 +199,17 @@ fn command(setup: &Setup, vmm: Vmm<'_>, tap: &str, disk: &Path, tag: &str) -> Co
             }
         },
     }
+}
+
+/// The command booting the I/O guest under the moat binary `moat`.
+fn moat(setup: &Setup, moat: &Path, tap: &str, disk: &Path) -> Command {
+    let cmdline = format!("{CMDLINE} reboot=k");
+    let mut cmd = setup.moat_vm(moat, &setup.io_initramfs, IO_GUEST_MIB, &cmdline);
+    cmd.arg("--disk")
+        .arg(format!("path={}", disk.display()))
+        .arg("--net")
+        .arg(format!("tap={tap}"));
+    cmd
 }
 
 /// Boots, serves the guest's network peer, and returns the console.
