@@ -1559,6 +1559,12 @@ impl PartResult {
 /// Runs this benchmark inside the rig, part by part, relaying what each
 /// prints; then prints the table and writes the JSON here.
 fn run_in_rig(setup: &Setup) {
+    // The parts scrub L1's memory before each boot (see [`scrub`]); the
+    // table and the JSON say so.
+    let setup = &Setup {
+        scrub_mib: 256,
+        ..setup.clone()
+    };
     let parts = std::iter::once(Part::Launches).chain((0..setup.io_runs).map(Part::IoRound));
     let mut rows = Vec::new();
     let mut cpus = 1;
@@ -1608,10 +1614,6 @@ fn run_part_in_rig(setup: &Setup, part: Part) -> Result<String, String> {
     for file in files {
         cmd.arg("--file").arg(file);
     }
-    let setup = Setup {
-        scrub_mib: 256,
-        ..setup.clone()
-    };
     // The run in L1 writes its JSON to this file, L1's disk.
     let results = temp_file("results", "disk");
     cmd.arg("--disk").arg(&results);
