@@ -1342,14 +1342,7 @@ fn main() {
         // The results go to a disk of the rig's (`--json-out DISK`), not
         // to the console: L1's serial line once lost the end of the long
         // JSON line.
-        let json_out = match args.iter().position(|a| a == "--json-out") {
-            Some(i) if i + 1 < args.len() => {
-                let path = args.remove(i + 1);
-                args.remove(i);
-                Some(PathBuf::from(path))
-            }
-            _ => None,
-        };
+        let json_out = take_value(&mut args, "--json-out").map(PathBuf::from);
         // In the rig: every path comes on the command line.
         let empty = Setup {
             moat: PathBuf::new(),
@@ -1363,14 +1356,9 @@ fn main() {
             launches: 0,
             scrub_mib: 0,
         };
-        let part = match args.iter().position(|a| a == "--part") {
-            Some(i) if i + 1 < args.len() => {
-                let part = Part::parse(&args.remove(i + 1));
-                args.remove(i);
-                part
-            }
-            _ => Err("--inside needs --part".into()),
-        };
+        let part = take_value(&mut args, "--part")
+            .ok_or_else(|| "--inside needs --part".to_string())
+            .and_then(|part| Part::parse(&part));
         let outcome = part.and_then(|part| {
             let setup = Setup::parse(&args, empty)?;
             run_part(&setup, part)
@@ -1495,7 +1483,7 @@ impl Part {
 }
 
 /// In L1: runs `part`, and returns its raw figures as JSON for the host
-/// ([`PartResult`]).
+/// ([`parse_launches`], [`parse_round`]).
 fn run_part(setup: &Setup, part: Part) -> Result<String, String> {
     let value = match part {
         Part::Launches => {
@@ -1521,39 +1509,51 @@ fn run_part(setup: &Setup, part: Part) -> Result<String, String> {
     Ok(value.to_string())
 }
 
-/// What the host makes of a part's JSON.
-enum PartResult {
-    Launches { parallel: usize, rows: Vec<Row> },
-    IoRound(Vec<Option<io::Figures>>),
+/// Takes `flag` and the value after it out of `args`.
+fn take_value(args: &mut Vec<String>, flag: &str) -> Option<String> {
+    let i = args.iter().position(|a| a == flag)?;
+    if i + 1 >= args.len() {
+        return None;
+    }
+    let value = args.remove(i + 1);
+    args.remove(i);
+    Some(value)
 }
 
-impl PartResult {
-    fn parse(json: &str) -> Result<PartResult, String> {
-        let value: serde_json::Value =
-            serde_json::from_str(json).map_err(|e| format!("{e}: {json}"))?;
-        if let Some(runs) = value["io"].as_array() {
-            let figures = runs
+fn parse_part_json(json: &str) -> Result<serde_json::Value, String> {
+    serde_json::from_str(json).map_err(|e| format!("{e}: {json}"))
+}
+
+/// The launches part's JSON: how many VMs it launched at a time, its rows.
+fn parse_launches(json: &str) -> Result<(usize, Vec<Row>), String> {
+    let value = parse_part_json(json)?;
+    let rows = value["rows"]
+        .as_array()
+        .ok_or_else(|| format!("no rows: {json}"))?
+        .iter()
+        .map(Row::from_json)
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| format!("a row without its fields: {json}"))?;
+    let parallel = value["parallel"].as_u64().unwrap_or(1) as usize;
+    Ok((parallel, rows))
+}
+
+/// An I/O round's JSON: [`io_round`]'s figures.
+fn parse_round(json: &str) -> Result<Vec<Option<io::Figures>>, String> {
+    let value = parse_part_json(json)?;
+    let runs = value["io"]
+        .as_array()
+        .ok_or_else(|| format!("no I/O runs: {json}"))?;
+    Ok(runs
+        .iter()
+        .map(|run| {
+            let run = run.as_object()?;
+            io::ROWS
                 .iter()
-                .map(|run| {
-                    let run = run.as_object()?;
-                    io::ROWS
-                        .iter()
-                        .map(|&(key, _, _)| Some((key, run.get(key)?.as_f64()?)))
-                        .collect()
-                })
-                .collect();
-            return Ok(PartResult::IoRound(figures));
-        }
-        let rows = value["rows"]
-            .as_array()
-            .ok_or_else(|| format!("no rows: {json}"))?
-            .iter()
-            .map(Row::from_json)
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| format!("a row without its fields: {json}"))?;
-        let parallel = value["parallel"].as_u64().unwrap_or(1) as usize;
-        Ok(PartResult::Launches { parallel, rows })
-    }
+                .map(|&(key, _, _)| Some((key, run.get(key)?.as_f64()?)))
+                .collect()
+        })
+        .collect())
 }
 
 /// Runs this benchmark inside the rig, part by part, relaying what each
@@ -1565,29 +1565,18 @@ fn run_in_rig(setup: &Setup) {
         scrub_mib: 256,
         ..setup.clone()
     };
-    let parts = std::iter::once(Part::Launches).chain((0..setup.io_runs).map(Part::IoRound));
-    let mut rows = Vec::new();
-    let mut cpus = 1;
+    let launches = run_part_in_rig(setup, Part::Launches).and_then(|json| parse_launches(&json));
+    let (cpus, mut rows) = launches.unwrap_or_else(|e| {
+        eprintln!("vm bench: {e}");
+        std::process::exit(1);
+    });
     let mut rounds = Vec::new();
-    for part in parts {
-        match run_part_in_rig(setup, part).and_then(|json| PartResult::parse(&json)) {
-            Ok(PartResult::Launches { parallel, rows: r }) if part == Part::Launches => {
-                cpus = parallel;
-                rows = r;
-            }
-            Ok(PartResult::IoRound(figures)) if part != Part::Launches => rounds.push(figures),
-            Ok(_) => {
-                eprintln!("vm bench: part {} returned the wrong figures", part.arg());
-                std::process::exit(1);
-            }
+    for round in 0..setup.io_runs {
+        let part = Part::IoRound(round);
+        match run_part_in_rig(setup, part).and_then(|json| parse_round(&json)) {
+            Ok(figures) => rounds.push(figures),
             // A failed I/O round is left out, like a failed I/O run.
-            Err(e) if part != Part::Launches => {
-                eprintln!("vm bench: I/O round {} left out: {e}", part.arg());
-            }
-            Err(e) => {
-                eprintln!("vm bench: {e}");
-                std::process::exit(1);
-            }
+            Err(e) => eprintln!("vm bench: I/O round {} left out: {e}", part.arg()),
         }
     }
     let (io, counted) = io_rows(setup, &rounds);
