@@ -37,13 +37,15 @@ setup() {
     "$root/resources/install-deps.sh"
 }
 
-# moat as people run it: the dist profile, glibc linked in statically
-# (a static PIE), so no shared library is mapped and only the code moat
-# uses is paged in (docs/benchmarks.md, "Memory: the static binary").
-# --target keeps the static flag off build scripts and proc macros.
+# moat as people run it: the dist profile, a static musl binary (musl's
+# libc linked in, a static PIE), so no shared library is mapped and only the
+# code moat uses is paged in (docs/benchmarks.md, "Memory: the static musl
+# binary"). --target keeps the static flag off build scripts and proc macros.
 build_moat() {
     local triple
-    triple=$(rustc -vV | sed -n 's/^host: //p')
+    triple=$(uname -m)-unknown-linux-musl
+    rustup target list --installed 2>/dev/null | grep -qx "$triple" ||
+        rustup target add "$triple" >&2
     local flags_var=CARGO_TARGET_$(tr 'a-z-' 'A-Z_' <<<"$triple")_RUSTFLAGS
     env "$flags_var=-C target-feature=+crt-static" \
         cargo build --profile dist --locked --target "$triple" -p moat-vmm --bin moat >&2

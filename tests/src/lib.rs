@@ -121,15 +121,15 @@ pub fn repo_root() -> PathBuf {
 }
 
 /// The moat binary under test: `MOAT_BIN`, else the newest of the builds
-/// in `target/`: `scripts/dev.sh build`'s static one
-/// (`target/<host>/dist/moat`), `cargo build --release`'s and the debug
+/// in `target/`: `scripts/dev.sh build`'s static musl one
+/// (`target/<arch>-unknown-linux-musl/dist/moat`), `cargo build --release`'s and the debug
 /// one. With none built, the release path (which then fails to spawn).
 pub fn moat_bin() -> PathBuf {
     if let Ok(path) = std::env::var("MOAT_BIN") {
         return PathBuf::from(path);
     }
     let target = repo_root().join("target");
-    let dist = format!("{}-unknown-linux-gnu/dist/moat", std::env::consts::ARCH);
+    let dist = format!("{}-unknown-linux-musl/dist/moat", std::env::consts::ARCH);
     let release = target.join("release/moat");
     newest(&[
         target.join(dist),

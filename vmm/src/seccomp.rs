@@ -138,6 +138,13 @@ fn tun_set_offload() -> u64 {
     ioctl_expr(1, TUNIO, 208, 4)
 }
 
+/// A terminal or socket ioctl request from libc, as the filter compares
+/// it: glibc types these `c_ulong`, musl `c_int`; the kernel takes an
+/// unsigned 32-bit number, and the filter compares 32 bits.
+fn req(request: libc::Ioctl) -> u64 {
+    u64::from(request as u32)
+}
+
 /// Rules for one syscall: any of `values` in argument `arg`.
 fn arg_in(arg: u8, values: &[u64]) -> Vec<SeccompRule> {
     values
@@ -209,9 +216,12 @@ pub fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
                 tun_set_offload(),
                 // isatty (the boot timer's report), and the SIGSYS
                 // handler putting the terminal back.
-                libc::TCGETS,
-                libc::TCSETS,
+                req(libc::TCGETS),
+                req(libc::TCSETS),
             ];
+            // musl's isatty asks for the window size instead.
+            #[cfg(target_env = "musl")]
+            ioctls.push(req(libc::TIOCGWINSZ));
             // A snapshot: the vCPU reads its own state.
             ioctls.extend(kvm_vcpu_snapshot_reads());
             rules.insert(libc::SYS_ioctl, arg_in(1, &ioctls));
@@ -261,13 +271,18 @@ pub fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
                 // Writing a snapshot's memory file (holes for zero pages).
                 libc::SYS_ftruncate,
             ]);
+            // musl's names for three of them: open(2) and stat(2) where
+            // glibc calls openat(2) and newfstatat(2) or statx(2), and
+            // tkill(2) in pthread_kill where glibc calls tgkill(2).
+            #[cfg(target_env = "musl")]
+            allow(&[libc::SYS_open, libc::SYS_stat, libc::SYS_tkill]);
             rules.insert(libc::SYS_socket, arg_in(0, &[libc::AF_UNIX as u64]));
             let mut ioctls = vec![
                 tun_set_offload(),
-                libc::FIONBIO,
-                libc::TCGETS,
-                libc::TCSETS,
-                libc::TIOCGWINSZ,
+                req(libc::FIONBIO),
+                req(libc::TCGETS),
+                req(libc::TCSETS),
+                req(libc::TIOCGWINSZ),
             ];
             // PUT /snapshot/create: the VM's own state.
             ioctls.extend(kvm_vm_snapshot_reads());
@@ -283,17 +298,20 @@ pub fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
                 libc::SYS_fcntl,
             ]);
             // FIONBIO for new connections; TCSETS for the SIGSYS handler.
-            rules.insert(libc::SYS_ioctl, arg_in(1, &[libc::FIONBIO, libc::TCSETS]));
+            rules.insert(
+                libc::SYS_ioctl,
+                arg_in(1, &[req(libc::FIONBIO), req(libc::TCSETS)]),
+            );
         }
         ThreadKind::Console => {
             // Writes to stdout are in COMMON; TCSETS for the SIGSYS handler.
-            rules.insert(libc::SYS_ioctl, arg_in(1, &[libc::TCSETS]));
+            rules.insert(libc::SYS_ioctl, arg_in(1, &[req(libc::TCSETS)]));
         }
         ThreadKind::Entropy => {
             // getrandom is in COMMON; firing the device's timer; TCSETS
             // for the SIGSYS handler.
             allow(&[libc::SYS_timerfd_settime]);
-            rules.insert(libc::SYS_ioctl, arg_in(1, &[libc::TCSETS]));
+            rules.insert(libc::SYS_ioctl, arg_in(1, &[req(libc::TCSETS)]));
         }
     }
     rules
