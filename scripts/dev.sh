@@ -38,9 +38,10 @@ setup() {
 }
 
 # moat as people run it: the dist profile, a static musl binary (musl's
-# libc linked in, a static PIE), so no shared library is mapped and only the
-# code moat uses is paged in (docs/benchmarks.md, "Memory: the static musl
-# binary"). --target keeps the static flag off build scripts and proc macros.
+# libc linked in, a static PIE), so no shared library is mapped and only
+# the code moat uses is paged in (docs/benchmarks.md, "The static musl
+# binary (2026-11-29)"). --target keeps the static flag off build scripts
+# and proc macros.
 build_moat() {
     local triple
     triple=$(uname -m)-unknown-linux-musl

@@ -153,6 +153,14 @@ fn offset(i: u64, size: u64) -> u64 {
 
 /// virtio-net transmit of 1514-byte and 64 KiB frames through a TAP,
 /// against writing the same frames to the same TAP directly.
+/// A socket ioctl request as libc::ioctl takes it: libc types the SIOC
+/// constants `c_ulong`, and `ioctl` takes `c_ulong` with glibc but
+/// `c_int` with musl.
+#[allow(clippy::unnecessary_cast)] // a no-op with glibc
+fn sioc(request: libc::c_ulong) -> libc::Ioctl {
+    request as libc::Ioctl
+}
+
 fn net_rows() -> Result<Vec<(String, u64, Measurement, Measurement)>, String> {
     let name = format!("mtbench{}", std::process::id() % 100_000);
     let sizes = [1514u64, 64 << 10];
@@ -231,17 +239,17 @@ impl Injector {
         // SAFETY: SIOCSIFMTU, SIOCGIFFLAGS, SIOCSIFFLAGS and SIOCGIFINDEX
         // read and write only the ifreq we pass.
         unsafe {
-            if libc::ioctl(ctl.as_raw_fd(), libc::SIOCSIFMTU, &mut req) < 0 {
+            if libc::ioctl(ctl.as_raw_fd(), sioc(libc::SIOCSIFMTU), &mut req) < 0 {
                 return Err(fail("SIOCSIFMTU"));
             }
-            if libc::ioctl(ctl.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
+            if libc::ioctl(ctl.as_raw_fd(), sioc(libc::SIOCGIFFLAGS), &mut req) < 0 {
                 return Err(fail("SIOCGIFFLAGS"));
             }
             req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-            if libc::ioctl(ctl.as_raw_fd(), libc::SIOCSIFFLAGS, &mut req) < 0 {
+            if libc::ioctl(ctl.as_raw_fd(), sioc(libc::SIOCSIFFLAGS), &mut req) < 0 {
                 return Err(fail("SIOCSIFFLAGS"));
             }
-            if libc::ioctl(ctl.as_raw_fd(), libc::SIOCGIFINDEX, &mut req) < 0 {
+            if libc::ioctl(ctl.as_raw_fd(), sioc(libc::SIOCGIFINDEX), &mut req) < 0 {
                 return Err(fail("SIOCGIFINDEX"));
             }
         }
