@@ -151,8 +151,6 @@ fn offset(i: u64, size: u64) -> u64 {
     (i.wrapping_mul(2_654_435_761) % slots) * size
 }
 
-/// virtio-net transmit of 1514-byte and 64 KiB frames through a TAP,
-/// against writing the same frames to the same TAP directly.
 /// A socket ioctl request as libc::ioctl takes it: libc types the SIOC
 /// constants `c_ulong`, and `ioctl` takes `c_ulong` with glibc but
 /// `c_int` with musl.
@@ -161,6 +159,8 @@ fn sioc(request: libc::c_ulong) -> libc::Ioctl {
     request as libc::Ioctl
 }
 
+/// virtio-net transmit of 1514-byte and 64 KiB frames through a TAP,
+/// against writing the same frames to the same TAP directly.
 fn net_rows() -> Result<Vec<(String, u64, Measurement, Measurement)>, String> {
     let name = format!("mtbench{}", std::process::id() % 100_000);
     let sizes = [1514u64, 64 << 10];

@@ -122,8 +122,9 @@ pub fn repo_root() -> PathBuf {
 
 /// The moat binary under test: `MOAT_BIN`, else the newest of the builds
 /// in `target/`: `scripts/dev.sh build`'s static musl one
-/// (`target/<arch>-unknown-linux-musl/dist/moat`), `cargo build --release`'s and the debug
-/// one. With none built, the release path (which then fails to spawn).
+/// (`target/<arch>-unknown-linux-musl/dist/moat`), `cargo build
+/// --release`'s and the debug one. With none built, the release path
+/// (which then fails to spawn).
 pub fn moat_bin() -> PathBuf {
     if let Ok(path) = std::env::var("MOAT_BIN") {
         return PathBuf::from(path);
