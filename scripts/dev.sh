@@ -45,7 +45,9 @@ setup() {
 build_moat() {
     local triple
     triple=$(uname -m)-unknown-linux-musl
-    rustup target list --installed 2>/dev/null | grep -qx "$triple" ||
+    command -v rustup >/dev/null ||
+        die "rustup not found: moat is built for rustup's $triple target (https://rustup.rs)"
+    rustup target list --installed | grep -qx "$triple" ||
         rustup target add "$triple" >&2
     local flags_var=CARGO_TARGET_$(tr 'a-z-' 'A-Z_' <<<"$triple")_RUSTFLAGS
     env "$flags_var=-C target-feature=+crt-static" \
