@@ -7,6 +7,8 @@
 
 #![deny(missing_docs)]
 
+#[cfg(test)]
+mod alloc_count;
 pub mod bus;
 pub mod legacy;
 pub mod trigger;

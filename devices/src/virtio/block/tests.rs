@@ -623,3 +623,35 @@ fn random_hostile_chains_never_panic_or_write_a_read_only_disk() {
         "ok {ok}, used {used}, resets {resets}"
     );
 }
+
+#[test]
+fn serving_requests_allocates_nothing() {
+    let mut r = rig("no-alloc", false);
+    // (type, data bytes, device writes the data): read, write, flush, get-id.
+    for (kind, len, device_writes) in [
+        (0, 4096, true),
+        (1, 4096, false),
+        (4, 0, false),
+        (8, 20, true),
+    ] {
+        // Two at once, with the data split in two descriptors, as well as one.
+        for split in [false, true] {
+            r.header(kind, 2);
+            let mut chain = vec![(HEADER, 16, false)];
+            if split {
+                chain.push((DATA, len / 2, device_writes));
+                chain.push((DATA + u64::from(len / 2), len - len / 2, device_writes));
+            } else if len > 0 {
+                chain.push((DATA, len, device_writes));
+            }
+            chain.push((STATUS, 1, true));
+            r.driver.queues[0].add_chain(&r.mem, &chain);
+            r.driver.queues[0].add_chain(&r.mem, &chain);
+            let allocations = crate::alloc_count::allocations(|| r.transport.process_queue(0));
+            let used = r.driver.queues[0].take_used(&r.mem);
+            assert_eq!(used.len(), 2, "type {kind}");
+            assert_eq!(r.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), OK);
+            assert_eq!(allocations, 0, "type {kind}, split {split}");
+        }
+    }
+}

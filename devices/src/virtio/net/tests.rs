@@ -716,3 +716,103 @@ fn random_hostile_chains_never_panic_and_sent_frames_are_well_formed() {
         "sent {sent}, used {used}, resets {resets}"
     );
 }
+
+/// A backend that allocates nothing: it counts what is sent and answers
+/// each receive, while `pending` says frames wait, with `frame`.
+struct Echo {
+    frame: Vec<u8>,
+    pending: Arc<Mutex<usize>>,
+    sent: Arc<Mutex<usize>>,
+    fd: EventFd,
+}
+
+impl AsRawFd for Echo {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl NetBackend for Echo {
+    fn recv_into(&mut self, bufs: &[VolatileSlice<'_, ()>]) -> io::Result<usize> {
+        let mut pending = self.pending.lock().unwrap();
+        if *pending == 0 {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        *pending -= 1;
+        let mut rest = &self.frame[..];
+        for buf in bufs {
+            let n = buf.len().min(rest.len());
+            buf.copy_from(&rest[..n]);
+            rest = &rest[n..];
+        }
+        Ok(self.frame.len() - rest.len())
+    }
+    fn send_from(&mut self, bufs: &[VolatileSlice<'_, ()>]) -> io::Result<usize> {
+        let len = bufs.iter().map(|b| b.len()).sum();
+        *self.sent.lock().unwrap() += 1;
+        Ok(len)
+    }
+    fn set_offload(&mut self, _: u32) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn sending_and_receiving_allocate_nothing_once_warm() {
+    // (guest features, receive buffer size, frame payload): Linux's
+    // mergeable buffers of a page and its big buffers without them.
+    for (features, buffer, payload) in [
+        (all_features(), 4096, 1514),
+        (all_features(), 4096, 65535 - NET_HDR_LEN),
+        (VIRTIO_F_VERSION_1, MAX_FRAME as u32, 65535 - NET_HDR_LEN),
+    ] {
+        let (pending, sent) = (Arc::new(Mutex::new(0)), Arc::new(Mutex::new(0)));
+        let echo = Echo {
+            frame: frame(payload),
+            pending: pending.clone(),
+            sent: sent.clone(),
+            fd: EventFd::new(0).unwrap(),
+        };
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x400_0000)]).unwrap();
+        let irq = Arc::new(Interrupt::new().unwrap());
+        let mut transport = MmioTransport::new(
+            Box::new(Net::new(Box::new(echo), MAC, true)),
+            mem.clone(),
+            irq,
+        )
+        .unwrap();
+        let mut driver =
+            Driver::init(&mut transport, &mem, features, &[QUEUE_SIZE, QUEUE_SIZE]).unwrap();
+        let per_frame = (payload + NET_HDR_LEN).div_ceil(buffer as usize) as u64;
+        for round in 0..3 {
+            // Receive: buffers for two frames, two frames waiting.
+            for i in 0..2 * per_frame {
+                driver.queues[0].add_chain(&mem, &[(BUFS + i * u64::from(buffer), buffer, true)]);
+            }
+            *pending.lock().unwrap() = 2;
+            let rx = crate::alloc_count::allocations(|| {
+                transport.process_queue(0);
+                transport.process_backend();
+            });
+            assert_eq!(*pending.lock().unwrap(), 0, "both frames read");
+            let used = driver.queues[0].take_used(&mem);
+            assert_eq!(used.len() as u64, 2 * per_frame);
+            // Transmit: two frames, header and payload apart as Linux has them.
+            for _ in 0..2 {
+                driver.queues[1].add_chain(
+                    &mem,
+                    &[
+                        (BUFS, NET_HDR_LEN as u32, false),
+                        (BUFS + 12, payload as u32, false),
+                    ],
+                );
+            }
+            let tx = crate::alloc_count::allocations(|| transport.process_queue(1));
+            assert_eq!(driver.queues[1].take_used(&mem).len(), 2);
+            assert_eq!(*sent.lock().unwrap(), 2 * (round + 1));
+            if round > 0 {
+                assert_eq!((rx, tx), (0, 0), "buffer {buffer}, payload {payload}");
+            }
+        }
+    }
+}

@@ -726,3 +726,44 @@ fn streaming_to_the_guest_does_not_touch_epoll_per_packet() {
     let updates = r.dev.stats().poll_updates - before;
     assert!(updates <= 2 * 8, "{updates} epoll updates for 8 bursts");
 }
+
+#[test]
+fn data_both_ways_allocates_nothing_once_warm() {
+    let mut r = rig("noalloc");
+    let (mut client, local) = r.host_connect(1234);
+    let data = vec![0x5a_u8; 4096];
+    for round in 0..3 {
+        // Host to guest: the client writes, the guest has buffers posted.
+        client.write_all(&data).unwrap();
+        for _ in 0..4 {
+            let addr = RX_AREA + (r.rx_slot % 256) * u64::from(RX_BUF);
+            r.rx_slot += 1;
+            r.rx.add_chain(&r.mem, &[(addr, RX_BUF, true)]);
+        }
+        let (mem, irq) = (r.mem.clone(), r.irq.clone());
+        let rx = crate::alloc_count::allocations(|| {
+            r.dev.process_queue(RX, &mem, &irq).unwrap();
+            for _ in 0..4 {
+                r.dev.process_backend(&mem, &irq).unwrap();
+            }
+        });
+        let got: usize = r.received().iter().map(|g| g.data.len()).sum();
+        assert_eq!(got, data.len());
+        // Guest to host.
+        let addr = TX_AREA;
+        let header = r.header(OP_RW, 1234, local, data.len() as u32);
+        r.mem
+            .write_slice(&header.to_bytes(), GuestAddress(addr))
+            .unwrap();
+        r.mem
+            .write_slice(&data, GuestAddress(addr + HEADER_LEN as u64))
+            .unwrap();
+        r.tx.add_chain(&r.mem, &[(addr, (HEADER_LEN + data.len()) as u32, false)]);
+        let tx = crate::alloc_count::allocations(|| r.dev.process_queue(TX, &mem, &irq).unwrap());
+        assert_eq!(r.tx.take_used(&r.mem).len(), 1);
+        assert_eq!(read_exactly(&mut client, data.len()), data);
+        if round > 0 {
+            assert_eq!((rx, tx), (0, 0), "round {round}");
+        }
+    }
+}
