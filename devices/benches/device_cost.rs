@@ -192,6 +192,7 @@ fn net_rows() -> Result<Vec<(String, u64, Measurement, Measurement)>, String> {
     let features = u64::from(read32(&mut transport, 0x010)) << 32;
     let mut driver = Driver::init(&mut transport, &mem, features, &[256, 256]).unwrap();
     let mut rows = Vec::new();
+    let mut used = Vec::new();
     for (size, baseline) in sizes.into_iter().zip(baselines) {
         let frame = frame(size);
         mem.write_slice(&frame, GuestAddress(DATA)).unwrap();
@@ -199,7 +200,7 @@ fn net_rows() -> Result<Vec<(String, u64, Measurement, Measurement)>, String> {
             measure(|_| {
                 driver.queues[1].add_chain(&mem, &[(DATA, frame.len() as u32, false)]);
                 transport.process_queue(1);
-                driver.queues[1].take_used(&mem);
+                driver.queues[1].take_used_into(&mem, &mut used);
                 irq.ack(1);
             })
         });
@@ -351,6 +352,7 @@ fn net_rx_rows() -> Result<Vec<(String, u64, Measurement, Measurement)>, String>
     let features = high | (low & 1 << VIRTIO_NET_F_MRG_RXBUF);
     let mut driver = Driver::init(&mut transport, &mem, features, &[256, 256]).unwrap();
     let mut rows = Vec::new();
+    let mut used = Vec::new();
     for (size, baseline) in sizes.into_iter().zip(baselines) {
         let (frame, n) = (frame(size), batch(size));
         let buffers = n * (size + NET_HDR_LEN as u64).div_ceil(RX_BUFFER);
@@ -365,7 +367,8 @@ fn net_rx_rows() -> Result<Vec<(String, u64, Measurement, Measurement)>, String>
                     (0..n).for_each(|_| injector.send(&frame));
                 } else {
                     transport.process_backend();
-                    assert_eq!(driver.queues[0].take_used(&mem).len() as u64, buffers);
+                    driver.queues[0].take_used_into(&mem, &mut used);
+                    assert_eq!(used.len() as u64, buffers);
                     irq.ack(1);
                 }
             })
@@ -429,13 +432,15 @@ fn vsock_rows() -> Vec<(String, u64, Measurement, Measurement)> {
         buf_alloc: u32::MAX,
         fwd_cnt: 0,
     };
-    let send = |driver: &mut Driver, t: &mut MmioTransport, h: Header| {
+    let mut used = Vec::new();
+    let mut send = |driver: &mut Driver, t: &mut MmioTransport, h: Header| {
         mem.write_slice(&h.to_bytes(), GuestAddress(HEADER))
             .unwrap();
         driver.queues[1].add_chain(&mem, &[(HEADER, 44, false), (DATA, h.len, false)]);
         t.process_queue(1);
-        driver.queues[1].take_used(&mem);
+        driver.queues[1].take_used_into(&mem, &mut used);
     };
+    let mut reaped = Vec::new();
     // The guest connects to the host's port 5000.
     driver.queues[0].add_chain(&mem, &[(DATA + (4 << 20), 4096, true)]);
     send(&mut driver, &mut t, header(OP_REQUEST, 0));
@@ -452,7 +457,8 @@ fn vsock_rows() -> Vec<(String, u64, Measurement, Measurement)> {
         measure(|_| {
             while sent.wrapping_sub(fwd_cnt) + TX_BYTES as u32 > BUF_ALLOC {
                 t.process_backend();
-                for _ in driver.queues[0].take_used(&mem) {
+                driver.queues[0].take_used_into(&mem, &mut reaped);
+                for _ in &reaped {
                     let mut raw = [0u8; 44];
                     mem.read_slice(&mut raw, GuestAddress(credit_buf)).unwrap();
                     fwd_cnt = Header::from_bytes(&raw).fwd_cnt;
@@ -477,7 +483,7 @@ fn vsock_rows() -> Vec<(String, u64, Measurement, Measurement)> {
     let rx_device = counting_interrupts(&irq, || {
         measure_rounds(64, |half| match half {
             Half::Prepare => {
-                driver.queues[0].take_used(&mem);
+                driver.queues[0].take_used_into(&mem, &mut reaped);
                 for i in 0..64 {
                     driver.queues[0]
                         .add_chain(&mem, &[(DATA + i * RX_BYTES, RX_BYTES as u32, true)]);
@@ -489,7 +495,8 @@ fn vsock_rows() -> Vec<(String, u64, Measurement, Measurement)> {
                 while got < 64 {
                     t.process_queue(0);
                     t.process_backend();
-                    got += driver.queues[0].take_used(&mem).len();
+                    driver.queues[0].take_used_into(&mem, &mut reaped);
+                    got += reaped.len();
                     assert!(Instant::now() < give_up, "vsock receive stalled");
                 }
                 irq.ack(1);
@@ -544,6 +551,7 @@ fn main() {
     let mut driver = Driver::init(&mut transport, &mem, features, &[QUEUE_SIZE]).unwrap();
 
     let mut rows = Vec::new();
+    let mut used = Vec::new();
     for size in [4u64 << 10, 64 << 10, 1 << 20] {
         for (name, kind, device_writes) in [("read", 0u32, true), ("write", 1u32, false)] {
             let device = counting_interrupts(&irq, || {
@@ -560,7 +568,7 @@ fn main() {
                         ],
                     );
                     transport.process_queue(0);
-                    let used = driver.queues[0].take_used(&mem);
+                    driver.queues[0].take_used_into(&mem, &mut used);
                     assert_eq!(used.len(), 1);
                     irq.ack(1);
                 })

@@ -99,7 +99,9 @@ impl DriverQueue {
     /// available. Returns the head index.
     pub fn add_chain(&mut self, mem: &GuestMemoryMmap, buffers: &[(u64, u32, bool)]) -> u16 {
         let head = self.next_desc;
-        let descs: Vec<Desc> = buffers
+        // On the stack: a benchmark's driver should not time its own
+        // allocations.
+        let descs: smallvec::SmallVec<[Desc; 8]> = buffers
             .iter()
             .enumerate()
             .map(|(i, (addr, len, writable))| {
@@ -120,8 +122,16 @@ impl DriverQueue {
     /// Like Linux after reaping, it then sets `used_event` to ask for an
     /// interrupt at the next used element (read only with EVENT_IDX).
     pub fn take_used(&mut self, mem: &GuestMemoryMmap) -> Vec<(u32, u32)> {
-        let idx: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap();
         let mut out = Vec::new();
+        self.take_used_into(mem, &mut out);
+        out
+    }
+
+    /// [`Self::take_used`] into `out` (cleared first), which a caller in a
+    /// loop keeps, so reaping allocates nothing once `out` is big enough.
+    pub fn take_used_into(&mut self, mem: &GuestMemoryMmap, out: &mut Vec<(u32, u32)>) {
+        out.clear();
+        let idx: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap();
         while self.used_idx != idx {
             let slot = u64::from(self.used_idx % self.size);
             let id: u32 = mem
@@ -134,7 +144,6 @@ impl DriverQueue {
             self.used_idx = self.used_idx.wrapping_add(1);
         }
         self.set_used_event(mem, self.used_idx);
-        out
     }
 
     /// Sets `used_event` (EVENT_IDX): interrupt once the used index passes
