@@ -41,8 +41,8 @@ setup() {
 # libc linked in, a static PIE), so no shared library is mapped and only
 # the code moat uses is paged in (docs/benchmarks.md, "The static musl
 # binary (2026-11-29)"). --target keeps the static flag off build scripts
-# and proc macros.
-build_moat() {
+# and proc macros. musl_cargo runs cargo for that target.
+musl_cargo() {
     local triple
     triple=$(uname -m)-unknown-linux-musl
     command -v rustup >/dev/null ||
@@ -50,9 +50,12 @@ build_moat() {
     rustup target list --installed | grep -qx "$triple" ||
         rustup target add "$triple" >&2
     local flags_var=CARGO_TARGET_$(tr 'a-z-' 'A-Z_' <<<"$triple")_RUSTFLAGS
-    env "$flags_var=-C target-feature=+crt-static" \
-        cargo build --profile dist --locked --target "$triple" -p moat-vmm --bin moat >&2
-    export MOAT_BIN=$root/target/$triple/dist/moat
+    env "$flags_var=-C target-feature=+crt-static" cargo "$1" --target "$triple" "${@:2}"
+}
+
+build_moat() {
+    musl_cargo build --profile dist --locked -p moat-vmm --bin moat >&2
+    export MOAT_BIN=$root/target/$(uname -m)-unknown-linux-musl/dist/moat
 }
 
 # Reads KEY=PATH lines from build-images.sh into IMG_KEY variables.
@@ -204,7 +207,8 @@ case $cmd in
         build_images
         [[ -n ${MOAT_BACKEND:-} ]] && export MOAT_TEST_BACKEND=$MOAT_BACKEND
         started=$SECONDS
-        cargo bench --locked -p moat-devices --features test-driver --bench device_cost
+        # The device paths with the libc moat ships with.
+        musl_cargo bench --locked -p moat-devices --features test-driver --bench device_cost
         cargo bench --locked -p moat-tests --bench vm -- "$@"
         out=$root/target/bench
         printf '{"date": "%s", "host": "%s", "cpus": %s, "device_cost": %s, "vm": %s}\n' \
