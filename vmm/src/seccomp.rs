@@ -182,6 +182,9 @@ const COMMON: &[i64] = &[
     libc::SYS_clock_gettime,
     libc::SYS_clock_nanosleep,
     libc::SYS_nanosleep,
+    // The kernel's own call to resume a sleep or a wait with a timeout
+    // after a stop (SIGSTOP and SIGCONT, a debugger, a cgroup freezer).
+    libc::SYS_restart_syscall,
     libc::SYS_gettid,
     libc::SYS_getpid,
     libc::SYS_getrandom,
@@ -412,6 +415,11 @@ mod tests {
     /// handler, so a trap kills it with SIGSYS), runs `call`, and exits 0.
     /// Returns the child's wait status.
     fn in_filtered_child(kind: ThreadKind, call: fn() -> i64) -> i32 {
+        wait(filtered_child(kind, call), 0)
+    }
+
+    /// The child of [`in_filtered_child`], running; returns its pid.
+    fn filtered_child(kind: ThreadKind, call: fn() -> i64) -> libc::pid_t {
         let program = program(kind).unwrap();
         // SAFETY: the child only makes raw system calls (prctl, seccomp,
         // the probe, _exit) on memory prepared before the fork.
@@ -426,9 +434,14 @@ mod tests {
             // SAFETY: as above.
             unsafe { libc::_exit(0) };
         }
+        pid
+    }
+
+    /// waitpid(2) on our own child `pid` with `flags`; returns the status.
+    fn wait(pid: libc::pid_t, flags: i32) -> i32 {
         let mut status = 0;
         // SAFETY: waits for our own child.
-        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, flags) }, pid);
         status
     }
 
@@ -536,6 +549,33 @@ mod tests {
             assert!(
                 libc::WIFEXITED(tcsets),
                 "{kind:?}: TCSETS trapped ({tcsets:#x})"
+            );
+        }
+    }
+
+    #[test]
+    fn a_sleep_stopped_and_continued_goes_on_in_every_filter() {
+        // SIGSTOP then SIGCONT (job control, a debugger attaching, a
+        // freezer) during a sleep with a timeout: the kernel resumes it
+        // with restart_syscall(2), a call no code makes itself.
+        for kind in ThreadKind::ALL {
+            let pid = filtered_child(kind, || {
+                let ts = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 400_000_000,
+                };
+                sys(libc::SYS_nanosleep, &ts as *const _ as i64, 0, 0)
+            });
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            // SAFETY: signals to our own child.
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+            assert!(libc::WIFSTOPPED(wait(pid, libc::WUNTRACED)));
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+            let status = wait(pid, 0);
+            assert!(
+                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                "{kind:?}: status {status:#x}"
             );
         }
     }
