@@ -78,6 +78,8 @@ struct Setup {
     launches: usize,
     /// MiB to write and free before each timed boot (see [`scrub`]).
     scrub_mib: usize,
+    /// `--no-qemu`: no QEMU column even with QEMU in PATH.
+    no_qemu: bool,
 }
 
 impl Setup {
@@ -108,6 +110,9 @@ impl Setup {
                 "--peer".into(),
                 format!("{}={}", peer.kind.key(), path(&peer.path)),
             ]);
+        }
+        if self.no_qemu {
+            args.push("--no-qemu".into());
         }
         args
     }
@@ -142,7 +147,10 @@ impl Setup {
                     setup.peers.push(peer);
                 }
                 "--qemu-bios" => setup.qemu_bios = value()?.into(),
-                "--no-qemu" => setup.peers.retain(|p| p.kind != PeerKind::Qemu),
+                "--no-qemu" => {
+                    setup.peers.retain(|p| p.kind != PeerKind::Qemu);
+                    setup.no_qemu = true;
+                }
                 "--runs" => setup.runs = count(value()?)?,
                 "--launches" => setup.launches = count(value()?)?,
                 "--scrub-mib" => {
@@ -878,9 +886,9 @@ fn once_more<T>(what: &str, mut attempt: impl FnMut() -> Result<T, String>) -> R
 /// One table row: a figure for moat and for each peer (in
 /// `Setup::peers`' order; `None` where it has no such figure).
 struct Row {
-    key: &'static str,
+    key: String,
     what: String,
-    unit: &'static str,
+    unit: String,
     moat: Option<f64>,
     peers: Vec<Option<f64>>,
 }
@@ -897,15 +905,13 @@ impl Row {
         })
     }
 
-    /// [`Row::to_json`]'s row. Its key and unit become `'static` by
-    /// leaking them: a few dozen short strings, once per benchmark.
+    /// [`Row::to_json`]'s row.
     fn from_json(value: &serde_json::Value) -> Option<Row> {
         let text = |key: &str| value[key].as_str().map(str::to_string);
-        let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
         Some(Row {
-            key: leak(text("key")?),
+            key: text("key")?,
             what: text("what")?,
-            unit: leak(text("unit")?),
+            unit: text("unit")?,
             moat: value["moat"].as_f64(),
             peers: value["peers"]
                 .as_array()?
@@ -918,7 +924,7 @@ impl Row {
 
 /// The whole benchmark in this process: the launch rows, then the I/O
 /// rounds; the table and the JSON.
-fn measure(setup: &Setup, place: &str) -> Result<(String, String), String> {
+fn measure(setup: &Setup, place: &str) -> Result<(String, serde_json::Value), String> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut rows = launch_rows(setup, cpus)?;
     let rounds: Vec<_> = (0..setup.io_runs).map(|r| io_round(setup, r)).collect();
@@ -1021,24 +1027,24 @@ fn launch_rows(setup: &Setup, cpus: usize) -> Result<Vec<Row>, String> {
     let mut rows: Vec<Row> = ms_rows
         .into_iter()
         .map(|(key, what, f)| Row {
-            key,
+            key: key.into(),
             what: what.to_string(),
-            unit: "ms",
+            unit: "ms".into(),
             moat: med_ms(&moat_boots, f),
             peers: of_peers(&peer_boots, &|l| med_ms(l, f)),
         })
         .collect();
     rows.push(Row {
-        key: "exit_traced_ms",
+        key: "exit_traced_ms".into(),
         what: "exec -> VMM exit, moat run --trace-exits".into(),
-        unit: "ms",
+        unit: "ms".into(),
         moat: med_ms(&traced_boots, |l| Some(l.exit)),
         peers: none(),
     });
-    let memory_row = |key, what: &str, f: fn(&Launch) -> Option<u64>| Row {
-        key,
+    let memory_row = |key: &str, what: &str, f: fn(&Launch) -> Option<u64>| Row {
+        key: key.into(),
         what: what.to_string(),
-        unit: "KiB",
+        unit: "KiB".into(),
         moat: med_kib(&moat_held, f),
         peers: of_peers(&peer_held, &|l| med_kib(l, f)),
     };
@@ -1060,31 +1066,31 @@ fn launch_rows(setup: &Setup, cpus: usize) -> Result<Vec<Row>, String> {
         ),
     ]);
     rows.push(Row {
-        key: "api_socket_ready_ms",
+        key: "api_socket_ready_ms".into(),
         what: "exec -> API socket accepts (moat --api-sock)".into(),
-        unit: "ms",
+        unit: "ms".into(),
         moat: median(api_ready.iter().map(|d| d.as_secs_f64() * 1e3).collect()),
         peers: none(),
     });
     rows.push(Row {
-        key: "api_rss_after_boot_kib",
+        key: "api_rss_after_boot_kib".into(),
         what: "RSS w/o guest RAM, booted, API served".into(),
-        unit: "KiB",
+        unit: "KiB".into(),
         moat: med_kib(&api_held, |l| l.rss_after_boot),
         peers: none(),
     });
     rows.push(Row {
-        key: "launches_per_s_1",
+        key: "launches_per_s_1".into(),
         what: format!("launch rate, 1 at a time ({} VMs)", setup.launches),
-        unit: "VM/s",
+        unit: "VM/s".into(),
         moat: Some(moat_rates.0),
         peers: peer_rates.iter().map(|r| Some(r.0)).collect(),
     });
     if cpus > 1 {
         rows.push(Row {
-            key: "launches_per_s_parallel",
+            key: "launches_per_s_parallel".into(),
             what: format!("launch rate, {cpus} at a time ({} VMs)", setup.launches),
-            unit: "VM/s",
+            unit: "VM/s".into(),
             moat: moat_rates.1,
             peers: peer_rates.iter().map(|r| r.1).collect(),
         });
@@ -1092,10 +1098,10 @@ fn launch_rows(setup: &Setup, cpus: usize) -> Result<Vec<Row>, String> {
     let per_snapshot = |f: &dyn Fn(&Snapshot) -> f64| median(snapshots.iter().map(f).collect());
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let kib = |bytes: u64| bytes as f64 / 1024.0;
-    let moat_only = |key, what: &str, unit, moat| Row {
-        key,
+    let moat_only = |key: &str, what: &str, unit: &str, moat| Row {
+        key: key.into(),
         what: what.to_string(),
-        unit,
+        unit: unit.into(),
         moat,
         peers: none(),
     };
@@ -1209,9 +1215,9 @@ fn io_rows(setup: &Setup, rounds: &[Vec<Option<io::Figures>>]) -> (Vec<Row>, Opt
     let rows = io::ROWS
         .iter()
         .map(|&(key, json_key, what)| Row {
-            key: json_key,
+            key: json_key.into(),
             what: what.to_string(),
-            unit: "ms",
+            unit: "ms".into(),
             moat: io_median(0, key),
             peers: (1..vmms.len()).map(|i| io_median(i, key)).collect(),
         })
@@ -1237,7 +1243,7 @@ fn render(
     cpus: usize,
     rows: &[Row],
     counted: Option<&str>,
-) -> (String, String) {
+) -> (String, serde_json::Value) {
     let show = |v: Option<f64>, unit: &str| {
         v.map_or("-".to_string(), |v| match unit {
             "ratio" => format!("{v:.3}"),
@@ -1265,47 +1271,45 @@ fn render(
         );
     }
     table.push('\n');
-    let mut json = format!(
-        "{{\"place\": \"{place}\", \"guest_mib\": {GUEST_MIB}, \"runs\": {}, \"launches\": {}, \"parallel\": {cpus}, \"scrub_mib\": {}, \"rows\": [",
-        setup.runs, setup.launches, setup.scrub_mib
-    );
-    let num = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.3}"));
-    for (i, row) in rows.iter().enumerate() {
+    // Three decimals are plenty, and keep the file readable.
+    let num = |v: Option<f64>| serde_json::json!(v.map(|v| (v * 1e3).round() / 1e3));
+    let mut json_rows = Vec::new();
+    for row in rows {
         let _ = write!(
             table,
             "{:<48} {:>6} {:>12}",
             row.what,
             row.unit,
-            show(row.moat, row.unit)
+            show(row.moat, &row.unit)
         );
-        let _ = write!(
-            json,
-            "{}{{\"key\": \"{}\", \"unit\": \"{}\", \"moat\": {}",
-            if i == 0 { "" } else { ", " },
-            row.key,
-            row.unit,
-            num(row.moat),
-        );
+        let mut json_row = serde_json::Map::new();
+        json_row.insert("key".into(), row.key.clone().into());
+        json_row.insert("unit".into(), row.unit.clone().into());
+        json_row.insert("moat".into(), num(row.moat));
         for (peer, value) in setup.peers.iter().zip(&row.peers) {
             let ratio = row.moat.zip(*value).map(|(m, p)| m / p);
             let _ = write!(
                 table,
                 " {:>12} {:>10}",
-                show(*value, row.unit),
+                show(*value, &row.unit),
                 ratio.map_or("-".to_string(), |r| format!("{r:.2}"))
             );
             let key = peer.kind.key();
-            let _ = write!(
-                json,
-                ", \"{key}\": {}, \"moat_over_{key}\": {}",
-                num(*value),
-                num(ratio)
-            );
+            json_row.insert(key.into(), num(*value));
+            json_row.insert(format!("moat_over_{key}"), num(ratio));
         }
         table.push('\n');
-        json.push('}');
+        json_rows.push(serde_json::Value::Object(json_row));
     }
-    json.push_str("]}");
+    let json = serde_json::json!({
+        "place": place,
+        "guest_mib": GUEST_MIB,
+        "runs": setup.runs,
+        "launches": setup.launches,
+        "parallel": cpus,
+        "scrub_mib": setup.scrub_mib,
+        "rows": json_rows,
+    });
     if let Some(counted) = counted {
         let _ = writeln!(table, "{counted}");
     }
@@ -1313,11 +1317,7 @@ fn render(
     (table, json)
 }
 
-fn write_json(json: &str) {
-    if let Err(e) = serde_json::from_str::<serde_json::Value>(json) {
-        eprintln!("vm bench: the results are not valid JSON ({e}): {json}");
-        std::process::exit(1);
-    }
+fn write_json(json: &serde_json::Value) {
     let dir = repo_root().join("target/bench");
     let out = dir.join("vm.json");
     let written =
@@ -1355,6 +1355,7 @@ fn main() {
             runs: 0,
             launches: 0,
             scrub_mib: 0,
+            no_qemu: false,
         };
         let part = take_value(&mut args, "--part")
             .ok_or_else(|| "--inside needs --part".to_string())
@@ -1404,6 +1405,7 @@ fn main() {
         runs: 10,
         launches: 10,
         scrub_mib: 0,
+        no_qemu: false,
     };
     let setup = match Setup::parse(&args, setup) {
         Ok(setup) => setup,
@@ -1412,9 +1414,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if !setup.peers.iter().any(|p| p.kind == PeerKind::Qemu)
-        && !args.iter().any(|a| a == "--no-qemu")
-    {
+    if !setup.no_qemu && !setup.peers.iter().any(|p| p.kind == PeerKind::Qemu) {
         eprintln!(
             "vm bench: no qemu-system-x86_64 in PATH and no --peer qemu=PATH: no QEMU column"
         );
@@ -1592,13 +1592,14 @@ fn run_part_in_rig(setup: &Setup, part: Part) -> Result<String, String> {
     let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
     let mut cmd = Command::new(repo_root().join("resources/rig.sh"));
     cmd.args(["--timeout", "3600", "--mem", "2048", "--cpus", "2"]);
-    let mut files = vec![
-        &setup.moat,
-        &setup.kernel,
-        &setup.initramfs,
-        &setup.io_initramfs,
-        &setup.qemu_bios,
-    ];
+    let mut files = vec![&setup.moat, &setup.kernel, &setup.initramfs];
+    // Made only for I/O rounds; QEMU's firmware only for QEMU.
+    if setup.io_runs > 0 {
+        files.push(&setup.io_initramfs);
+    }
+    if setup.peers.iter().any(|p| p.kind == PeerKind::Qemu) {
+        files.push(&setup.qemu_bios);
+    }
     files.extend(setup.peers.iter().map(|p| &p.path));
     for file in files {
         cmd.arg("--file").arg(file);
