@@ -57,6 +57,34 @@ impl Moat {
     fn alive(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
+
+    /// Boots the idle kernel (2 vCPUs, 64 MiB) through the API.
+    fn start_idle_vm(&self, scratch: &Scratch) {
+        let kernel = idle_kernel(&scratch.path("idle.elf"));
+        let boot = format!(r#"{{"kernel_image_path": "{}"}}"#, kernel.display());
+        let sock = &self.sock;
+        assert_eq!(request(sock, "PUT", "/boot-source", &boot).0, 204);
+        let config = r#"{"vcpu_count": 2, "mem_size_mib": 64}"#;
+        assert_eq!(request(sock, "PUT", "/machine-config", config).0, 204);
+        let start = r#"{"action_type": "InstanceStart"}"#;
+        assert_eq!(request(sock, "PUT", "/actions", start).0, 204);
+    }
+
+    /// Sends `signal` to moat.
+    fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child, which has not been waited for.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
+    }
+
+    /// The state letter of moat's main thread in /proc (`T`: stopped).
+    fn proc_state(&self) -> char {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // After the command name in parentheses: " S ...".
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .unwrap_or('?')
+    }
 }
 
 impl Drop for Moat {
@@ -196,29 +224,7 @@ fn every_moat_thread_runs_under_a_seccomp_filter_unless_turned_off() {
         let scratch = Scratch::new("seccomp-threads");
         let moat = Moat::start_with(&scratch.path(""), extra);
         let sock = moat.sock.clone();
-        let kernel = idle_kernel(&scratch.path("idle.elf"));
-        let boot = format!(r#"{{"kernel_image_path": "{}"}}"#, kernel.display());
-        assert_eq!(request(&sock, "PUT", "/boot-source", &boot).0, 204);
-        assert_eq!(
-            request(
-                &sock,
-                "PUT",
-                "/machine-config",
-                r#"{"vcpu_count": 2, "mem_size_mib": 64}"#
-            )
-            .0,
-            204
-        );
-        assert_eq!(
-            request(
-                &sock,
-                "PUT",
-                "/actions",
-                r#"{"action_type": "InstanceStart"}"#
-            )
-            .0,
-            204
-        );
+        moat.start_idle_vm(&scratch);
         // The API answering after its filter is in is part of the proof.
         assert_eq!(request(&sock, "GET", "/", "").0, 200);
         // Each vCPU installs its filter as its thread starts: give them a
@@ -248,4 +254,44 @@ fn every_moat_thread_runs_under_a_seccomp_filter_unless_turned_off() {
             assert_eq!(mode, want, "thread {name} with {extra:?}: {modes:?}");
         }
     }
+}
+
+#[test]
+fn moat_stopped_and_continued_goes_on_running_and_paused() {
+    // SIGSTOP and SIGCONT (job control, `gdb -p`, a cgroup freezer) end
+    // a timed sleep with restart_syscall(2): the API thread is nearly
+    // always in a poll(2) with a timeout, paused vCPUs in a timed wait.
+    need_kvm();
+    let scratch = Scratch::new("stop-continue");
+    let mut moat = Moat::start(&scratch.path(""));
+    moat.start_idle_vm(&scratch);
+    let sock = moat.sock.clone();
+    for state in ["Running", "Paused"] {
+        let body = format!(r#"{{"state": "{state}"}}"#);
+        if state == "Paused" {
+            assert_eq!(request(&sock, "PATCH", "/vm", &body).0, 204);
+        }
+        for round in 0..3 {
+            moat.signal(libc::SIGSTOP);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while moat.proc_state() != 'T' {
+                assert!(Instant::now() < deadline, "moat did not stop");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            moat.signal(libc::SIGCONT);
+            std::thread::sleep(Duration::from_millis(200));
+            let status = moat.child.try_wait().unwrap();
+            assert!(
+                status.is_none(),
+                "{state}, round {round}: moat ended: {status:?}"
+            );
+        }
+        let (code, info) = request(&sock, "GET", "/", "");
+        assert_eq!(code, 200, "{info}");
+        assert!(info.contains(&format!(r#""state":"{state}""#)), "{info}");
+    }
+    let resume = r#"{"state": "Resumed"}"#;
+    assert_eq!(request(&sock, "PATCH", "/vm", resume).0, 204);
+    assert!(moat.alive());
 }
