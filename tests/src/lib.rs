@@ -1030,10 +1030,15 @@ pub fn parse_test_result(console: &str) -> (Option<i32>, String) {
 /// Linux guest for long) and never powers off by itself, so requests that
 /// act on a running VM act on one.
 pub fn idle_kernel(path: &Path) -> PathBuf {
+    // sti; 1: hlt; jmp 1b
+    tiny_kernel(path, &[0xfb, 0xf4, 0xeb, 0xfd])
+}
+
+/// Writes an ELF kernel whose one segment is `code`, entered at its first
+/// byte in 64-bit mode, loaded at 1 MiB.
+pub fn tiny_kernel(path: &Path, code: &[u8]) -> PathBuf {
     const LOAD: u64 = 0x10_0000;
     const CODE_AT: u64 = 64 + 56;
-    // sti; 1: hlt; jmp 1b
-    let code = [0xfb, 0xf4, 0xeb, 0xfd];
     let size = CODE_AT + code.len() as u64;
     let mut elf = Vec::new();
     elf.extend([0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);

@@ -1,7 +1,7 @@
 //! `moat run --trace-exits`: a guest that writes to its console and reads
 //! its disk, and the table and JSON moat makes of its exits.
 
-use moat_tests::{Guest, Scratch};
+use moat_tests::{Guest, Outcome, Scratch};
 
 /// Where moat writes the trace (in the rig's VM, or on a host with KVM),
 /// and the host script that prints it on the console once moat has ended.
@@ -11,6 +11,29 @@ const PRINT_TRACE: &str = r#"rm -f /tmp/moat-trace-exits-test.json
 echo "TRACE-SUMMARY $(tail -n 1 /tmp/moat-trace-exits-test.json)"
 rm -f /tmp/moat-trace-exits-test.json
 exit $rc"#;
+
+/// The trace's summary, which [`PRINT_TRACE`] put on the console.
+fn summary(out: &Outcome) -> serde_json::Value {
+    let line = out
+        .console
+        .lines()
+        .find_map(|l| l.split_once("TRACE-SUMMARY ").map(|(_, json)| json))
+        .unwrap_or_else(|| panic!("no trace summary:\n{}", out.tail(40)));
+    let json: serde_json::Value =
+        serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("{e}: {line}"));
+    json["summary"].clone()
+}
+
+/// How many exits of kind `exit` `summary` counts at `device`.
+fn exits_of(summary: &serde_json::Value, exit: &str, device: &str) -> u64 {
+    summary["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["exit"] == exit && r["device"] == device)
+        .map(|r| r["count"].as_u64().unwrap())
+        .sum()
+}
 
 #[test]
 fn traced_exits_name_their_devices_skip_notifications_register_reads_and_acks_and_add_up() {
@@ -35,21 +58,9 @@ fn traced_exits_name_their_devices_skip_notifications_register_reads_and_acks_an
         "{}",
         out.tail(40)
     );
-    let line = out
-        .console
-        .lines()
-        .find_map(|l| l.split_once("TRACE-SUMMARY ").map(|(_, json)| json))
-        .unwrap_or_else(|| panic!("no trace summary:\n{}", out.tail(40)));
-    let json: serde_json::Value =
-        serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("{e}: {line}"));
-    let summary = &json["summary"];
+    let summary = &summary(&out);
     let rows = summary["rows"].as_array().unwrap();
-    let count = |exit: &str, device: &str| -> u64 {
-        rows.iter()
-            .filter(|r| r["exit"] == exit && r["device"] == device)
-            .map(|r| r["count"].as_u64().unwrap())
-            .sum()
-    };
+    let count = |exit: &str, device: &str| exits_of(summary, exit, device);
     // The console's bytes went out through the UART's port.
     assert!(count("io_out", "serial") > 100, "{summary}");
     // The guest probed the disk's registers, but its 512 reads sent no
@@ -81,4 +92,69 @@ fn traced_exits_name_their_devices_skip_notifications_register_reads_and_acks_an
         .map(|r| r["handling_ns"].as_u64().unwrap())
         .sum();
     assert_eq!(handling, summary["handling_ns"].as_u64().unwrap());
+}
+
+/// A kernel that writes three lines to COM1 as Linux's console does,
+/// polling the line status register before each byte: 32 bytes with the
+/// UART's interrupts off (IER 0, as at boot), 16 with its transmit
+/// interrupt on, 32 with them off again; then it powers off (ACPI S5).
+///
+/// ```text
+///     lea m1(%rip), %rsi; mov $32, %ecx; call-free loop:
+///  1: mov $0x3fd, %dx; 2: in %dx, %al; test $0x20, %al; jz 2b
+///     mov $0x3f8, %dx; lodsb; out %al, %dx; loop 1b
+///     mov $0x3f9, %dx; mov $2, %al; out %al, %dx      (IER: transmit)
+///     (the same loop over m2, 16 bytes)
+///     mov $0x3f9, %dx; xor %eax, %eax; out %al, %dx   (IER: 0)
+///     (the same loop over m3, 32 bytes)
+///     mov $0x600, %dx; mov $0x34, %al; out %al, %dx   (S5)
+///  3: hlt; jmp 3b
+/// ```
+const UART_CODE: [u8; 111] = [
+    0x48, 0x8d, 0x35, 0x68, 0x00, 0x00, 0x00, 0xb9, 0x20, 0x00, 0x00, 0x00, 0x66, 0xba, 0xfd, 0x03,
+    0xec, 0xa8, 0x20, 0x74, 0xfb, 0x66, 0xba, 0xf8, 0x03, 0xac, 0xee, 0xe2, 0xef, 0x66, 0xba, 0xf9,
+    0x03, 0xb0, 0x02, 0xee, 0x48, 0x8d, 0x35, 0x64, 0x00, 0x00, 0x00, 0xb9, 0x10, 0x00, 0x00, 0x00,
+    0x66, 0xba, 0xfd, 0x03, 0xec, 0xa8, 0x20, 0x74, 0xfb, 0x66, 0xba, 0xf8, 0x03, 0xac, 0xee, 0xe2,
+    0xef, 0x66, 0xba, 0xf9, 0x03, 0x31, 0xc0, 0xee, 0x48, 0x8d, 0x35, 0x50, 0x00, 0x00, 0x00, 0xb9,
+    0x20, 0x00, 0x00, 0x00, 0x66, 0xba, 0xfd, 0x03, 0xec, 0xa8, 0x20, 0x74, 0xfb, 0x66, 0xba, 0xf8,
+    0x03, 0xac, 0xee, 0xe2, 0xef, 0x66, 0xba, 0x00, 0x06, 0xb0, 0x34, 0xee, 0xf4, 0xeb, 0xfd,
+];
+const UART_LINES: [&str; 3] = [
+    "batched: 0123456789abcdefghijkl",
+    "one by one: XYZ",
+    "batched again: 0123456789ABCDEF",
+];
+
+#[test]
+fn console_bytes_written_with_the_uart_interrupts_off_exit_once_not_twice() {
+    let scratch = Scratch::new("trace-uart");
+    let mut code = UART_CODE.to_vec();
+    for line in UART_LINES {
+        code.extend(line.bytes().chain([b'\n']));
+    }
+    let kernel = moat_tests::tiny_kernel(&scratch.path("uart.elf"), &code);
+    let out = Guest::new(kernel)
+        .no_initramfs()
+        .args([format!("--trace-exits={TRACE}")])
+        .host_script(PRINT_TRACE)
+        .run()
+        .unwrap();
+    // It powered off: no test script to report.
+    assert_eq!(out.status, 0, "{}", out.tail(20));
+    // Every byte, in order, batched or not.
+    let at: Vec<usize> = UART_LINES
+        .iter()
+        .map(|line| {
+            out.console
+                .find(&format!("{line}\n"))
+                .unwrap_or_else(|| panic!("no {line:?} in:\n{}", out.tail(20)))
+        })
+        .collect();
+    assert!(at.windows(2).all(|w| w[0] < w[1]), "{}", out.tail(20));
+    let summary = summary(&out);
+    let count = |exit: &str| exits_of(&summary, exit, "serial");
+    // Each byte's status read exits; of the data writes only the 16 made
+    // with the transmit interrupt on do, besides the two IER writes.
+    assert_eq!(count("io_in"), 80, "{summary}");
+    assert_eq!(count("io_out"), 2 + 16, "{summary}");
 }

@@ -39,6 +39,8 @@ pub enum KvmOp {
     Sregs,
     /// KVM_SET_REGS.
     Regs,
+    /// KVM_(UN)REGISTER_COALESCED_MMIO, for a port.
+    CoalescedPio,
 }
 
 impl KvmOp {
@@ -67,6 +69,7 @@ impl std::fmt::Display for KvmOp {
             KvmOp::Lapic => "KVM_GET/SET_LAPIC",
             KvmOp::Sregs => "KVM_GET/SET_SREGS",
             KvmOp::Regs => "KVM_SET_REGS",
+            KvmOp::CoalescedPio => "KVM_(UN)REGISTER_COALESCED_MMIO",
         })
     }
 }

@@ -11,6 +11,7 @@ pub mod bus;
 pub mod cli;
 pub mod config;
 pub mod console;
+pub mod console_batch;
 pub mod error;
 pub mod exit;
 pub mod jail;
@@ -37,7 +38,7 @@ use moat_devices::virtio::mmio::MmioTransport;
 use crate::bus::Bus;
 use crate::config::VmConfig;
 use crate::console::ConsoleInput;
-use crate::error::Error;
+use crate::error::{Error, KvmOp};
 use crate::exit::{ExitSignal, VmExit};
 use crate::shutdown::{ExitEvents, ExitWatcher};
 use crate::vcpu::{HaltProbe, VcpuThread};
@@ -478,6 +479,18 @@ impl Vm {
             .transpose()
             .map_err(Error::Config)?;
         let exit = Arc::new(ExitSignal::new().map_err(|e| Error::Io("create an eventfd", e))?);
+        let console_batch = match vcpu_fds.first() {
+            Some(fd) => console_batch::ConsoleBatch::new(
+                &kvm,
+                vm_fd.clone(),
+                fd,
+                legacy.serial.clone(),
+                vm::COM1_PORT,
+            )
+            .map_err(|e| Error::Io("map KVM's coalesced I/O ring", e))?
+            .map(Arc::new),
+            None => None,
+        };
         let shared = vcpu::Shared {
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
@@ -496,7 +509,13 @@ impl Vm {
                     .try_clone()
                     .map_err(|e| Error::Io("clone an eventfd", e))?,
             ),
+            console_batch,
         };
+        if let Some(batch) = &shared.console_batch {
+            batch
+                .follow_uart(&shared.pio)
+                .map_err(KvmOp::CoalescedPio.err())?;
+        }
         let handle = VmHandle {
             vcpus: Arc::new(Mutex::new(Vec::with_capacity(vcpu_fds.len()))),
             pause: shared.pause.clone(),

@@ -97,6 +97,17 @@ fn kvm_set_user_memory_region() -> u64 {
     )
 }
 
+/// KVM_REGISTER_COALESCED_MMIO and KVM_UNREGISTER_COALESCED_MMIO: a vCPU
+/// turns the console's batching on and off as the guest writes the UART's
+/// IER (see [`crate::console_batch`]).
+fn kvm_coalesced_zone() -> [u64; 2] {
+    let size = std::mem::size_of::<kvm_bindings::kvm_coalesced_mmio_zone>() as u32;
+    [
+        ioctl_expr(1, KVMIO, 0x67, size),
+        ioctl_expr(1, KVMIO, 0x68, size),
+    ]
+}
+
 fn kvm_get_mp_state() -> u64 {
     ioctl_expr(
         2,
@@ -222,6 +233,7 @@ pub fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
                 req(libc::TCGETS),
                 req(libc::TCSETS),
             ];
+            ioctls.extend(kvm_coalesced_zone());
             // musl's isatty asks for the window size instead.
             #[cfg(target_env = "musl")]
             ioctls.push(req(libc::TIOCGWINSZ));
@@ -619,6 +631,7 @@ mod tests {
         assert_eq!(kvm_get_regs(), 0x8090_ae81);
         assert_eq!(kvm_get_mp_state(), 0x8004_ae98);
         assert_eq!(kvm_set_user_memory_region(), 0x4020_ae46);
+        assert_eq!(kvm_coalesced_zone(), [0x4010_ae67, 0x4010_ae68]);
         assert_eq!(tun_set_offload(), 0x4004_54d0);
     }
 

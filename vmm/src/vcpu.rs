@@ -20,6 +20,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::boot_timer::FirstRun;
 use crate::bus::Bus;
+use crate::console_batch::ConsoleBatch;
 use crate::error::{Error, KvmOp};
 use crate::exit::{ExitSignal, VmExit};
 use crate::snapshot::VcpuState;
@@ -397,6 +398,8 @@ pub struct Shared {
     /// The guest's reset request (i8042 or ACPI reset register), which the
     /// event loop serves; a vCPU looks at it when the guest triple-faults.
     pub reset: Arc<EventFdTrigger>,
+    /// The console's bytes batched by KVM, when it can.
+    pub console_batch: Option<Arc<ConsoleBatch>>,
 }
 
 /// IA32_TSC_DEADLINE: restored after the TSC, or the deadline it holds
@@ -597,6 +600,11 @@ fn run(index: u8, mut fd: VcpuFd, shared: &Shared) {
             },
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 fd.set_kvm_immediate_exit(0);
+                // A kick (pause, snapshot, stop): the console's last bytes
+                // go to the UART before its state is saved or moat ends.
+                if let Some(batch) = &shared.console_batch {
+                    batch.drain(&shared.pio);
+                }
                 shared.halt_probe.answer(usize::from(index), &fd);
                 if let Some(trace) = trace.as_mut() {
                     let kick = Exit {
@@ -675,6 +683,11 @@ fn triple_fault(cpu: u8, reset: &EventFdTrigger) -> VmExit {
 /// Handles one exit; returns why the VM must stop, if it must.
 fn handle_exit(cpu: u8, exit: VcpuExit, shared: &Shared) -> Option<VmExit> {
     let count = |c: &AtomicU64| c.fetch_add(1, Ordering::Relaxed);
+    // The console bytes KVM took since the last exit reach the UART before
+    // the guest's next access to anything.
+    if let Some(batch) = &shared.console_batch {
+        batch.drain(&shared.pio);
+    }
     match exit {
         VcpuExit::IoIn(port, data) => {
             count(&shared.exits.io_in);
@@ -684,7 +697,16 @@ fn handle_exit(cpu: u8, exit: VcpuExit, shared: &Shared) -> Option<VmExit> {
         VcpuExit::IoOut(port, data) => {
             count(&shared.exits.io_out);
             shared.pio.write(u64::from(port), data);
-            None
+            match &shared.console_batch {
+                Some(batch) if batch.touches_ier(u64::from(port)) => batch
+                    .follow_uart(&shared.pio)
+                    .err()
+                    .map(|e| VmExit::KvmError {
+                        cpu,
+                        error: format!("{}: {e}", KvmOp::CoalescedPio),
+                    }),
+                _ => None,
+            }
         }
         VcpuExit::MmioRead(addr, data) => {
             count(&shared.exits.mmio_read);

@@ -30,7 +30,8 @@ use crate::error::{Error, KvmOp};
 /// The KVM API version every kernel since 2.6.22 reports.
 const KVM_API_VERSION: i32 = 12;
 /// COM1.
-const COM1_PORT: u16 = 0x3f8;
+/// COM1, the guest's console.
+pub const COM1_PORT: u16 = 0x3f8;
 /// COM1's ISA interrupt.
 const COM1_IRQ: u32 = 4;
 /// The i8042's data port; its command port is 4 above.

@@ -87,6 +87,13 @@ impl<W: Write + Send> Serial<W> {
         self.uart.writer()
     }
 
+    /// Whether any of the UART's interrupts is enabled (IER not 0). With
+    /// none, a write to its registers raises nothing, so it may be played
+    /// to the UART later, as long as it is before the guest's next access.
+    pub fn interrupts_enabled(&self) -> bool {
+        self.uart.state().interrupt_enable != 0
+    }
+
     /// The registers and receive FIFO, for a snapshot.
     pub fn snapshot(&self) -> SerialSnapshot {
         let s = self.uart.state();
@@ -170,6 +177,21 @@ mod tests {
         let mut b = [0u8];
         dev.read(offset, &mut b);
         b[0]
+    }
+
+    #[test]
+    fn interrupts_enabled_follows_ier_and_not_the_divisor_latch() {
+        let (mut dev, _, _) = serial();
+        assert!(!dev.interrupts_enabled());
+        dev.write(IER, &[0x2]);
+        assert!(dev.interrupts_enabled());
+        // With DLAB set, offset 1 is the divisor's high byte.
+        dev.write(3, &[0x80]);
+        dev.write(IER, &[0]);
+        assert!(dev.interrupts_enabled());
+        dev.write(3, &[0x03]);
+        dev.write(IER, &[0]);
+        assert!(!dev.interrupts_enabled());
     }
 
     #[test]
