@@ -329,6 +329,12 @@ pub fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
             rules.insert(libc::SYS_ioctl, arg_in(1, &[req(libc::TCSETS)]));
         }
     }
+    // Rust's std built with debug assertions checks that a descriptor is
+    // open (fcntl F_GETFD) before it closes it; threads that need no other
+    // fcntl get that one.
+    rules
+        .entry(libc::SYS_fcntl)
+        .or_insert_with(|| arg_in(1, &[libc::F_GETFD as u64]));
     rules
 }
 
@@ -590,6 +596,23 @@ mod tests {
                 "{kind:?}: status {status:#x}"
             );
         }
+    }
+
+    #[test]
+    fn every_filter_lets_a_debug_build_check_a_descriptor_before_closing_it() {
+        // Rust's std, built with debug assertions, asks fcntl(F_GETFD)
+        // whether a descriptor is open before it closes one.
+        for kind in ThreadKind::ALL {
+            let status =
+                in_filtered_child(kind, || sys(libc::SYS_fcntl, 0, libc::F_GETFD as i64, 0));
+            assert!(libc::WIFEXITED(status), "{kind:?}: status {status:#x}");
+        }
+        // Nothing more than that where fcntl is not otherwise needed.
+        let setfl: fn() -> i64 = || sys(libc::SYS_fcntl, 0, libc::F_SETFL as i64, 0);
+        assert!(killed_by_sigsys(in_filtered_child(
+            ThreadKind::Console,
+            setfl
+        )));
     }
 
     #[test]
