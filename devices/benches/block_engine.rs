@@ -11,7 +11,6 @@
 //!
 //! Prints a table; figures are ratios against pread in the same round.
 
-use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::time::{Duration, Instant};
@@ -118,14 +117,7 @@ fn main() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&dir).expect("create target/bench");
     let path = dir.join("block_engine.img");
-    {
-        let mut file = moat_tests::file_with(&path, &[]);
-        let chunk: Vec<u8> = (0..1 << 20).map(|i| (i * 7) as u8).collect();
-        for _ in 0..FILE_SIZE >> 20 {
-            file.write_all(&chunk).unwrap();
-        }
-        file.sync_all().unwrap();
-    }
+    drop(moat_tests::bench_disk(&path, FILE_SIZE >> 20));
     let mut bufs = Buffers::new();
     println!(
         "{:<11} {:>5} {:>12} {:>9} {:>10} {:>9} {:>10}",

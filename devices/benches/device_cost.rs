@@ -534,13 +534,7 @@ fn main() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&dir).expect("create target/bench");
     let path = dir.join("device_cost.img");
-    let mut file = moat_tests::file_with(&path, &[]);
-    // Real data, so reads are not served from holes.
-    let chunk: Vec<u8> = (0..1 << 20).map(|i| (i * 7) as u8).collect();
-    for _ in 0..DISK_SIZE >> 20 {
-        file.write_all(&chunk).unwrap();
-    }
-    file.sync_all().unwrap();
+    let file = moat_tests::bench_disk(&path, DISK_SIZE >> 20);
 
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
     let irq = Arc::new(Interrupt::new().unwrap());

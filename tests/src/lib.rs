@@ -164,6 +164,20 @@ pub fn file_with(path: &Path, contents: &[u8]) -> std::fs::File {
     file
 }
 
+/// A benchmark's disk file at `path`: `mib` MiB of a repeating pattern
+/// (real data, so reads are not served from holes), synced.
+pub fn bench_disk(path: &Path, mib: u64) -> std::fs::File {
+    let mut file = file_with(path, &[]);
+    let chunk: Vec<u8> = (0..1 << 20).map(|i| (i * 7) as u8).collect();
+    for _ in 0..mib {
+        file.write_all(&chunk)
+            .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    }
+    file.sync_all()
+        .unwrap_or_else(|e| panic!("sync {}: {e}", path.display()));
+    file
+}
+
 /// Runs the repository's script `path` with `args` (its stderr shown) and
 /// returns its stdout; a script that fails fails the test.
 fn run_script(path: &str, args: &[&str]) -> String {
