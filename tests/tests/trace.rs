@@ -158,3 +158,35 @@ fn console_bytes_written_with_the_uart_interrupts_off_exit_once_not_twice() {
     assert_eq!(count("io_in"), 80, "{summary}");
     assert_eq!(count("io_out"), 2 + 16, "{summary}");
 }
+
+/// A kernel that polls the status register before each byte but not
+/// after the last (as Linux's earlyprintk and many small kernels do),
+/// prints "Hello!" with the UART's interrupts off, then idles in HLT,
+/// which exits to nobody: its last byte waits in KVM's ring until the
+/// halt probe's kick, once a second, plays it.
+///
+/// ```text
+///     lea m(%rip), %rsi; mov $6, %ecx
+///  1: mov $0x3fd, %dx; 2: in %dx, %al; test $0x20, %al; jz 2b
+///     mov $0x3f8, %dx; lodsb; out %al, %dx; loop 1b
+///  3: hlt; jmp 3b
+/// ```
+const HELLO_CODE: [u8; 32] = [
+    0x48, 0x8d, 0x35, 0x19, 0x00, 0x00, 0x00, 0xb9, 0x06, 0x00, 0x00, 0x00, 0x66, 0xba, 0xfd, 0x03,
+    0xec, 0xa8, 0x20, 0x74, 0xfb, 0x66, 0xba, 0xf8, 0x03, 0xac, 0xee, 0xe2, 0xef, 0xf4, 0xeb, 0xfd,
+];
+
+#[test]
+fn the_last_batched_byte_reaches_the_console_without_another_exit() {
+    let scratch = Scratch::new("trace-hello");
+    let mut code = HELLO_CODE.to_vec();
+    code.extend(b"Hello!");
+    let kernel = moat_tests::tiny_kernel(&scratch.path("hello.elf"), &code);
+    let out = Guest::new(kernel)
+        .no_initramfs()
+        .kill_after("Hello!")
+        .timeout(std::time::Duration::from_secs(60))
+        .run()
+        .unwrap();
+    assert!(out.console.contains("Hello!"), "{}", out.tail(10));
+}

@@ -14,6 +14,12 @@
 //! the ring raises no interrupt until it is played, and a guest waiting
 //! for one could wait until some unrelated exit. Every write to IER
 //! exits, and moat turns the batching on or off after it.
+//!
+//! A guest that writes its last byte and then exits no more (it polls the
+//! status register before each byte, not after, and halts) leaves that
+//! byte in the ring until the vCPU's next kick: the halt probe's, within
+//! a second. Linux's console waits for the transmitter after every
+//! message, which exits and plays the ring at once.
 
 use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
