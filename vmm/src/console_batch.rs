@@ -23,7 +23,7 @@
 
 use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{kvm_coalesced_mmio, KVM_COALESCED_MMIO_PAGE_OFFSET};
@@ -45,9 +45,6 @@ pub struct ConsoleBatch {
     /// playing the ring.
     on: Mutex<bool>,
     ring: Ring,
-    /// Set while the ring may hold writes: batching is on, or was until
-    /// the ring was last played. Lets every exit skip the lock otherwise.
-    may_hold: AtomicBool,
 }
 
 impl ConsoleBatch {
@@ -70,7 +67,6 @@ impl ConsoleBatch {
             port: u64::from(port),
             on: Mutex::new(false),
             ring: Ring::map(vcpu)?,
-            may_hold: AtomicBool::new(false),
         }))
     }
 
@@ -87,13 +83,11 @@ impl ConsoleBatch {
         match (*on, want) {
             (false, true) => {
                 self.vm.register_coalesced_mmio(zone, 1)?;
-                self.may_hold.store(true, Ordering::SeqCst);
             }
             (true, false) => {
                 self.vm.unregister_coalesced_mmio(zone, 1)?;
                 // What KVM took before it stopped goes to the UART now.
                 self.ring.play(pio);
-                self.may_hold.store(false, Ordering::SeqCst);
             }
             _ => {}
         }
@@ -105,14 +99,13 @@ impl ConsoleBatch {
     /// exit calls it before it is handled, so the guest never sees the
     /// UART without its earlier writes.
     pub fn drain(&self, pio: &Bus) {
-        if !self.may_hold.load(Ordering::SeqCst) {
+        // Most exits find the ring empty: two loads, no lock. What this
+        // vCPU wrote before its exit is in the ring already.
+        if self.ring.is_empty() {
             return;
         }
-        let on = self.on.lock().unwrap_or_else(|e| e.into_inner());
+        let _on = self.on.lock().unwrap_or_else(|e| e.into_inner());
         self.ring.play(pio);
-        if !*on {
-            self.may_hold.store(false, Ordering::SeqCst);
-        }
     }
 
     /// Whether a port write at `port` may have changed the UART's IER.
@@ -169,6 +162,11 @@ impl Ring {
         // SAFETY: the two u32s at the start of the mapped page, 4-aligned,
         // valid while the mapping lives; KVM writes `last`, moat `first`.
         unsafe { &*self.page.as_ptr().cast::<AtomicU32>().add(which) }
+    }
+
+    /// Whether KVM has appended nothing that was not played.
+    fn is_empty(&self) -> bool {
+        self.index(0).load(Ordering::Acquire) == self.index(1).load(Ordering::Acquire)
     }
 
     /// Writes every entry KVM has appended to the port bus, in order. The
