@@ -542,6 +542,26 @@ impl MmioTransport {
         }
         if let Err(e) = self.device.process_backend(&self.mem, &self.interrupt) {
             self.fail(&e.0);
+            return;
+        }
+        // Serving the backend may have taken up a queue again (a disk's
+        // completions making room) and stopped at its budget: come back
+        // to it as after a notification.
+        for (index, event) in self.queue_events.iter().enumerate() {
+            if self.device.wants_more(index) {
+                let _ = event.write(1);
+            }
+        }
+    }
+
+    /// Lets the device finish what the host is doing for it
+    /// ([`VirtioDevice::quiesce`]).
+    pub fn quiesce(&mut self) {
+        if !self.active {
+            return;
+        }
+        if let Err(e) = self.device.quiesce(&self.mem, &self.interrupt) {
+            self.fail(&e.0);
         }
     }
 

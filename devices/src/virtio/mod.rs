@@ -78,8 +78,22 @@ pub trait VirtioDevice: Send {
     /// it accepted.
     fn activate(&mut self, acked_features: u64, queues: Vec<Queue>) -> Result<(), DeviceError>;
 
-    /// Forget the queues and any in-flight state (device reset).
+    /// Forget the queues and any in-flight state (device reset). Work the
+    /// host is doing for the device is waited for, not handed back: after
+    /// a reset the device touches no guest memory.
     fn reset(&mut self);
+
+    /// Finish the work the host is doing for the device (a disk's requests
+    /// in flight) and hand it back to the driver, so that the device holds
+    /// nothing the guest gave it: before a snapshot, or before the device's
+    /// backend changes.
+    fn quiesce(
+        &mut self,
+        _mem: &GuestMemoryMmap,
+        _interrupt: &Interrupt,
+    ) -> Result<(), DeviceError> {
+        Ok(())
+    }
 
     /// Whether the last [`VirtioDevice::process_queue`] of queue `index`
     /// stopped at its budget with work left: the transport then signals

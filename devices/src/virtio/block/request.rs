@@ -29,6 +29,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend};
 
+use super::uring::{Op, Uring};
 use super::{DiskBackend, SECTOR_SIZE, SEG_MAX};
 use crate::virtio::{DeviceError, GuestMemoryMmap};
 
@@ -80,13 +81,39 @@ type Chain<'a> = DescriptorChain<&'a GuestMemoryMmap>;
 /// status): serving a request allocates nothing.
 type Descriptors = SmallVec<[Descriptor; 8]>;
 /// The iovecs of a request's data, on the stack for up to 8 pieces.
-type Iovecs = SmallVec<[libc::iovec; 8]>;
+pub(super) type Iovecs = SmallVec<[libc::iovec; 8]>;
+
+/// What became of a request.
+pub(super) enum Handled {
+    /// Done: the status byte is written; the used length.
+    Done(u32),
+    /// Handed to the asynchronous engine, which completes it later.
+    Queued,
+}
+
+/// What running a request's body came to.
+enum Executed {
+    /// Done, with this many data bytes written to the guest.
+    Done(u32),
+    /// Not a request type moat knows.
+    Unsupported,
+    /// In the asynchronous engine.
+    Queued,
+}
 
 impl Disk {
-    /// Handles one request; returns the number of bytes written into the
-    /// chain (the used length). An error means the chain has no usable
-    /// status byte and the device must be reset.
-    pub fn handle(&mut self, mem: &GuestMemoryMmap, chain: Chain<'_>) -> Result<u32, DeviceError> {
+    /// Handles one request: at once, or, given `uring`, reads, writes and
+    /// flushes are queued there and complete later. Done, it returns the
+    /// number of bytes written into the chain (the used length). An error
+    /// means the chain has no usable status byte and the device must be
+    /// reset.
+    pub fn handle(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        chain: Chain<'_>,
+        uring: Option<&mut Uring>,
+    ) -> Result<Handled, DeviceError> {
+        let head = chain.head_index();
         let descriptors: Descriptors = chain.collect();
         let Some(last) = descriptors.last() else {
             return Err(DeviceError(
@@ -121,9 +148,11 @@ impl Disk {
         let (status, written) = if !direction_ok || too_long || !in_memory {
             (VIRTIO_BLK_S_IOERR, 0)
         } else {
-            match self.execute(mem, readable, writable) {
-                Ok(Some(written)) => (VIRTIO_BLK_S_OK, written),
-                Ok(None) => (VIRTIO_BLK_S_UNSUPP, 0),
+            let queue_to = uring.map(|uring| (uring, head, status_addr));
+            match self.execute(mem, readable, writable, queue_to) {
+                Ok(Executed::Done(written)) => (VIRTIO_BLK_S_OK, written),
+                Ok(Executed::Queued) => return Ok(Handled::Queued),
+                Ok(Executed::Unsupported) => (VIRTIO_BLK_S_UNSUPP, 0),
                 Err(IoError) => (VIRTIO_BLK_S_IOERR, 0),
             }
         };
@@ -132,19 +161,27 @@ impl Disk {
         }
         mem.write_obj(status as u8, status_addr)
             .map_err(|_| DeviceError("status byte is outside guest memory".into()))?;
-        Ok(written + 1)
+        Ok(Handled::Done(written + 1))
     }
 
     /// Runs the request whose device-readable descriptors are `readable`
     /// (all inside guest memory) and device-writable ones `writable` (the
-    /// last byte of which is the status). `Ok(None)`: unsupported type;
-    /// `Ok(Some(n))`: done, `n` data bytes written to the guest.
+    /// last byte of which is the status). With `queue_to` (the engine, the
+    /// request's head and its status byte's address), reads, writes and
+    /// flushes of any data go there instead of running now.
     fn execute(
         &mut self,
         mem: &GuestMemoryMmap,
         readable: &[Descriptor],
         writable: &[Descriptor],
-    ) -> Result<Option<u32>, IoError> {
+        queue_to: Option<(&mut Uring, u16, GuestAddress)>,
+    ) -> Result<Executed, IoError> {
+        let queue = |(uring, head, status): (&mut Uring, u16, GuestAddress), op, iov| {
+            uring
+                .push(mem, head, status, op, iov)
+                .map_err(|_| IoError)?;
+            Ok(Executed::Queued)
+        };
         let header_len = std::mem::size_of::<Header>();
         let mut header = Header::default();
         let mut at = 0;
@@ -164,11 +201,15 @@ impl Disk {
             VIRTIO_BLK_T_IN => {
                 let offset = self.range(header.sector, data_len)?;
                 let mut iov = iovecs(mem, writable, 0, data_len)?;
+                if let Some(to) = queue_to.filter(|_| data_len > 0) {
+                    let len = data_len as u32;
+                    return queue(to, Op::Read { offset, len }, iov);
+                }
                 transfer(&*self.file, &mut iov, offset, Direction::FromDisk)
                     .map_err(|_| IoError)?;
                 self.counters.read_count += 1;
                 self.counters.read_bytes += data_len as u64;
-                Ok(Some(data_len as u32))
+                Ok(Executed::Done(data_len as u32))
             }
             VIRTIO_BLK_T_OUT => {
                 if self.read_only {
@@ -178,15 +219,28 @@ impl Disk {
                     .map_err(|_| IoError)?;
                 let offset = self.range(header.sector, len)?;
                 let mut iov = iovecs(mem, readable, header_len, len)?;
+                if let Some(to) = queue_to.filter(|_| len > 0) {
+                    return queue(
+                        to,
+                        Op::Write {
+                            offset,
+                            len: len as u32,
+                        },
+                        iov,
+                    );
+                }
                 transfer(&*self.file, &mut iov, offset, Direction::ToDisk).map_err(|_| IoError)?;
                 self.counters.write_count += 1;
                 self.counters.write_bytes += len as u64;
-                Ok(Some(0))
+                Ok(Executed::Done(0))
             }
             VIRTIO_BLK_T_FLUSH => {
+                if let Some(to) = queue_to {
+                    return queue(to, Op::Flush, Iovecs::new());
+                }
                 self.file.sync_data().map_err(|_| IoError)?;
                 self.counters.flush_count += 1;
-                Ok(Some(0))
+                Ok(Executed::Done(0))
             }
             VIRTIO_BLK_T_GET_ID => {
                 let n = data_len.min(self.serial.len());
@@ -197,9 +251,9 @@ impl Disk {
                     at += len;
                     Ok(())
                 })?;
-                Ok(Some(n as u32))
+                Ok(Executed::Done(n as u32))
             }
-            _ => Ok(None),
+            _ => Ok(Executed::Unsupported),
         }
     }
 
@@ -272,15 +326,16 @@ fn iovecs(
     Ok(iov)
 }
 
+/// Which way data moves.
 #[derive(Clone, Copy)]
-enum Direction {
+pub(super) enum Direction {
     FromDisk,
     ToDisk,
 }
 
 /// preadv/pwritev of all of `iov` at `offset`, resuming after short
 /// transfers; running into the end of the file is an error.
-fn transfer(
+pub(super) fn transfer(
     file: &dyn DiskBackend,
     mut iov: &mut [libc::iovec],
     mut offset: u64,
@@ -300,24 +355,30 @@ fn transfer(
                 Direction::ToDisk => file.write_vectored_at(&iov[..count], pos),
             }
         };
-        let mut n = match done {
+        let n = match done {
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
         offset += n as u64;
-        while let Some(first) = iov.first_mut() {
-            if n < first.iov_len {
-                // SAFETY: n < iov_len, so the new base is still inside the
-                // same buffer.
-                first.iov_base = unsafe { first.iov_base.cast::<u8>().add(n) }.cast();
-                first.iov_len -= n;
-                break;
-            }
-            n -= first.iov_len;
-            iov = &mut iov[1..];
-        }
+        advance(&mut iov, n);
     }
     Ok(())
+}
+
+/// Moves `iov` past its first `n` bytes: whole iovecs drop off the front,
+/// and the first one left starts `n` bytes later.
+pub(super) fn advance(iov: &mut &mut [libc::iovec], mut n: usize) {
+    while let Some(first) = iov.first_mut() {
+        if n < first.iov_len {
+            // SAFETY: n < iov_len, so the new base is still inside the
+            // same buffer.
+            first.iov_base = unsafe { first.iov_base.cast::<u8>().add(n) }.cast();
+            first.iov_len -= n;
+            return;
+        }
+        n -= first.iov_len;
+        *iov = &mut std::mem::take(iov)[1..];
+    }
 }
