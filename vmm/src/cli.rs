@@ -207,8 +207,10 @@ pub struct RunArgs {
     #[arg(long, value_enum, value_name = "PROTOCOL", default_value_t = BootProtocolArg::Auto)]
     pub boot_protocol: BootProtocolArg,
 
-    /// A virtio-blk disk: path=FILE[,readonly=on][,id=NAME]. Repeat for
-    /// more disks; the guest sees them as vda, vdb, ... in this order.
+    /// A virtio-blk disk: path=FILE[,readonly=on][,id=NAME][,io_engine=async].
+    /// Repeat for more disks; the guest sees them as vda, vdb, ... in this
+    /// order. io_engine=async serves its requests through io_uring, many
+    /// in flight at once (default sync: one system call per request).
     #[arg(long, value_name = "path=FILE[,readonly=on][,id=NAME]")]
     pub disk: Vec<String>,
 

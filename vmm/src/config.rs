@@ -70,6 +70,14 @@ pub enum ConfigError {
         /// How many were asked for.
         count: usize,
     },
+    /// A disk asks for io_uring and the host has none for moat.
+    #[error("--disk {path}: io_engine=async needs io_uring, which this host does not give moat ({reason})")]
+    NoIoUring {
+        /// The disk's path.
+        path: PathBuf,
+        /// What io_uring_setup said.
+        reason: String,
+    },
     /// A file named in the configuration cannot be used.
     #[error("{option}: cannot open {path}: {reason}")]
     File {
@@ -91,12 +99,16 @@ pub struct DiskConfig {
     pub read_only: bool,
     /// Serial number the guest reads (GET_ID), up to 20 bytes.
     pub id: Option<String>,
+    /// How its requests reach the host.
+    pub io_engine: IoEngine,
 }
+
+pub use moat_devices::virtio::block::IoEngine;
 
 /// Longest disk id virtio-blk can report (VIRTIO_BLK_ID_BYTES).
 pub const DISK_ID_MAX: usize = 20;
 
-/// Parses `path=FILE[,readonly=on|off][,id=NAME]`.
+/// Parses `path=FILE[,readonly=on|off][,id=NAME][,io_engine=sync|async]`.
 pub fn parse_disk(text: &str) -> Result<DiskConfig, ConfigError> {
     let syntax = |problem: String| ConfigError::Syntax {
         option: "--disk",
@@ -106,8 +118,10 @@ pub fn parse_disk(text: &str) -> Result<DiskConfig, ConfigError> {
         path: PathBuf::new(),
         read_only: false,
         id: None,
+        io_engine: IoEngine::Sync,
     };
-    for (key, value) in parse_key_values("--disk", text, &["path", "readonly", "id"])? {
+    let keys = ["path", "readonly", "id", "io_engine"];
+    for (key, value) in parse_key_values("--disk", text, &keys)? {
         match key.as_str() {
             "path" => disk.path = PathBuf::from(value),
             "readonly" => {
@@ -115,6 +129,13 @@ pub fn parse_disk(text: &str) -> Result<DiskConfig, ConfigError> {
                     "on" | "true" => true,
                     "off" | "false" => false,
                     _ => return Err(syntax(format!("readonly={value}: expected on or off"))),
+                }
+            }
+            "io_engine" => {
+                disk.io_engine = match value.to_ascii_lowercase().as_str() {
+                    "sync" => IoEngine::Sync,
+                    "async" => IoEngine::Async,
+                    _ => return Err(syntax(format!("io_engine={value}: expected sync or async"))),
                 }
             }
             _ => {
@@ -642,16 +663,22 @@ mod tests {
             DiskConfig {
                 path: "/img".into(),
                 read_only: false,
-                id: None
+                id: None,
+                io_engine: IoEngine::Sync,
             }
         );
         assert_eq!(
-            parse_disk("path=/img,readonly=on,id=data-1").unwrap(),
+            parse_disk("path=/img,readonly=on,id=data-1,io_engine=async").unwrap(),
             DiskConfig {
                 path: "/img".into(),
                 read_only: true,
-                id: Some("data-1".into())
+                id: Some("data-1".into()),
+                io_engine: IoEngine::Async,
             }
+        );
+        assert_eq!(
+            parse_disk("path=/img,io_engine=Sync").unwrap().io_engine,
+            IoEngine::Sync
         );
     }
 
@@ -660,6 +687,10 @@ mod tests {
         for (text, problem) in [
             ("readonly=on", "path=FILE is required"),
             ("path=/img,readonly=yes", "expected on or off"),
+            (
+                "path=/img,io_engine=uring",
+                "io_engine=uring: expected sync or async",
+            ),
             (
                 "path=/img,id=this-id-is-far-too-long-for-virtio",
                 "up to 20",

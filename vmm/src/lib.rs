@@ -240,6 +240,12 @@ impl VmHandle {
         memory_path: &std::path::Path,
     ) -> Result<SnapshotReport, String> {
         let source = &self.snapshot;
+        // First the devices hand back what the host is still doing for
+        // them (a disk's requests in io_uring), so the guest's memory and
+        // rings are whole when they are saved.
+        for device in &self.devices {
+            device.lock().unwrap_or_else(|e| e.into_inner()).quiesce();
+        }
         let vcpus = self.pause.save_states(usize::from(source.config.cpus))?;
         let kvm = |what: &'static str| move |e: kvm_ioctls::Error| format!("{what}: {e}");
         let mut irqchips = Vec::with_capacity(3);

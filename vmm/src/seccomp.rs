@@ -221,6 +221,9 @@ pub fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
                 libc::SYS_epoll_ctl,
                 libc::SYS_shutdown,
                 libc::SYS_fcntl,
+                // A disk with io_engine=async waits for its requests in
+                // flight when the driver resets it.
+                libc::SYS_io_uring_enter,
             ]);
             let mut ioctls = vec![
                 kvm_run(),
@@ -261,6 +264,13 @@ pub fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
                 libc::SYS_fdatasync,
                 libc::SYS_fsync,
                 libc::SYS_lseek,
+                // Disks with io_engine=async. Creating a ring
+                // (io_uring_setup) is not allowed: only the rings moat made
+                // before the filter, each restricted to reading, writing
+                // and syncing its disk's file, and to taking a new one
+                // (io_uring_register, PATCH /drives).
+                libc::SYS_io_uring_enter,
+                libc::SYS_io_uring_register,
                 // PATCH /drives: a new backing file, opened and locked.
                 libc::SYS_openat,
                 libc::SYS_flock,

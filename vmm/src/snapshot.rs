@@ -27,7 +27,8 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{FileOffset, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
 use crate::config::{
-    DiskConfig, ForwardConfig, NetBackendConfig, NetConfig, RngConfig, VmConfig, VsockConfig,
+    DiskConfig, ForwardConfig, IoEngine, NetBackendConfig, NetConfig, RngConfig, VmConfig,
+    VsockConfig,
 };
 
 /// The state file's first bytes.
@@ -88,6 +89,10 @@ pub struct DiskRecord {
     pub id: Option<String>,
     /// Its size in bytes, which the guest knows: a restored disk must have it.
     pub size: u64,
+    /// Whether its requests went through io_uring (snapshots from before
+    /// the asynchronous engine have no such field: synchronous).
+    #[serde(default)]
+    pub io_async: bool,
 }
 
 /// A network card of the snapshot's machine.
@@ -166,6 +171,7 @@ pub fn machine(config: &VmConfig, disk_sizes: &[u64], macs: &[[u8; 6]]) -> Machi
                 read_only: d.read_only,
                 id: d.id.clone(),
                 size: *size,
+                io_async: d.io_engine == IoEngine::Async,
             })
             .collect(),
         nets: config
@@ -251,6 +257,11 @@ pub fn restored_config(
                 .unwrap_or_else(|| d.path.clone()),
             read_only: d.read_only,
             id: d.id.clone(),
+            io_engine: if d.io_async {
+                IoEngine::Async
+            } else {
+                IoEngine::Sync
+            },
         })
         .collect();
     let nets = machine
@@ -676,6 +687,7 @@ mod tests {
                 read_only: true,
                 id: Some("root".into()),
                 size: 1 << 20,
+                io_async: true,
             }],
             nets: vec![NetRecord {
                 tap: Some("tap0".into()),
@@ -692,6 +704,13 @@ mod tests {
     }
 
     #[test]
+    fn a_disk_recorded_before_the_async_engine_restores_synchronous() {
+        let old = r#"{"path": "/a.img", "read_only": false, "id": null, "size": 512}"#;
+        let disk: DiskRecord = serde_json::from_str(old).unwrap();
+        assert!(!disk.io_async);
+    }
+
+    #[test]
     fn a_restore_takes_the_machine_and_the_given_host_ends() {
         let base = VmConfig::for_restore("/dev/kvm".into(), false, true);
         let m = machine_with_devices();
@@ -699,6 +718,7 @@ mod tests {
         assert_eq!((same.cpus, same.memory), (2, 128 << 20));
         assert_eq!(same.disks[0].path, PathBuf::from("/a.img"));
         assert!(same.disks[0].read_only);
+        assert_eq!(same.disks[0].io_engine, IoEngine::Async);
         assert_eq!(same.nets[0].mac, Some([6, 0, 0, 0, 0, 1]));
         assert!(same.seccomp);
 

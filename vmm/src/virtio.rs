@@ -245,7 +245,12 @@ pub fn block_devices(disks: &[DiskConfig]) -> Result<Vec<Box<dyn VirtioDevice>>,
         .map(|disk| {
             let (file, size) = open_disk(disk)?;
             let id = disk.id.as_deref().unwrap_or("");
-            Ok(Box::new(Block::new(file, size, disk.read_only, id)) as Box<dyn VirtioDevice>)
+            let block = Block::with_engine(file, size, disk.read_only, id, disk.io_engine)
+                .map_err(|e| ConfigError::NoIoUring {
+                    path: disk.path.clone(),
+                    reason: e.to_string(),
+                })?;
+            Ok(Box::new(block) as Box<dyn VirtioDevice>)
         })
         .collect()
 }
@@ -438,6 +443,7 @@ mod tests {
             path: path.to_path_buf(),
             read_only,
             id: None,
+            io_engine: crate::config::IoEngine::Sync,
         }
     }
 

@@ -577,6 +577,7 @@ impl Controller {
             path: PathBuf::from(&path),
             read_only: drive.is_read_only.unwrap_or(false),
             id: None,
+            io_engine: crate::config::IoEngine::Sync,
         };
         let (file, size) = crate::virtio::open_disk(&disk).map_err(|e| {
             Fault(format!(
@@ -589,12 +590,16 @@ impl Controller {
             .get(index)
             .ok_or_else(|| Fault(format!("{name} has no device")))?;
         let mut transport = transport.lock().unwrap_or_else(|e| e.into_inner());
+        // Requests in flight finish with the file they started with.
+        transport.quiesce();
         let block = transport
             .device_mut()
             .as_any_mut()
             .downcast_mut::<Block>()
             .ok_or_else(|| Fault(format!("{name} is not a block device")))?;
-        block.replace_backing(file, size);
+        block
+            .replace_backing(file, size)
+            .map_err(|e| Fault(format!("{name}: cannot put {path} in the io_uring: {e}")))?;
         transport.config_changed();
         log::info!("{name}: now backed by {path} ({size} bytes)");
         self.resources.drives[index].path_on_host = Some(path);

@@ -13,7 +13,8 @@ use moat_boot::loader::BootProtocol;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{
-    self, DiskConfig, NetBackendConfig, NetConfig, RngConfig, VmConfig, VsockConfig, DISK_ID_MAX,
+    self, DiskConfig, IoEngine, NetBackendConfig, NetConfig, RngConfig, VmConfig, VsockConfig,
+    DISK_ID_MAX,
 };
 
 /// A bad request body or a request moat cannot carry out: the fault
@@ -119,7 +120,7 @@ pub struct Drive {
     /// Refused unless empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limiter: Option<RateLimiter>,
-    /// `Sync` only.
+    /// `Sync` (the default) or `Async` (io_uring).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub io_engine: Option<String>,
     /// vhost-user: refused.
@@ -139,12 +140,7 @@ impl Drive {
         };
         check_no_rate_limiter(&name, &self.rate_limiter)?;
         match self.io_engine.as_deref() {
-            None | Some("Sync") => {}
-            Some("Async") => {
-                return fault(format!(
-                    "{name}: io_engine Async (io_uring) is not supported by moat yet; use Sync"
-                ))
-            }
+            None | Some("Sync") | Some("Async") => {}
             Some(other) => {
                 return fault(format!("{name}: io_engine '{other}' is not Sync or Async"))
             }
@@ -171,6 +167,10 @@ impl Drive {
             path: PathBuf::from(self.path_on_host.clone().unwrap_or_default()),
             read_only: self.is_read_only.unwrap_or(false),
             id,
+            io_engine: match self.io_engine.as_deref() {
+                Some("Async") => IoEngine::Async,
+                _ => IoEngine::Sync,
+            },
         }
     }
 }
@@ -908,7 +908,7 @@ mod tests {
             r#"{{
               "boot-source": {{"kernel_image_path": "{k}", "boot_args": "console=ttyS0"}},
               "drives": [
-                {{"drive_id": "data", "path_on_host": "{k}", "is_root_device": false, "is_read_only": true}},
+                {{"drive_id": "data", "path_on_host": "{k}", "is_root_device": false, "is_read_only": true, "io_engine": "Async"}},
                 {{"drive_id": "rootfs", "path_on_host": "{k}", "is_root_device": true, "is_read_only": false}}
               ],
               "machine-config": {{"vcpu_count": 2, "mem_size_mib": 256}},
@@ -925,6 +925,8 @@ mod tests {
         assert_eq!(config.cmdline, "console=ttyS0 root=/dev/vda rw");
         assert_eq!(config.disks[0].id.as_deref(), Some("rootfs"));
         assert!(config.disks[1].read_only);
+        assert_eq!(config.disks[1].io_engine, IoEngine::Async);
+        assert_eq!(config.disks[0].io_engine, IoEngine::Sync);
         assert_eq!(config.nets[0].mac, Some([6, 0, 0, 0, 0, 1]));
         assert_eq!(config.vsock.unwrap().cid, 3);
         assert_eq!(config.rng, RngConfig::On(Some(10_000)));
@@ -943,7 +945,7 @@ mod tests {
             (r#"{"machine-config": {"vcpu_count": 33, "mem_size_mib": 128}}"#.into(), "vcpu_count 33"),
             (r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 0}}"#.into(), "mem_size_mib 0"),
             (r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "huge_pages": "2M"}}"#.into(), "huge_pages"),
-            (format!(r#"{{"drives": [{{"drive_id": "a", "is_root_device": false, "path_on_host": "{k}", "io_engine": "Async"}}]}}"#), "io_uring"),
+            (format!(r#"{{"drives": [{{"drive_id": "a", "is_root_device": false, "path_on_host": "{k}", "io_engine": "Uring"}}]}}"#), "io_engine 'Uring' is not Sync or Async"),
             (format!(r#"{{"drives": [{{"drive_id": "a", "is_root_device": false, "path_on_host": "{k}", "rate_limiter": {{"ops": {{"size": 10, "refill_time": 10}}}}}}]}}"#), "rate limiter"),
             (r#"{"drives": [{"drive_id": "a", "is_root_device": false, "path_on_host": "/nonexistent"}]}"#.into(), "No such file"),
             (r#"{"network-interfaces": [{"iface_id": "a", "host_dev_name": "t", "mtu": 9000}]}"#.into(), "MTU"),
