@@ -112,7 +112,9 @@ wait_for() {{ # FILE TEXT PID
 }}
 start_moat --api-sock "$sock"
 api PUT /boot-source "{{\"kernel_image_path\": \"$kernel\", \"initrd_path\": \"$initrd\", \"boot_args\": \"{CMDLINE}\"}}"
-api PUT /drives/data "{{\"drive_id\": \"data\", \"path_on_host\": \"$disk\", \"is_root_device\": false, \"is_read_only\": false}}"
+# The disk's requests go through io_uring (io_engine Async): the snapshot
+# waits for those in flight, and the restored disks use the engine too.
+api PUT /drives/data "{{\"drive_id\": \"data\", \"path_on_host\": \"$disk\", \"is_root_device\": false, \"is_read_only\": false, \"io_engine\": \"Async\"}}"
 api PUT /network-interfaces/eth0 '{{"iface_id": "eth0", "guest_mac": "06:00:c0:00:02:02", "host_dev_name": "moatsnap0"}}'
 api PUT /machine-config '{{"vcpu_count": 1, "mem_size_mib": 128}}'
 api PUT /actions '{{"action_type": "InstanceStart"}}'
@@ -130,6 +132,7 @@ kill -9 $pid; wait $pid; wait $tee
 # while the rig is loaded may come before the last line is through).
 echo "HOST-SNAPSHOT-TICK=$(last_tick $console)" >>"$report"
 echo "HOST-STATE-BYTES=$(stat -c %s $state)" >>"$report"
+echo "HOST-STATE-ASYNC=$(grep -a -o '"io_async":[a-z]*' $state)" >>"$report"
 echo "HOST-MEM-BLOCKS=$(du -k $mem | cut -f1)" >>"$report"
 cp $disk $dir/clone1.img; cp $disk $dir/clone2.img
 
@@ -231,6 +234,11 @@ cat "$report"
     let snapshot_tick = number(c, "HOST-SNAPSHOT-TICK");
     assert!(snapshot_tick >= 20, "{}", out.tail(60));
     assert!(number(c, "HOST-STATE-BYTES") > 10_000, "{}", out.tail(60));
+    assert_eq!(
+        value(c, "HOST-STATE-ASYNC"),
+        "\"io_async\":true",
+        "the snapshot's disk records its engine"
+    );
     // 128 MiB of RAM, most of it never touched: holes.
     assert!(number(c, "HOST-MEM-BLOCKS") < 100_000, "{}", out.tail(60));
 
