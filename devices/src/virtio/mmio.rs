@@ -544,14 +544,7 @@ impl MmioTransport {
             self.fail(&e.0);
             return;
         }
-        // Serving the backend may have taken up a queue again (a disk's
-        // completions making room) and stopped at its budget: come back
-        // to it as after a notification.
-        for (index, event) in self.queue_events.iter().enumerate() {
-            if self.device.wants_more(index) {
-                let _ = event.write(1);
-            }
-        }
+        self.signal_queues_wanting_more();
     }
 
     /// Lets the device finish what the host is doing for it
@@ -562,6 +555,19 @@ impl MmioTransport {
         }
         if let Err(e) = self.device.quiesce(&self.mem, &self.interrupt) {
             self.fail(&e.0);
+            return;
+        }
+        self.signal_queues_wanting_more();
+    }
+
+    /// Finishing in-flight work (from the backend, or a quiesce) may have
+    /// taken up a queue again (a disk's completions making room) and
+    /// stopped at its budget: come back to it as after a notification.
+    fn signal_queues_wanting_more(&self) {
+        for (index, event) in self.queue_events.iter().enumerate() {
+            if self.device.wants_more(index) {
+                let _ = event.write(1);
+            }
         }
     }
 

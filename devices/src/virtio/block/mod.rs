@@ -160,14 +160,6 @@ impl Block {
         Ok(block)
     }
 
-    /// The engine the device's requests go through.
-    pub fn engine(&self) -> IoEngine {
-        match self.uring {
-            Some(_) => IoEngine::Async,
-            None => IoEngine::Sync,
-        }
-    }
-
     /// Puts `file` of `size` bytes behind the device in place of the old
     /// backing file. The caller quiesces the device first
     /// ([`VirtioDevice::quiesce`]), so that no request is in flight, and

@@ -69,14 +69,11 @@ mod uring {
         assert_reads_done(&r, 20);
     }
 
-    #[test]
-    fn a_full_engine_and_the_budget_together_still_serve_every_request() {
-        // 3 slots, taken by 3 reads; behind them more GET_IDs (which need
-        // no slot) than REQUEST_BUDGET. The queue is taken up again when
-        // the reads complete, that stops at the budget, and then the
-        // transport must signal the queue again, or the rest would wait
-        // for a notification the driver has no reason to send.
-        let mut r = rig_with("no-room-budget", |file| {
+    /// A rig whose engine has 3 slots, with 3 reads and behind them more
+    /// GET_IDs (which need no slot) than REQUEST_BUDGET made available;
+    /// returns it with the number of requests.
+    fn full_engine_and_more_than_a_budget(name: &str) -> (Rig, u64) {
+        let mut r = rig_with(name, |file| {
             let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
             let mut block = Block::with_engine(file, DISK_SIZE, false, "", ENGINE).unwrap();
             block.uring = Some(crate::virtio::block::uring::Uring::new(fd, 3).unwrap());
@@ -102,9 +99,13 @@ mod uring {
                 ],
             );
         }
+        (r, 3 + ids)
+    }
+
+    /// Serves the queue's eventfd and the engine's as an event loop does,
+    /// then checks that all `total` requests completed.
+    fn event_loop_completes(r: &mut Rig, total: u64) {
         let event = r.transport.queue_events()[0].try_clone().unwrap();
-        r.transport.process_queue(0);
-        // An event loop: the queue's eventfd and the engine's.
         for _ in 0..10_000 {
             if event.read().is_ok() {
                 r.transport.process_queue(0);
@@ -114,11 +115,33 @@ mod uring {
                 break;
             }
         }
-        assert_eq!(r.driver.queues[0].take_used(&r.mem).len() as u64, 3 + ids);
-        for i in 0..3 + ids {
+        assert_eq!(r.driver.queues[0].take_used(&r.mem).len() as u64, total);
+        for i in 0..total {
             let s: u8 = r.mem.read_obj(GuestAddress(STATUS + i)).unwrap();
             assert_eq!(s, OK, "request {i}");
         }
+    }
+
+    #[test]
+    fn a_full_engine_and_the_budget_together_still_serve_every_request() {
+        // The queue is taken up again when the reads complete, that stops
+        // at the budget, and then the transport must signal the queue
+        // again, or the rest would wait for a notification the driver has
+        // no reason to send.
+        let (mut r, total) = full_engine_and_more_than_a_budget("no-room-budget");
+        r.transport.process_queue(0);
+        event_loop_completes(&mut r, total);
+    }
+
+    #[test]
+    fn quiescing_a_full_engine_leaves_the_rest_of_the_queue_to_the_event_loop() {
+        // As above, with the completions taken by a quiesce (a snapshot)
+        // instead of the event loop.
+        let (mut r, total) = full_engine_and_more_than_a_budget("quiesce-budget");
+        r.transport.process_queue(0);
+        r.transport.quiesce();
+        assert!(!r.transport.backend_wanted());
+        event_loop_completes(&mut r, total);
     }
 
     #[test]
