@@ -278,6 +278,11 @@ fn malformed_disk_option_is_rejected() {
         &[],
         "--disk: path=FILE is required",
     );
+    assert_rejected(
+        &["run", "--kernel", &k, "--disk", "path=/x,io_engine=uring"],
+        &[],
+        "--disk: io_engine=uring: expected sync or async",
+    );
 }
 
 #[test]
