@@ -137,6 +137,13 @@ impl Rig {
         std::fs::read(&self.disk).unwrap()
     }
 
+    /// The driver resets the device and sets it up again.
+    fn reinit(&mut self) {
+        let features = transport_features(&mut self.transport);
+        self.driver =
+            Driver::init(&mut self.transport, &self.mem, features, &[QUEUE_SIZE]).unwrap();
+    }
+
     fn needs_reset(&mut self) -> bool {
         self.transport.status() & 0x40 != 0
     }
@@ -435,21 +442,19 @@ fn device_works_again_after_reset_and_reinitialisation() {
     r.header(0, 0);
     r.submit(&[(HEADER, 16, false), (DATA, 512, false)]);
     assert!(r.needs_reset());
-    let features = transport_features(&mut r.transport);
-    r.driver = Driver::init(&mut r.transport, &r.mem, features, &[QUEUE_SIZE]).unwrap();
+    r.reinit();
     assert_eq!(r.request(0, 5, 512, true).0, OK);
 }
 
-#[test]
-fn many_requests_in_one_notification_all_complete() {
-    let mut r = rig("batch", false);
-    for i in 0..8u64 {
-        r.mem
-            .write_obj(0u32, GuestAddress(HEADER + 16 * i))
-            .unwrap();
+/// `count` reads of one sector each, sector i into DATA + 512 i, status
+/// at STATUS + i, all made available before one notification.
+fn add_reads(r: &mut Rig, count: u64) {
+    for i in 0..count {
+        r.mem.write_obj(0u32, GuestAddress(HEADER + 16 * i)).unwrap();
         r.mem
             .write_obj(i, GuestAddress(HEADER + 16 * i + 8))
             .unwrap();
+        r.mem.write_obj(0xffu8, GuestAddress(STATUS + i)).unwrap();
         r.driver.queues[0].add_chain(
             &r.mem,
             &[
@@ -459,15 +464,25 @@ fn many_requests_in_one_notification_all_complete() {
             ],
         );
     }
-    r.serve();
-    let used = r.driver.queues[0].take_used(&r.mem);
-    assert_eq!(used.len(), 8);
-    for i in 0..8u64 {
-        let b: u8 = r.mem.read_obj(GuestAddress(DATA + 512 * i)).unwrap();
-        assert_eq!(b, i as u8);
+}
+
+/// The reads [`add_reads`] made are done, each with its sector.
+fn assert_reads_done(r: &Rig, count: u64) {
+    for i in 0..count {
         let s: u8 = r.mem.read_obj(GuestAddress(STATUS + i)).unwrap();
-        assert_eq!(s, OK);
+        assert_eq!(s, OK, "request {i}");
+        let b: u8 = r.mem.read_obj(GuestAddress(DATA + 512 * i)).unwrap();
+        assert_eq!(b, i as u8, "request {i}");
     }
+}
+
+#[test]
+fn many_requests_in_one_notification_all_complete() {
+    let mut r = rig("batch", false);
+    add_reads(&mut r, 8);
+    r.serve();
+    assert_eq!(r.driver.queues[0].take_used(&r.mem).len(), 8);
+    assert_reads_done(&r, 8);
 }
 
 #[test]

@@ -11,37 +11,6 @@ mod uring {
     const ENGINE: crate::virtio::block::IoEngine = crate::virtio::block::IoEngine::Async;
     include!("cases.rs");
 
-    /// `count` reads of one sector each, sector i into DATA + 512 i, status
-    /// at STATUS + i, all made available before one notification.
-    fn add_reads(r: &mut Rig, count: u64) {
-        for i in 0..count {
-            r.mem
-                .write_obj(0u32, GuestAddress(HEADER + 16 * i))
-                .unwrap();
-            r.mem
-                .write_obj(i, GuestAddress(HEADER + 16 * i + 8))
-                .unwrap();
-            r.mem.write_obj(0xffu8, GuestAddress(STATUS + i)).unwrap();
-            r.driver.queues[0].add_chain(
-                &r.mem,
-                &[
-                    (HEADER + 16 * i, 16, false),
-                    (DATA + 512 * i, 512, true),
-                    (STATUS + i, 1, true),
-                ],
-            );
-        }
-    }
-
-    fn assert_reads_done(r: &Rig, count: u64) {
-        for i in 0..count {
-            let s: u8 = r.mem.read_obj(GuestAddress(STATUS + i)).unwrap();
-            assert_eq!(s, OK, "request {i}");
-            let b: u8 = r.mem.read_obj(GuestAddress(DATA + 512 * i)).unwrap();
-            assert_eq!(b, i as u8, "request {i}");
-        }
-    }
-
     #[test]
     fn requests_wait_in_flight_until_their_completions_are_served() {
         let mut r = rig("in-flight", false);
@@ -158,8 +127,7 @@ mod uring {
             assert_eq!(b, i as u8, "request {i}");
         }
         // The device works again once the driver sets it up again.
-        let features = transport_features(&mut r.transport);
-        r.driver = Driver::init(&mut r.transport, &r.mem, features, &[QUEUE_SIZE]).unwrap();
+        r.reinit();
         assert_eq!(r.request(0, 3, 512, true).0, OK);
     }
 
