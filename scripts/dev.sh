@@ -141,13 +141,13 @@ fuzz() {
             echo "dev.sh: $t FAILED (status $status); its log: $log" >&2
             grep -E 'ERROR|panicked|SUMMARY|Test unit written' "$log" | head -20 >&2 || true
         fi
-        rows+=("$(printf '%-14s %8s %12s %10s %8s %6s' "$t" "$took" "${done_:-?}" \
+        rows+=("$(printf '%-16s %8s %12s %10s %8s %6s' "$t" "$took" "${done_:-?}" \
             "$(( ${done_:-0} / (took > 0 ? took : 1) ))" "${cov:-?}" "${corp:-?}")")
         json+=("$(printf '{"target": "%s", "sanitizer": "%s", "seconds": %s, "executions": %s, "coverage": %s, "corpus": %s, "crashed": %s}' \
             "$t" "$sanitizer" "$took" "${done_:-0}" "${cov:-0}" "${corp:-0}" \
             "$([[ $status -ne 0 ]] && echo true || echo false)")")
     done
-    printf '%-14s %8s %12s %10s %8s %6s\n' target seconds executions "exec/s" coverage corpus
+    printf '%-16s %8s %12s %10s %8s %6s\n' target seconds executions "exec/s" coverage corpus
     printf '%s\n' "${rows[@]}"
     (IFS=,; printf '{"date": "%s", "results": [%s]}\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "${json[*]}") \
         >"$out/results.json"

@@ -211,7 +211,10 @@ pub struct RunArgs {
     /// Repeat for more disks; the guest sees them as vda, vdb, ... in this
     /// order. io_engine=async serves its requests through io_uring, many
     /// in flight at once (default sync: one system call per request).
-    #[arg(long, value_name = "path=FILE[,readonly=on][,id=NAME][,io_engine=async]")]
+    #[arg(
+        long,
+        value_name = "path=FILE[,readonly=on][,id=NAME][,io_engine=async]"
+    )]
     pub disk: Vec<String>,
 
     /// A virtio-net card: tap=NAME opens (or creates) the TAP NAME; fd=N
