@@ -75,7 +75,8 @@ fn a_hostile_guest_leaves_moat_up_idle_and_the_disks_intact() {
     let vsock = format!("/tmp/moat-hostile-{}.sock", std::process::id());
     let out = Guest::new(image("HOSTILE_KERNEL"))
         .no_initramfs()
-        .disk(&rw, "")
+        // One disk with each engine: the hostile chains reach both.
+        .disk(&rw, "io_engine=async")
         .disk(&ro, "readonly=on")
         .args([
             "--cmdline".to_string(),
