@@ -537,23 +537,30 @@ impl MmioTransport {
 
     /// The backend descriptor is ready: let the device serve it.
     pub fn process_backend(&mut self) {
-        if !self.active {
-            return;
-        }
-        if let Err(e) = self.device.process_backend(&self.mem, &self.interrupt) {
-            self.fail(&e.0);
-            return;
-        }
-        self.signal_queues_wanting_more();
+        self.finish_host_work(|device, mem, irq| device.process_backend(mem, irq));
     }
 
     /// Lets the device finish what the host is doing for it
     /// ([`VirtioDevice::quiesce`]).
     pub fn quiesce(&mut self) {
+        self.finish_host_work(|device, mem, irq| device.quiesce(mem, irq));
+    }
+
+    /// Runs `work` on the active device; an error stops it (NEEDS_RESET),
+    /// otherwise queues it took up again and left at their budget are
+    /// signalled.
+    fn finish_host_work(
+        &mut self,
+        work: impl FnOnce(
+            &mut dyn VirtioDevice,
+            &GuestMemoryMmap,
+            &Interrupt,
+        ) -> Result<(), super::DeviceError>,
+    ) {
         if !self.active {
             return;
         }
-        if let Err(e) = self.device.quiesce(&self.mem, &self.interrupt) {
+        if let Err(e) = work(self.device.as_mut(), &self.mem, &self.interrupt) {
             self.fail(&e.0);
             return;
         }
