@@ -17,13 +17,14 @@
 //! - DSDT: COM1, each virtio-mmio device (`LNRO0005`, Linux's
 //!   `virtio_mmio` driver), a power button (`PNP0C0C`) notified through a
 //!   Generic Event Device (`ACPI0013`) whose interrupt moat raises, and
-//!   the `\_S5` sleep state.
+//!   the `\_S5` sleep state; with virtio on PCI, a PCI host bridge
+//!   (`PNP0A03`) instead of the virtio-mmio devices.
 //!
 //! acpi_tables (rust-vmm) lays out the tables and encodes the AML.
 
 use acpi_tables::aml::{
-    self, Device, EISAName, Interrupt, Memory32Fixed, Method, Name, Notify, Package, Path,
-    ResourceTemplate, Scope, IO,
+    self, AddressSpaceCacheable, Device, EISAName, Interrupt, Memory32Fixed, Method, Name, Notify,
+    Package, Path, ResourceTemplate, Scope, IO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -150,7 +151,23 @@ pub struct Platform<'a> {
     /// The interrupt of the Generic Event Device that reports power button
     /// presses.
     pub ged_irq: u32,
+    /// A PCI host bridge, when the virtio devices are on PCI.
+    pub pci: Option<PciHostBridge>,
 }
+
+/// A PCI host bridge (`PNP0A03`): bus 0, configuration space through the
+/// ports 0xcf8-0xcff, and a memory window below 4 GiB for the functions'
+/// BARs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciHostBridge {
+    /// Start of the memory window.
+    pub window_start: u32,
+    /// Its last byte.
+    pub window_last: u32,
+}
+
+/// The configuration ports (PCI 3.0, 3.2.2.3.2).
+const PCI_CONFIG_PORT: u16 = 0xcf8;
 
 /// Why the tables could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -339,6 +356,35 @@ fn dsdt(platform: &Platform<'_>) -> Result<Vec<u8>, Error> {
                     &ResourceTemplate::new(vec![
                         &Memory32Fixed::new(true, base.0, base.1),
                         &edge_irq(device.irq),
+                    ]),
+                ),
+            ],
+        ))));
+    }
+
+    if let Some(pci) = &platform.pci {
+        // Conventional PCI (not PCIe's PNP0A08): Linux then asks for no
+        // _OSC handshake. No _PRT: the functions have no INTx pin, only
+        // MSI-X.
+        sb.push(Encoded(bytes(&Device::new(
+            Path::new("PCI0"),
+            vec![
+                &Name::new(Path::new("_HID"), &EISAName::new("PNP0A03")),
+                &Name::new(Path::new("_UID"), &aml::ZERO),
+                &Name::new(Path::new("_SEG"), &aml::ZERO),
+                &Name::new(Path::new("_BBN"), &aml::ZERO),
+                &Name::new(
+                    Path::new("_CRS"),
+                    &ResourceTemplate::new(vec![
+                        &aml::AddressSpace::new_bus_number(0u16, 0u16),
+                        &IO::new(PCI_CONFIG_PORT, PCI_CONFIG_PORT, 1, 8),
+                        &aml::AddressSpace::new_memory(
+                            AddressSpaceCacheable::NotCacheable,
+                            true,
+                            pci.window_start,
+                            pci.window_last,
+                            None,
+                        ),
                     ]),
                 ),
             ],

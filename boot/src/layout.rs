@@ -46,6 +46,11 @@ pub const MMIO_DEVICES_START: u64 = MMIO_GAP_START;
 /// Where the same devices' second windows go, the ones the kernel command
 /// line names for kernels without ACPI: 1 MiB further.
 pub const MMIO_CMDLINE_DEVICES_START: u64 = MMIO_GAP_START + 0x10_0000;
+/// The PCI host bridge's memory window, where virtio-pci functions' BARs
+/// go (with `--transport pci`), inside the hole.
+pub const PCI_MMIO_START: u64 = 0xd000_0000;
+/// End of the PCI memory window (exclusive).
+pub const PCI_MMIO_END: u64 = 0xe000_0000;
 /// IOAPIC registers (fixed by KVM's in-kernel irqchip).
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// Local APIC registers.

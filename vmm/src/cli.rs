@@ -81,6 +81,11 @@ pub struct ApiArgs {
     #[arg(long)]
     pub no_seccomp: bool,
 
+    /// Put the virtio devices on PCI (Firecracker's flag; as `moat run
+    /// --transport pci`).
+    #[arg(long)]
+    pub enable_pci: bool,
+
     /// KVM device node.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
     pub kvm: PathBuf,
@@ -113,6 +118,11 @@ impl ApiArgs {
             boot_timer: self.boot_timer,
             kvm_device: self.kvm,
             seccomp: !self.no_seccomp,
+            transport: if self.enable_pci {
+                crate::config::Transport::Pci
+            } else {
+                crate::config::Transport::Mmio
+            },
             jail,
         })
     }
@@ -190,9 +200,16 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub initramfs: Option<PathBuf>,
 
-    /// Kernel command line.
+    /// Kernel command line. The default with --transport pci leaves out
+    /// pci=off.
     #[arg(long, value_name = "STRING", default_value = config::DEFAULT_CMDLINE)]
     pub cmdline: String,
+
+    /// How the guest reaches its virtio devices: virtio-mmio, or virtio-pci
+    /// with MSI-X (interrupts without acknowledgement exits; the guest
+    /// kernel needs CONFIG_PCI, CONFIG_PCI_MSI and CONFIG_VIRTIO_PCI).
+    #[arg(long, value_enum, value_name = "TRANSPORT", default_value_t = config::Transport::Mmio)]
+    pub transport: config::Transport,
 
     /// vCPUs: boot=N.
     #[arg(long, value_name = "boot=N", default_value = "boot=1")]
@@ -428,7 +445,12 @@ impl RunArgs {
             kvm_device: self.kvm,
             kernel: self.kernel.unwrap_or_default(),
             initramfs: self.initramfs,
-            cmdline: self.cmdline,
+            cmdline: if self.cmdline == config::DEFAULT_CMDLINE {
+                config::default_cmdline(self.transport)
+            } else {
+                self.cmdline
+            },
+            transport: self.transport,
             cpus,
             memory,
             boot_protocol: self.boot_protocol.into(),

@@ -12,6 +12,37 @@ use moat_boot::loader::BootProtocol;
 /// has none; a kernel with PCI would otherwise complain that it found no
 /// way to reach its configuration space).
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nokbd";
+
+/// How the guest reaches the virtio devices.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// virtio-mmio: windows the ACPI tables and the command line name.
+    #[default]
+    Mmio,
+    /// virtio-pci with MSI-X, on a PCI bus the ACPI tables describe:
+    /// interrupts the guest need not acknowledge.
+    Pci,
+}
+
+/// The default command line for `transport`: without `pci=off` when the
+/// devices are on PCI.
+pub fn default_cmdline(transport: Transport) -> String {
+    match transport {
+        Transport::Mmio => DEFAULT_CMDLINE.to_string(),
+        Transport::Pci => DEFAULT_CMDLINE.replace(" pci=off", ""),
+    }
+}
 /// Default guest memory.
 pub const DEFAULT_MEMORY: u64 = 256 << 20;
 /// Default vCPU count.
@@ -407,6 +438,8 @@ pub struct VmConfig {
     pub nested: bool,
     /// `--trace-exits`: count and time every VM exit.
     pub trace_exits: Option<crate::trace::TraceConfig>,
+    /// The virtio transport.
+    pub transport: Transport,
 }
 
 impl VmConfig {
@@ -431,6 +464,7 @@ impl VmConfig {
             seccomp,
             nested: false,
             trace_exits: None,
+            transport: Transport::Mmio,
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod exit;
 pub mod jail;
 pub mod logger;
 pub mod metrics;
+pub mod pci;
 pub mod seccomp;
 pub mod shutdown;
 pub mod signals;
@@ -176,6 +177,8 @@ pub struct VmHandle {
     pub power_button: Arc<moat_devices::trigger::EventFdTrigger>,
     /// The virtio devices by name, in the guest's order.
     pub devices: Vec<Arc<Mutex<MmioTransport>>>,
+    /// Their PCI functions, on virtio-pci.
+    pub pci: Vec<Arc<Mutex<moat_devices::virtio::pci::VirtioPci>>>,
     /// The console's output counters.
     pub console: Arc<console::OutputCounters>,
     /// What a snapshot reads.
@@ -300,6 +303,11 @@ impl VmHandle {
             clock,
             serial,
             transports,
+            pci: self
+                .pci
+                .iter()
+                .map(|f| f.lock().unwrap_or_else(|e| e.into_inner()).state())
+                .collect(),
         };
         snapshot::write_state(state_path, &state).map_err(|e| e.to_string())?;
         let memory_bytes =
@@ -400,10 +408,17 @@ impl Vm {
             vm::attach_boot_timer(&mut pio, first_run.clone())?;
         }
         let mut mmio = Bus::default();
-        let virtio_devices = virtio::attach(&vm_fd, &memory, &mut mmio, virtio_devices)?;
+        let virtio_devices = virtio::attach(
+            &vm_fd,
+            &memory,
+            &mut pio,
+            &mut mmio,
+            virtio_devices,
+            config.transport,
+        )?;
 
         // The guest's kernel and boot data, which name the devices' slots.
-        let slots: Vec<_> = virtio_devices.iter().map(|d| d.slot).collect();
+        let slots: Vec<_> = virtio_devices.iter().filter_map(|d| d.slot).collect();
         let boot = match boot_files.as_mut() {
             Some((kernel, initramfs)) => Some(vm::load_guest(
                 &memory,
@@ -458,6 +473,23 @@ impl Vm {
                 for (device, saved) in transports.iter().zip(&state.transports) {
                     let mut transport = device.lock().unwrap_or_else(|e| e.into_inner());
                     transport
+                        .restore(saved)
+                        .map_err(|e| Error::Snapshot(snapshot::SnapshotError(e)))?;
+                }
+                let functions: Vec<_> = virtio_devices
+                    .iter()
+                    .filter_map(|d| d.pci.clone())
+                    .collect();
+                if functions.len() != state.pci.len() {
+                    return Err(Error::Snapshot(snapshot::SnapshotError(format!(
+                        "the state has {} PCI functions for {} devices on PCI",
+                        state.pci.len(),
+                        functions.len()
+                    ))));
+                }
+                for (function, saved) in functions.iter().zip(&state.pci) {
+                    let mut function = function.lock().unwrap_or_else(|e| e.into_inner());
+                    function
                         .restore(saved)
                         .map_err(|e| Error::Snapshot(snapshot::SnapshotError(e)))?;
                 }
@@ -533,6 +565,10 @@ impl Vm {
                     .map_err(|e| Error::Io("clone an eventfd", e))?,
             ),
             devices: virtio_devices.iter().map(|d| d.transport.clone()).collect(),
+            pci: virtio_devices
+                .iter()
+                .filter_map(|d| d.pci.clone())
+                .collect(),
             console: legacy.console_out.counters(),
             snapshot: Arc::new(SnapshotSource {
                 vm_fd: vm_fd.clone(),

@@ -9,7 +9,9 @@
 //! - vCPU threads: `KVM_RUN` and the two vCPU reads of the halt probe, and
 //!   what the devices do when a guest writes their registers (the UART's
 //!   output, eventfd writes, a virtio device's activation and reset, and
-//!   mapping a virtio window's register page when the guest claims it).
+//!   mapping a virtio window's register page when the guest claims it, and
+//!   on virtio-pci, MSI routes, irqfds and ioeventfds as the guest programs
+//!   MSI-X and places BARs).
 //! - The VMM thread (the event loop, and in API mode the controller once
 //!   the VM runs): I/O on disks, TAPs, Unix sockets and eventfds, epoll,
 //!   timers, kicking vCPUs, and opening a disk for `PATCH /drives`.
@@ -105,6 +107,33 @@ fn kvm_coalesced_zone() -> [u64; 2] {
     [
         ioctl_expr(1, KVMIO, 0x67, size),
         ioctl_expr(1, KVMIO, 0x68, size),
+    ]
+}
+
+/// KVM_SET_GSI_ROUTING, KVM_IRQFD and KVM_IOEVENTFD: a vCPU points a
+/// virtio-pci function's MSI lines and notifications where the guest's
+/// writes to its MSI-X table and BAR say (see [`crate::pci`]).
+fn kvm_msi_wiring() -> [u64; 3] {
+    let size = |n: usize| n as u32;
+    [
+        ioctl_expr(
+            1,
+            KVMIO,
+            0x6a,
+            size(std::mem::size_of::<kvm_bindings::kvm_irq_routing>()),
+        ),
+        ioctl_expr(
+            1,
+            KVMIO,
+            0x76,
+            size(std::mem::size_of::<kvm_bindings::kvm_irqfd>()),
+        ),
+        ioctl_expr(
+            1,
+            KVMIO,
+            0x79,
+            size(std::mem::size_of::<kvm_bindings::kvm_ioeventfd>()),
+        ),
     ]
 }
 
@@ -237,6 +266,7 @@ pub fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
                 req(libc::TCSETS),
             ];
             ioctls.extend(kvm_coalesced_zone());
+            ioctls.extend(kvm_msi_wiring());
             // musl's isatty asks for the window size instead.
             #[cfg(target_env = "musl")]
             ioctls.push(req(libc::TIOCGWINSZ));
@@ -665,6 +695,7 @@ mod tests {
         assert_eq!(kvm_get_mp_state(), 0x8004_ae98);
         assert_eq!(kvm_set_user_memory_region(), 0x4020_ae46);
         assert_eq!(kvm_coalesced_zone(), [0x4010_ae67, 0x4010_ae68]);
+        assert_eq!(kvm_msi_wiring(), [0x4008_ae6a, 0x4020_ae76, 0x4040_ae79]);
         assert_eq!(tun_set_offload(), 0x4004_54d0);
     }
 

@@ -133,6 +133,9 @@ pub struct Machine {
     pub nested: bool,
     /// How long a SIGTERM waits for the guest, in milliseconds.
     pub shutdown_timeout_ms: u64,
+    /// The virtio transport (snapshots from before PCI: virtio-mmio).
+    #[serde(default)]
+    pub transport: crate::config::Transport,
 }
 
 /// The whole VM but its RAM.
@@ -152,6 +155,9 @@ pub struct VmState {
     pub serial: SerialSnapshot,
     /// Each virtio device's transport, in the guest's order.
     pub transports: Vec<TransportState>,
+    /// On virtio-pci, each device's PCI function, in the same order.
+    #[serde(default)]
+    pub pci: Vec<moat_devices::virtio::pci::PciState>,
 }
 
 /// The record of `config`'s machine; `disk_sizes` and `macs` are what the
@@ -200,6 +206,7 @@ pub fn machine(config: &VmConfig, disk_sizes: &[u64], macs: &[[u8; 6]]) -> Machi
         },
         nested: config.nested,
         shutdown_timeout_ms: config.shutdown_timeout.as_millis() as u64,
+        transport: config.transport,
     }
 }
 
@@ -323,6 +330,7 @@ pub fn restored_config(
             Some(rate) => RngConfig::On(rate),
         },
         nested: machine.nested,
+        transport: machine.transport,
         ..base.clone()
     })
 }
@@ -700,7 +708,16 @@ mod tests {
             rng: Some(None),
             nested: false,
             shutdown_timeout_ms: 10_000,
+            transport: crate::config::Transport::Pci,
         }
+    }
+
+    #[test]
+    fn a_machine_recorded_before_pci_restores_on_virtio_mmio() {
+        let mut m = serde_json::to_value(machine_with_devices()).unwrap();
+        m.as_object_mut().unwrap().remove("transport");
+        let m: Machine = serde_json::from_value(m).unwrap();
+        assert_eq!(m.transport, crate::config::Transport::Mmio);
     }
 
     #[test]
@@ -721,6 +738,7 @@ mod tests {
         assert_eq!(same.disks[0].io_engine, IoEngine::Async);
         assert_eq!(same.nets[0].mac, Some([6, 0, 0, 0, 0, 1]));
         assert!(same.seccomp);
+        assert_eq!(same.transport, crate::config::Transport::Pci);
 
         let clone = Overrides {
             disks: vec![Some("/b.img".into())],

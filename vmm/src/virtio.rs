@@ -20,6 +20,7 @@ use moat_devices::virtio::mmio::{
     MmioTransport, MmioWindow, INTERRUPT_ACK, MMIO_WINDOW, QUEUE_NOTIFY,
 };
 use moat_devices::virtio::net::{default_mac, Net, Tap};
+use moat_devices::virtio::pci::VirtioPci;
 use moat_devices::virtio::rng::{PoolWaiter, Rng};
 use moat_devices::virtio::vsock::{self, Vsock};
 use moat_devices::virtio::{Interrupt, RegisterPage, VirtioDevice, INT_VRING};
@@ -27,8 +28,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::Bus;
 use crate::config::{
-    ConfigError, DiskConfig, ForwardConfig, NetBackendConfig, NetConfig, RngConfig, VmConfig,
-    VsockConfig,
+    ConfigError, DiskConfig, ForwardConfig, NetBackendConfig, NetConfig, RngConfig, Transport,
+    VmConfig, VsockConfig,
 };
 use crate::error::{Error, KvmOp};
 
@@ -278,18 +279,37 @@ pub fn net_devices(
         .collect()
 }
 
-/// A virtio device placed on the MMIO bus, with the handler that serves its
-/// queues from the event loop.
+/// A virtio device placed on the MMIO bus or on PCI, with the handler that
+/// serves its queues from the event loop.
 pub struct Attached {
-    /// Where the guest finds it.
-    pub slot: MmioSlot,
+    /// Where the guest finds it on virtio-mmio.
+    pub slot: Option<MmioSlot>,
     /// Its event-loop handler.
     pub handler: QueueHandler,
     /// The transport, for the API and the metrics.
     pub transport: Arc<Mutex<MmioTransport>>,
-    /// Where KVM puts the guest's used-buffer acknowledgements (see
-    /// [`absorb_vring_acks`]); held for as long as the VM, never read.
-    pub ack_sink: EventFd,
+    /// Its PCI function, on virtio-pci.
+    pub pci: Option<Arc<Mutex<VirtioPci>>>,
+    /// Where KVM puts the guest's used-buffer acknowledgements on
+    /// virtio-mmio (see [`absorb_vring_acks`]); held for as long as the
+    /// VM, never read.
+    pub ack_sink: Option<EventFd>,
+}
+
+/// Puts the devices on `transport`: see [`attach_mmio`] and
+/// [`crate::pci::attach`].
+pub fn attach(
+    vm: &Arc<VmFd>,
+    memory: &GuestMemoryMmap,
+    pio: &mut Bus,
+    mmio: &mut Bus,
+    devices: Vec<Named>,
+    transport: Transport,
+) -> Result<Vec<Attached>, Error> {
+    match transport {
+        Transport::Mmio => attach_mmio(vm, memory, mmio, devices),
+        Transport::Pci => crate::pci::attach(vm, memory, pio, mmio, devices),
+    }
 }
 
 /// Has KVM take the guest's InterruptACK writes of exactly
@@ -319,7 +339,7 @@ fn absorb_vring_acks(vm: &VmFd, sink: &EventFd, slot: &MmioSlot) -> Result<(), E
 
 /// Puts each device behind a virtio-mmio transport on `mmio`, wires its
 /// interrupt (irqfd) and queue notifications (ioeventfds) into KVM.
-pub fn attach(
+fn attach_mmio(
     vm: &Arc<VmFd>,
     memory: &GuestMemoryMmap,
     mmio: &mut Bus,
@@ -361,14 +381,11 @@ pub fn attach(
                 .map_err(|e| Error::Internal(e.to_string()))?;
         }
         attached.push(Attached {
-            slot,
-            handler: QueueHandler {
-                transport: transport.clone(),
-                events,
-                watching_backend: false,
-            },
+            slot: Some(slot),
+            handler: QueueHandler::new(transport.clone(), events),
             transport,
-            ack_sink,
+            pci: None,
+            ack_sink: Some(ack_sink),
         });
     }
     Ok(attached)
@@ -386,6 +403,15 @@ pub struct QueueHandler {
 const BACKEND: u32 = u32::MAX;
 
 impl QueueHandler {
+    /// Serves `transport`'s queues when `events` (one per queue) fire.
+    pub fn new(transport: Arc<Mutex<MmioTransport>>, events: Vec<EventFd>) -> Self {
+        Self {
+            transport,
+            events,
+            watching_backend: false,
+        }
+    }
+
     /// Polls the backend descriptor exactly while the device can take its
     /// input, so a full guest never makes the event loop spin.
     fn update_backend_interest(&mut self, transport: &MmioTransport, ops: &mut EventOps) {

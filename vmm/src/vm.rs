@@ -106,7 +106,7 @@ pub fn create_vm(kvm: &Kvm) -> Result<VmFd, Error> {
     vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
         .map_err(KvmOp::SetTss.err())?;
     vm.create_irq_chip().map_err(KvmOp::CreateIrqchip.err())?;
-    set_gsi_routing(&vm)?;
+    set_gsi_routing(&vm, &std::collections::BTreeMap::new()).map_err(KvmOp::GsiRouting.err())?;
     let pit = kvm_pit_config {
         flags: KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()
@@ -142,7 +142,25 @@ pub fn gsi_routes() -> Vec<(u32, u32, u32)> {
     pic.chain(ioapic).collect()
 }
 
-fn set_gsi_routing(vm: &VmFd) -> Result<(), Error> {
+/// Sets KVM's GSI routing table: the irqchip routes of [`gsi_routes`] and
+/// an MSI route for each GSI in `msi` (virtio-pci's lines, see
+/// [`crate::pci`]). The table is replaced whole, so every change passes
+/// every route.
+pub fn set_gsi_routing(
+    vm: &VmFd,
+    msi: &std::collections::BTreeMap<u32, moat_devices::virtio::pci::MsiMessage>,
+) -> Result<(), kvm_ioctls::Error> {
+    let msi = msi.iter().map(|(gsi, message)| {
+        let mut entry = kvm_irq_routing_entry {
+            gsi: *gsi,
+            type_: kvm_bindings::KVM_IRQ_ROUTING_MSI,
+            ..Default::default()
+        };
+        entry.u.msi.address_lo = message.address as u32;
+        entry.u.msi.address_hi = (message.address >> 32) as u32;
+        entry.u.msi.data = message.data;
+        entry
+    });
     let entries: Vec<kvm_irq_routing_entry> = gsi_routes()
         .into_iter()
         .map(|(gsi, irqchip, pin)| {
@@ -155,11 +173,12 @@ fn set_gsi_routing(vm: &VmFd) -> Result<(), Error> {
             entry.u.irqchip.pin = pin;
             entry
         })
+        .chain(msi)
         .collect();
-    let routing = KvmIrqRouting::from_entries(&entries)
-        .map_err(|_| Error::Internal("too many GSI routes".into()))?;
+    // At most 24 + 16 + 2 per device: far below KVM_MAX_IRQ_ROUTES.
+    let routing =
+        KvmIrqRouting::from_entries(&entries).map_err(|_| kvm_ioctls::Error::new(libc::E2BIG))?;
     vm.set_gsi_routing(&routing)
-        .map_err(KvmOp::GsiRouting.err())
 }
 
 /// Maps guest RAM in moat and registers it with KVM.
@@ -229,7 +248,7 @@ pub fn load_guest(
     // Both ways of describing the machine: the MP table for kernels
     // without ACPI (or booted with acpi=off), ACPI tables for the rest.
     mptable::write_mptable(memory, config.cpus).map_err(|e| internal("MP table", &e))?;
-    let rsdp = write_acpi_tables(memory, config.cpus, virtio_slots)
+    let rsdp = write_acpi_tables(memory, config.cpus, virtio_slots, config.transport)
         .map_err(|e| internal("ACPI tables", &e))?;
     let info = loader::BootInfo {
         mem_size: config.memory,
@@ -253,6 +272,7 @@ fn write_acpi_tables(
     memory: &GuestMemoryMmap,
     cpus: u8,
     virtio_slots: &[crate::virtio::MmioSlot],
+    transport: crate::config::Transport,
 ) -> Result<vm_memory::GuestAddress, acpi::Error> {
     let port = |offset: u64| acpi::PortRegister {
         port: ACPI_POWER_PORT + offset as u16,
@@ -279,6 +299,10 @@ fn write_acpi_tables(
             reset_value: ACPI_RESET_VALUE,
         },
         ged_irq: GED_IRQ,
+        pci: (transport == crate::config::Transport::Pci).then_some(acpi::PciHostBridge {
+            window_start: layout::PCI_MMIO_START as u32,
+            window_last: (layout::PCI_MMIO_END - 1) as u32,
+        }),
     };
     acpi::write_tables(memory, &platform)
 }

@@ -41,6 +41,7 @@ const VIRTIO: [VirtioMmio; 3] = [
 
 fn platform(cpus: u8, virtio: &[VirtioMmio]) -> Platform<'_> {
     Platform {
+        pci: None,
         cpus,
         uart: Uart {
             port: 0x3f8,
@@ -403,6 +404,31 @@ fn the_dsdt_describes_com1_the_power_button_and_s5() {
     ] {
         assert!(asl.contains(expected), "missing {expected}\nin {asl}");
     }
+    assert!(!asl.contains("LNRO0005"));
+}
+
+#[test]
+fn with_pci_the_dsdt_describes_a_host_bridge_and_its_window() {
+    let mem = memory();
+    let pci = PciHostBridge {
+        window_start: 0xd000_0000,
+        window_last: 0xdfff_ffff,
+    };
+    let platform = Platform {
+        pci: Some(pci),
+        ..platform(1, &[])
+    };
+    let tables = walk(&mem, write_tables(&mem, &platform).unwrap());
+    let dir = TempDir::new("dsdt-pci");
+    let asl = squeezed(&iasl(&dir.0, "dsdt", &tables.dsdt));
+    let expected = "Device (PCI0) { Name (_HID, EisaId (\"PNP0A03\") ) Name (_UID, Zero) \
+         Name (_SEG, Zero) Name (_BBN, Zero) Name (_CRS, ResourceTemplate () { \
+         WordBusNumber (ResourceProducer, MinFixed, MaxFixed, PosDecode, 0x0000, 0x0000, \
+         0x0000, 0x0000, 0x0001, ,, ) IO (Decode16, 0x0CF8, 0x0CF8, 0x01, 0x08, ) \
+         DWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable, ReadWrite, \
+         0x00000000, 0xD0000000, 0xDFFFFFFF, 0x00000000, 0x10000000, ,, , AddressRangeMemory, \
+         TypeStatic) }) }";
+    assert!(asl.contains(expected), "missing {expected}\nin {asl}");
     assert!(!asl.contains("LNRO0005"));
 }
 

@@ -70,10 +70,13 @@ impl RegisterPage {
     }
 }
 
-/// A virtio-mmio device's interrupt line.
+/// A virtio device's interrupt: one line on virtio-mmio; on virtio-pci
+/// with MSI-X, a second line for configuration changes (see
+/// [`Interrupt::with_config_line`]).
 pub struct Interrupt {
     page: Box<RegisterPage>,
     irq: EventFd,
+    config: Option<EventFd>,
 }
 
 impl std::fmt::Debug for Interrupt {
@@ -90,12 +93,30 @@ impl Interrupt {
         Ok(Self {
             page: RegisterPage::new(),
             irq: crate::trigger::new_eventfd()?,
+            config: None,
         })
     }
 
-    /// The eventfd to register as an irqfd.
+    /// A new interrupt whose configuration changes raise an eventfd of
+    /// their own ([`Interrupt::config_fd`]), as MSI-X gives them a vector
+    /// of their own. The status bits are kept all the same: a driver that
+    /// reads the ISR sees them.
+    pub fn with_config_line() -> std::io::Result<Self> {
+        Ok(Self {
+            config: Some(crate::trigger::new_eventfd()?),
+            ..Self::new()?
+        })
+    }
+
+    /// The eventfd to register as an irqfd: every interrupt, or with a
+    /// configuration line, the used-buffer ones.
     pub fn irq_fd(&self) -> &EventFd {
         &self.irq
+    }
+
+    /// The configuration-change eventfd, if it has one of its own.
+    pub fn config_fd(&self) -> Option<&EventFd> {
+        self.config.as_ref()
     }
 
     /// The device's register page, InterruptStatus included.
@@ -119,8 +140,12 @@ impl Interrupt {
 
     fn raise(&self, bits: u32) {
         self.status_word().fetch_or(bits, Ordering::SeqCst);
+        let line = match &self.config {
+            Some(config) if bits == INT_CONFIG => config,
+            _ => &self.irq,
+        };
         // A full eventfd counter still means "interrupt pending".
-        let _ = self.irq.write(1);
+        let _ = line.write(1);
     }
 
     /// The InterruptStatus register.
@@ -161,6 +186,19 @@ mod tests {
         assert_eq!(irq.status(), INT_CONFIG);
         irq.clear();
         assert_eq!(irq.status(), 0);
+    }
+
+    #[test]
+    fn a_config_line_takes_config_changes_and_only_them() {
+        let irq = Interrupt::with_config_line().unwrap();
+        irq.signal_config_change();
+        irq.signal_used_queue();
+        irq.signal_used_queue();
+        let config = irq.config_fd().unwrap();
+        assert_eq!(config.read().unwrap(), 1);
+        assert_eq!(irq.irq_fd().read().unwrap(), 2);
+        assert_eq!(irq.status(), INT_VRING | INT_CONFIG);
+        assert!(Interrupt::new().unwrap().config_fd().is_none());
     }
 
     #[test]

@@ -46,26 +46,26 @@ const MAGIC_VALUE: u64 = 0x000;
 const VERSION: u64 = 0x004;
 const DEVICE_ID: u64 = 0x008;
 const VENDOR_ID: u64 = 0x00c;
-const DEVICE_FEATURES: u64 = 0x010;
-const DEVICE_FEATURES_SEL: u64 = 0x014;
-const DRIVER_FEATURES: u64 = 0x020;
-const DRIVER_FEATURES_SEL: u64 = 0x024;
-const QUEUE_SEL: u64 = 0x030;
+pub(super) const DEVICE_FEATURES: u64 = 0x010;
+pub(super) const DEVICE_FEATURES_SEL: u64 = 0x014;
+pub(super) const DRIVER_FEATURES: u64 = 0x020;
+pub(super) const DRIVER_FEATURES_SEL: u64 = 0x024;
+pub(super) const QUEUE_SEL: u64 = 0x030;
 const QUEUE_NUM_MAX: u64 = 0x034;
-const QUEUE_NUM: u64 = 0x038;
-const QUEUE_READY: u64 = 0x044;
+pub(super) const QUEUE_NUM: u64 = 0x038;
+pub(super) const QUEUE_READY: u64 = 0x044;
 /// Offset of InterruptACK, where the VMM may absorb acknowledgements
 /// (see [`Interrupt`]).
 pub const INTERRUPT_ACK: u64 = 0x064;
-const STATUS: u64 = 0x070;
-const QUEUE_DESC_LOW: u64 = 0x080;
-const QUEUE_DESC_HIGH: u64 = 0x084;
-const QUEUE_DRIVER_LOW: u64 = 0x090;
-const QUEUE_DRIVER_HIGH: u64 = 0x094;
-const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+pub(super) const STATUS: u64 = 0x070;
+pub(super) const QUEUE_DESC_LOW: u64 = 0x080;
+pub(super) const QUEUE_DESC_HIGH: u64 = 0x084;
+pub(super) const QUEUE_DRIVER_LOW: u64 = 0x090;
+pub(super) const QUEUE_DRIVER_HIGH: u64 = 0x094;
+pub(super) const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+pub(super) const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
 const CONFIG_GENERATION: u64 = 0x0fc;
-const CONFIG: u64 = 0x100;
+pub(super) const CONFIG: u64 = 0x100;
 
 /// "virt", little-endian.
 const MAGIC: u32 = 0x7472_6976;
@@ -77,13 +77,13 @@ const VENDOR: u32 = 0x4d4f_4154;
 
 /// What the driver has written for one queue so far.
 #[derive(Clone, Copy, Debug, Default)]
-struct QueueConfig {
+pub(super) struct QueueConfig {
     max_size: u16,
-    size: u16,
-    ready: bool,
-    desc: u64,
-    driver: u64,
-    device: u64,
+    pub(super) size: u16,
+    pub(super) ready: bool,
+    pub(super) desc: u64,
+    pub(super) driver: u64,
+    pub(super) device: u64,
 }
 
 impl QueueConfig {
@@ -176,23 +176,23 @@ pub struct TransportState {
 
 /// A virtio device behind virtio-mmio registers.
 pub struct MmioTransport {
-    device: Box<dyn VirtioDevice>,
+    pub(super) device: Box<dyn VirtioDevice>,
     mem: GuestMemoryMmap,
-    interrupt: Arc<Interrupt>,
+    pub(super) interrupt: Arc<Interrupt>,
     queue_events: Vec<EventFd>,
-    queues: Vec<QueueConfig>,
-    queue_sel: u32,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    driver_features: u64,
-    status: u32,
+    pub(super) queues: Vec<QueueConfig>,
+    pub(super) queue_sel: u32,
+    pub(super) device_features_sel: u32,
+    pub(super) driver_features_sel: u32,
+    pub(super) driver_features: u64,
+    pub(super) status: u32,
     active: bool,
     /// The window that owns the device, once the guest has read a DeviceID.
     owner: Option<u8>,
     /// The device's name in logs and metrics.
     name: String,
     /// Bumped when the device changes its config space.
-    config_generation: u32,
+    pub(super) config_generation: u32,
     /// Queue notifications served.
     notifications: u64,
     /// Times the device went to NEEDS_RESET, and the last reason.

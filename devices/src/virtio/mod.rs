@@ -10,6 +10,7 @@ pub mod block;
 mod interrupt;
 pub mod mmio;
 pub mod net;
+pub mod pci;
 pub mod rng;
 #[cfg(any(test, feature = "test-driver"))]
 pub mod test_driver;

@@ -234,6 +234,7 @@ pub struct Controller {
     kvm_device: PathBuf,
     boot_timer: bool,
     seccomp: bool,
+    transport: crate::config::Transport,
     running: Option<VmHandle>,
     metrics: Arc<Mutex<Option<MetricsSink>>>,
 }
@@ -255,6 +256,7 @@ impl Controller {
             kvm_device,
             boot_timer,
             seccomp,
+            transport: crate::config::Transport::Mmio,
             running: None,
             metrics: Arc::new(Mutex::new(None)),
         }
@@ -337,11 +339,19 @@ impl Controller {
         }
     }
 
+    /// Puts the devices of the VMs it builds on `transport`.
+    pub fn set_transport(&mut self, transport: crate::config::Transport) {
+        self.transport = transport;
+    }
+
     /// Builds the VM the resources describe.
     pub fn start(&mut self) -> Result<Box<Vm>, Fault> {
-        let config =
-            self.resources
-                .vm_config(self.kvm_device.clone(), self.boot_timer, self.seccomp)?;
+        let config = self.resources.vm_config(
+            self.kvm_device.clone(),
+            self.boot_timer,
+            self.seccomp,
+            self.transport,
+        )?;
         log::info!("starting the microVM: {config:?}");
         let vm = Vm::build(&config).map_err(|e| Fault(e.to_string()))?;
         self.running = Some(vm.handle());
@@ -731,6 +741,8 @@ pub struct ProcessOptions {
     pub kvm_device: PathBuf,
     /// Install the seccomp filters.
     pub seccomp: bool,
+    /// The virtio transport (`--enable-pci`).
+    pub transport: crate::config::Transport,
     /// A jail to run in (its root is the prepared directory: every path
     /// given afterwards names a file in it).
     pub jail: Option<crate::jail::JailConfig>,
@@ -794,6 +806,7 @@ pub fn run_process(options: &ProcessOptions) -> Result<VmExit, ProcessError> {
         .map_err(|e| ProcessError::Input(format!("--log-path: {e}")))?;
     let mut controller =
         Controller::new(&options.id, kvm_device, options.boot_timer, options.seccomp);
+    controller.set_transport(options.transport);
     if let Some(path) = &options.metrics_path {
         controller
             .put_metrics(&Metrics {

@@ -830,6 +830,7 @@ impl VmResources {
         kvm_device: PathBuf,
         boot_timer: bool,
         seccomp: bool,
+        transport: config::Transport,
     ) -> Result<VmConfig, Fault> {
         let Some(boot) = &self.boot_source else {
             return fault("cannot start the microVM without a boot source (PUT /boot-source)");
@@ -838,7 +839,7 @@ impl VmResources {
         let mut cmdline = boot
             .boot_args
             .clone()
-            .unwrap_or_else(|| config::DEFAULT_CMDLINE.to_string());
+            .unwrap_or_else(|| config::default_cmdline(transport));
         if let Some(root) = self.drives.iter().find(|d| d.is_root_device) {
             let mode = if root.is_read_only.unwrap_or(false) {
                 "ro"
@@ -875,6 +876,7 @@ impl VmResources {
             seccomp,
             nested: false,
             trace_exits: None,
+            transport,
         })
     }
 }
@@ -920,7 +922,9 @@ mod tests {
         );
         let resources = VmResources::from_json(&text).unwrap();
         // The root drive goes first, as with PUT /drives.
-        let config = resources.vm_config("/dev/kvm".into(), false, true).unwrap();
+        let config = resources
+            .vm_config("/dev/kvm".into(), false, true, config::Transport::Mmio)
+            .unwrap();
         assert_eq!((config.cpus, config.memory), (2, 256 << 20));
         assert_eq!(config.cmdline, "console=ttyS0 root=/dev/vda rw");
         assert_eq!(config.disks[0].id.as_deref(), Some("rootfs"));
@@ -1005,7 +1009,7 @@ mod tests {
     #[test]
     fn starting_without_a_kernel_says_so() {
         let err = VmResources::default()
-            .vm_config("/dev/kvm".into(), false, true)
+            .vm_config("/dev/kvm".into(), false, true, config::Transport::Mmio)
             .unwrap_err();
         assert!(err.0.contains("boot source"), "{err}");
     }
