@@ -201,7 +201,8 @@ case $cmd in
         # --io-runs N (I/O guest boots per VMM, default 3; 0 for none),
         # --peer firecracker=PATH, --peer cloud-hypervisor=PATH (peers beside
         # moat and QEMU), --peer baseline=PATH (another moat build: the
-        # moat/baseline column is a change's effect), --no-qemu.
+        # moat/baseline column is a change's effect), --no-qemu, --transport pci
+        # (moat on virtio-pci; the baseline keeps virtio-mmio).
         setup
         build_moat
         build_images

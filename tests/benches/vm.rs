@@ -8,12 +8,13 @@
 //!
 //!   cargo bench -p moat-tests --bench vm [-- --runs N --launches N
 //!       --peer firecracker=PATH --peer cloud-hypervisor=PATH --peer qemu=PATH
-//!       --peer baseline=PATH --no-qemu]
+//!       --peer baseline=PATH --no-qemu --transport pci]
 //!
 //! `--peer baseline=PATH` is another build of moat (say, of the commit
 //! before a change), run like the others: the moat/baseline column is then
 //! the change's effect, measured in one rig. `--no-qemu` leaves out QEMU,
-//! which is otherwise found in PATH.
+//! which is otherwise found in PATH. `--transport pci` puts moat's devices
+//! on virtio-pci (the baseline keeps virtio-mmio).
 //!
 //! The guest is the benchmark kernel + initramfs from build-images.sh: its
 //! /init (resources/bench/init.c) writes moat's boot-timer port and a
@@ -80,6 +81,10 @@ struct Setup {
     scrub_mib: usize,
     /// `--no-qemu`: no QEMU column even with QEMU in PATH.
     no_qemu: bool,
+    /// `--transport pci`: moat's devices on virtio-pci (the baseline
+    /// keeps its default, so `--peer baseline=` the same binary measures
+    /// the transport).
+    pci: bool,
 }
 
 impl Setup {
@@ -113,6 +118,9 @@ impl Setup {
         }
         if self.no_qemu {
             args.push("--no-qemu".into());
+        }
+        if self.pci {
+            args.extend(["--transport".into(), "pci".into()]);
         }
         args
     }
@@ -150,6 +158,13 @@ impl Setup {
                 "--no-qemu" => {
                     setup.peers.retain(|p| p.kind != PeerKind::Qemu);
                     setup.no_qemu = true;
+                }
+                "--transport" => {
+                    setup.pci = match value()?.as_str() {
+                        "pci" => true,
+                        "mmio" => false,
+                        other => return Err(format!("--transport: pci or mmio, not '{other}'")),
+                    }
                 }
                 "--runs" => setup.runs = count(value()?)?,
                 "--launches" => setup.launches = count(value()?)?,
@@ -192,6 +207,9 @@ impl Setup {
             .arg(format!("size={mib}M"))
             .arg("--cmdline")
             .arg(cmdline);
+        if self.pci && moat == self.moat {
+            cmd.args(["--transport", "pci"]);
+        }
         cmd
     }
 
@@ -215,6 +233,9 @@ impl Setup {
             .arg("--config-file")
             .arg(config)
             .arg("--boot-timer");
+        if self.pci {
+            cmd.arg("--enable-pci");
+        }
         cmd
     }
 
@@ -1356,6 +1377,7 @@ fn main() {
             launches: 0,
             scrub_mib: 0,
             no_qemu: false,
+            pci: false,
         };
         let part = take_value(&mut args, "--part")
             .ok_or_else(|| "--inside needs --part".to_string())
@@ -1406,6 +1428,7 @@ fn main() {
         launches: 10,
         scrub_mib: 0,
         no_qemu: false,
+        pci: false,
     };
     let setup = match Setup::parse(&args, setup) {
         Ok(setup) => setup,

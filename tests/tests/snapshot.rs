@@ -4,7 +4,7 @@
 //! where it was; two clones of the same snapshot run side by side (one
 //! restored from the command line, one through `PUT /snapshot/load`), each
 //! with its own disk copy and TAP; bad snapshots are refused with one line
-//! and status 2. A guest of two vCPUs with a vsock connection open is
+//! and status 2; the same on virtio-pci (`--enable-pci`). A guest of two vCPUs with a vsock connection open is
 //! snapshotted too and restored in a jail: both CPUs go on, and the guest
 //! sees the connection reset (moat tells it through the event queue) and
 //! connects anew.
@@ -97,6 +97,20 @@ fn number(console: &str, key: &str) -> u32 {
 
 #[test]
 fn a_snapshot_restored_goes_on_counting_with_its_disk_and_network_and_clones_run_side_by_side() {
+    goes_on_counting_and_clones_run_side_by_side("", CMDLINE);
+}
+
+/// The same on virtio-pci: the restored functions' MSI-X routes and
+/// notifications are set up again from the state.
+#[test]
+fn a_snapshot_on_virtio_pci_goes_on_counting_with_its_disk_and_network() {
+    let cmdline = CMDLINE.replace(" pci=off", "");
+    goes_on_counting_and_clones_run_side_by_side("--enable-pci", &cmdline);
+}
+
+/// The test above, with `flags` on the first moat (API mode) and
+/// `cmdline` for its guest.
+fn goes_on_counting_and_clones_run_side_by_side(flags: &str, cmdline: &str) {
     let host = format!(
         r#"{API_PRELUDE}{HOST_TAP_SETUP}
 dir=/tmp/moat-snap-$$; mkdir -p $dir
@@ -110,8 +124,8 @@ wait_for() {{ # FILE TEXT PID
         sleep 0.1
     done
 }}
-start_moat --api-sock "$sock"
-api PUT /boot-source "{{\"kernel_image_path\": \"$kernel\", \"initrd_path\": \"$initrd\", \"boot_args\": \"{CMDLINE}\"}}"
+start_moat --api-sock "$sock" {flags}
+api PUT /boot-source "{{\"kernel_image_path\": \"$kernel\", \"initrd_path\": \"$initrd\", \"boot_args\": \"{cmdline}\"}}"
 # The disk's requests go through io_uring (io_engine Async): the snapshot
 # waits for those in flight, and the restored disks use the engine too.
 api PUT /drives/data "{{\"drive_id\": \"data\", \"path_on_host\": \"$disk\", \"is_root_device\": false, \"is_read_only\": false, \"io_engine\": \"Async\"}}"
@@ -133,6 +147,7 @@ kill -9 $pid; wait $pid; wait $tee
 echo "HOST-SNAPSHOT-TICK=$(last_tick $console)" >>"$report"
 echo "HOST-STATE-BYTES=$(stat -c %s $state)" >>"$report"
 echo "HOST-STATE-ASYNC=$(grep -a -o '"io_async":[a-z]*' $state)" >>"$report"
+echo "HOST-STATE-TRANSPORT=$(grep -a -o '"transport":"[a-z]*"' $state)" >>"$report"
 echo "HOST-MEM-BLOCKS=$(du -k $mem | cut -f1)" >>"$report"
 cp $disk $dir/clone1.img; cp $disk $dir/clone2.img
 
@@ -238,6 +253,12 @@ cat "$report"
         value(c, "HOST-STATE-ASYNC"),
         "\"io_async\":true",
         "the snapshot's disk records its engine"
+    );
+    let transport = if flags.is_empty() { "mmio" } else { "pci" };
+    assert_eq!(
+        value(c, "HOST-STATE-TRANSPORT"),
+        format!("\"transport\":\"{transport}\""),
+        "the snapshot records the transport"
     );
     // 128 MiB of RAM, most of it never touched: holes.
     assert!(number(c, "HOST-MEM-BLOCKS") < 100_000, "{}", out.tail(60));

@@ -97,17 +97,29 @@ impl KvmPciHost {
         Ok(())
     }
 
-    fn notify(&self, base: u64, register: bool) -> Result<(), kvm_ioctls::Error> {
+    /// Registers the queues' ioeventfds at `base`, all or none: a guest
+    /// that placed two BARs on each other gets the second's refused
+    /// (EEXIST), and nothing of it stays behind.
+    fn register_notifications(&self, base: u64) -> Result<(), kvm_ioctls::Error> {
         for (queue, event) in self.queue_events.iter().enumerate() {
             let addr = IoEventAddress::Mmio(base + pci::notify_offset(queue));
             // Linux writes the queue's index, 16 bits (vp_notify).
-            if register {
-                self.vm.register_ioevent(event, &addr, queue as u16)?;
-            } else {
-                self.vm.unregister_ioevent(event, &addr, queue as u16)?;
+            if let Err(e) = self.vm.register_ioevent(event, &addr, queue as u16) {
+                self.unregister_notifications(base, queue);
+                return Err(e);
             }
         }
         Ok(())
+    }
+
+    /// Unregisters the first `queues` queues' ioeventfds at `base`.
+    fn unregister_notifications(&self, base: u64, queues: usize) {
+        for (queue, event) in self.queue_events.iter().enumerate().take(queues) {
+            let addr = IoEventAddress::Mmio(base + pci::notify_offset(queue));
+            if let Err(e) = self.vm.unregister_ioevent(event, &addr, queue as u16) {
+                log::warn!("{}: queue {queue}'s notification: {e}", self.name);
+            }
+        }
     }
 }
 
@@ -119,15 +131,19 @@ impl PciHost for KvmPciHost {
     }
 
     fn map_notifications(&mut self, base: Option<u64>) {
-        let result = self
-            .notifications
-            .take()
-            .map_or(Ok(()), |old| self.notify(old, false))
-            .and_then(|()| base.map_or(Ok(()), |new| self.notify(new, true)));
-        match result {
-            Ok(()) => self.notifications = base,
-            // Notifications still arrive, through the BAR's exits.
-            Err(e) => log::warn!("{}: queue notifications: {e}", self.name),
+        if let Some(old) = self.notifications.take() {
+            self.unregister_notifications(old, self.queue_events.len());
+        }
+        let Some(new) = base else {
+            return;
+        };
+        match self.register_notifications(new) {
+            Ok(()) => self.notifications = Some(new),
+            // Notifications still arrive, as writes to the BAR that exit.
+            Err(e) => log::warn!(
+                "{}: queue notifications at {new:#x}: {e}; they exit to moat",
+                self.name
+            ),
         }
     }
 }

@@ -428,10 +428,11 @@ pub struct VirtioPci {
 /// The PCI class of a virtio device type (the spec leaves it free; these
 /// are what the device is).
 fn class(device_type: u32) -> u32 {
+    use virtio_bindings::virtio_ids::{VIRTIO_ID_BLOCK, VIRTIO_ID_NET};
     match device_type {
-        1 => 0x02_00_00, // network controller, Ethernet
-        2 => 0x01_80_00, // mass storage, other
-        _ => 0xff_00_00, // unassigned
+        VIRTIO_ID_NET => 0x02_00_00,   // network controller, Ethernet
+        VIRTIO_ID_BLOCK => 0x01_80_00, // mass storage, other
+        _ => 0xff_00_00,               // unassigned
     }
 }
 
