@@ -46,19 +46,44 @@ impl PciHost for Host {
 #[derive(Arbitrary, Debug)]
 enum Op {
     /// CONFIG_ADDRESS: enable bit, bus 0, device, function, register.
-    Select { device: u8, function: u8, register: u8, enable: bool },
+    Select {
+        device: u8,
+        function: u8,
+        register: u8,
+        enable: bool,
+    },
     /// Any CONFIG_ADDRESS value.
     Address(u32),
     /// An access at port 0xcf8 + `port % 8`.
-    PortRead { port: u8, width: u8 },
-    PortWrite { port: u8, width: u8, value: u32 },
+    PortRead {
+        port: u8,
+        width: u8,
+    },
+    PortWrite {
+        port: u8,
+        width: u8,
+        value: u32,
+    },
     /// An access at `offset` from the window's start (three BARs' worth).
-    MemRead { offset: u16, width: u8 },
-    MemWrite { offset: u16, width: u8, value: u64 },
+    MemRead {
+        offset: u16,
+        width: u8,
+    },
+    MemWrite {
+        offset: u16,
+        width: u8,
+        value: u64,
+    },
     /// The event loop serves a queue, as after a notification.
-    Serve { device: bool, queue: u8 },
+    Serve {
+        device: bool,
+        queue: u8,
+    },
     /// The device raises an interrupt.
-    Signal { device: bool, config: bool },
+    Signal {
+        device: bool,
+        config: bool,
+    },
 }
 
 fn width(w: u8) -> usize {
@@ -104,7 +129,11 @@ fuzz_target!(|data: &[u8]| {
     let mut io = PciConfigIo::new(bus.clone());
     let mut mmio = PciMmio::new(bus, WINDOW.0);
     let mut buf = [0u8; 8];
-    while let Ok(op) = Op::arbitrary(&mut u) {
+    // An exhausted input still yields values: stop at its end.
+    while !u.is_empty() {
+        let Ok(op) = Op::arbitrary(&mut u) else {
+            break;
+        };
         match op {
             Op::Select {
                 device,
@@ -158,5 +187,8 @@ fuzz_target!(|data: &[u8]| {
     // Whatever happened, the function still reads as itself.
     io.write(0, &(1u32 << 31 | 1 << 11).to_le_bytes());
     io.read(4, &mut buf[..4]);
-    assert_eq!(u32::from_le_bytes(buf[..4].try_into().unwrap()), 0x1042_1af4);
+    assert_eq!(
+        u32::from_le_bytes(buf[..4].try_into().unwrap()),
+        0x1042_1af4
+    );
 });
