@@ -286,6 +286,16 @@ fn malformed_disk_option_is_rejected() {
 }
 
 #[test]
+fn an_unknown_transport_is_rejected() {
+    let k = kernel();
+    assert_rejected(
+        &["run", "--kernel", &k, "--transport", "virtio-ccw"],
+        &[],
+        "invalid value 'virtio-ccw' for '--transport <TRANSPORT>' [possible values: mmio, pci]",
+    );
+}
+
+#[test]
 fn malformed_net_option_is_rejected() {
     let k = kernel();
     assert_rejected(
