@@ -18,9 +18,11 @@ stage=$(mktemp -d "${out%/}.stage.XXXXXX")
 trap 'rm -rf "$stage"' EXIT
 export PATH=$PATH:/usr/sbin:/sbin
 
-# What a moat guest uses that Debian builds as modules: the virtio-mmio
-# transport and devices, the ACPI power button and its input events.
-modules=(virtio_mmio virtio_blk virtio_net virtio-rng vmw_vsock_virtio_transport button evdev)
+# What a moat guest uses that Debian builds as modules: the virtio-mmio and
+# virtio-pci transports and the devices, the ACPI power button and its
+# input events.
+modules=(virtio_mmio virtio_pci virtio_blk virtio_net virtio-rng vmw_vsock_virtio_transport
+    button evdev)
 
 (cd "$stage" && apt-get download -q -o APT::Sandbox::User=root "$package" >&2)
 dpkg-deb -x "$stage"/"$package"_*.deb "$stage/pkg"

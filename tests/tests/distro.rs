@@ -3,7 +3,7 @@
 //! resources/distro/build-distro.sh) finds its CPUs, devices and power-off
 //! only through moat's ACPI tables: it has no MP table parser and no
 //! `virtio_mmio.device=` support, and loads virtio as modules (the test
-//! initramfs modprobes them from /etc/modules).
+//! initramfs modprobes them from /etc/modules), virtio-pci's among them.
 
 use std::time::Duration;
 
@@ -72,6 +72,28 @@ fn the_distribution_kernel_mounts_a_virtio_disk_and_its_file_survives() {
         debugfs_cat(&data, "/hello.txt"),
         b"written-by-debian-kernel\n"
     );
+}
+
+#[test]
+fn the_distribution_kernel_finds_its_disk_on_virtio_pci() {
+    let scratch = Scratch::new("distro-pci");
+    let data = scratch.path("data.ext4");
+    make_ext4(&data, 16);
+    let cmdline = moat_tests::CMDLINE.replace(" pci=off", "");
+    let out = distro()
+        .args(["--transport", "pci", "--cmdline", &cmdline])
+        .disk(&data, "")
+        .script(
+            "grep -c PCI-MSI /proc/interrupts | sed 's/^/msi=/'; \
+             mount /dev/vda /mnt && echo over-pci > /mnt/pci.txt && umount /mnt && echo disk-ok",
+        )
+        .run()
+        .unwrap();
+    out.assert_success();
+    assert!(out.test_output.contains("disk-ok"), "{}", out.test_output);
+    assert!(!out.test_output.contains("msi=0"), "{}", out.test_output);
+    fsck(&data);
+    assert_eq!(debugfs_cat(&data, "/pci.txt"), b"over-pci\n");
 }
 
 #[test]
