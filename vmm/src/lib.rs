@@ -416,6 +416,10 @@ impl Vm {
             virtio_devices,
             config.transport,
         )?;
+        let pci_functions: Vec<_> = virtio_devices
+            .iter()
+            .filter_map(|d| d.pci.clone())
+            .collect();
 
         // The guest's kernel and boot data, which name the devices' slots.
         let slots: Vec<_> = virtio_devices.iter().filter_map(|d| d.slot).collect();
@@ -476,18 +480,14 @@ impl Vm {
                         .restore(saved)
                         .map_err(|e| Error::Snapshot(snapshot::SnapshotError(e)))?;
                 }
-                let functions: Vec<_> = virtio_devices
-                    .iter()
-                    .filter_map(|d| d.pci.clone())
-                    .collect();
-                if functions.len() != state.pci.len() {
+                if pci_functions.len() != state.pci.len() {
                     return Err(Error::Snapshot(snapshot::SnapshotError(format!(
                         "the state has {} PCI functions for {} devices on PCI",
                         state.pci.len(),
-                        functions.len()
+                        pci_functions.len()
                     ))));
                 }
-                for (function, saved) in functions.iter().zip(&state.pci) {
+                for (function, saved) in pci_functions.iter().zip(&state.pci) {
                     let mut function = function.lock().unwrap_or_else(|e| e.into_inner());
                     function
                         .restore(saved)
@@ -565,10 +565,7 @@ impl Vm {
                     .map_err(|e| Error::Io("clone an eventfd", e))?,
             ),
             devices: virtio_devices.iter().map(|d| d.transport.clone()).collect(),
-            pci: virtio_devices
-                .iter()
-                .filter_map(|d| d.pci.clone())
-                .collect(),
+            pci: pci_functions,
             console: legacy.console_out.counters(),
             snapshot: Arc::new(SnapshotSource {
                 vm_fd: vm_fd.clone(),
