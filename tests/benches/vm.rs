@@ -474,6 +474,9 @@ struct Launch {
     /// Of `rss_after_boot`, the anonymous KiB: what each VM costs that no
     /// other process shares (the binary's pages are shared).
     anon_after_boot: Option<u64>,
+    /// KiB of guest RAM resident when the marker was seen: what the guest
+    /// touched, in the host pages that back it.
+    guest_ram_after_boot: Option<u64>,
 }
 
 /// Reads a child's pipe to the end; reports the first time `marker` shows.
@@ -523,21 +526,36 @@ fn watch(child: &mut Child, marker: &'static [u8]) -> Result<Watched, String> {
 }
 
 /// Resident and anonymous KiB of `pid` outside its guest RAM: the sums of
-/// Rss and Anonymous over /proc/PID/smaps without the one anonymous mapping
-/// of the guest's size (allowing QEMU's few pages of alignment).
-fn rss_without_guest(pid: u32) -> Result<(u64, u64), String> {
+/// Rss and Anonymous over /proc/PID/smaps without the guest's RAM; and the
+/// resident KiB of that RAM. Guest RAM is the run of adjacent anonymous
+/// mappings of the guest's size (allowing QEMU's few pages of alignment):
+/// more than one mapping where the VMM advised parts of it differently
+/// (moat's huge pages), as the kernel splits a mapping there.
+fn rss_without_guest(pid: u32) -> Result<(u64, u64, u64), String> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
         .map_err(|e| format!("read /proc/{pid}/smaps: {e}"))?;
     let guest_kib = GUEST_MIB * 1024;
-    // (anonymous, size, rss, anonymous rss)
-    let mut mappings: Vec<(bool, u64, u64, u64)> = Vec::new();
+    struct Mapping {
+        start: u64,
+        end: u64,
+        anonymous: bool,
+        rss: u64,
+        anon_rss: u64,
+    }
+    let mut mappings: Vec<Mapping> = Vec::new();
     for line in smaps.lines() {
         let mut words = line.split_whitespace();
         let first = words.next().unwrap_or_default();
-        if first.contains('-') && !first.ends_with(':') {
+        if let Some((a, b)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
+            let hex = |v: &str| u64::from_str_radix(v, 16).unwrap_or(0);
             let path = line.split_whitespace().nth(5).unwrap_or("");
-            let anonymous = path.is_empty() || path.starts_with("[anon") || path == "/dev/zero";
-            mappings.push((anonymous, 0, 0, 0));
+            mappings.push(Mapping {
+                start: hex(a),
+                end: hex(b),
+                anonymous: path.is_empty() || path.starts_with("[anon") || path == "/dev/zero",
+                rss: 0,
+                anon_rss: 0,
+            });
         } else if let Some(last) = mappings.last_mut() {
             let mut kib = || {
                 words
@@ -546,28 +564,40 @@ fn rss_without_guest(pid: u32) -> Result<(u64, u64), String> {
                     .unwrap_or(0)
             };
             match first {
-                "Size:" => last.1 = kib(),
-                "Rss:" => last.2 = kib(),
-                "Anonymous:" => last.3 = kib(),
+                "Rss:" => last.rss = kib(),
+                "Anonymous:" => last.anon_rss = kib(),
                 _ => {}
             }
         }
     }
-    let guest = mappings
+    // The shortest run [i, j) of adjacent anonymous mappings that spans the
+    // guest's size.
+    let mut guest: Option<(usize, usize)> = None;
+    for i in 0..mappings.len() {
+        for j in i + 1..=mappings.len() {
+            let m = &mappings[j - 1];
+            if !m.anonymous || (j > i + 1 && mappings[j - 2].end != m.start) {
+                break;
+            }
+            let kib = (m.end - mappings[i].start) / 1024;
+            if (guest_kib..=guest_kib + 4096).contains(&kib)
+                && guest.is_none_or(|(a, b)| j - i < b - a)
+            {
+                guest = Some((i, j));
+            }
+        }
+    }
+    let (first, last) = guest.ok_or(format!("pid {pid}: no {GUEST_MIB} MiB guest RAM mapping"))?;
+    let (inside, outside): (Vec<_>, Vec<_>) = mappings
         .iter()
         .enumerate()
-        .filter(|(_, m)| m.0 && m.1 >= guest_kib && m.1 <= guest_kib + 4096)
-        .max_by_key(|(_, m)| m.1)
-        .map(|(i, _)| i)
-        .ok_or(format!("pid {pid}: no {GUEST_MIB} MiB guest RAM mapping"))?;
-    let rest = || {
-        mappings
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != guest)
-            .map(|(_, m)| m)
-    };
-    Ok((rest().map(|m| m.2).sum(), rest().map(|m| m.3).sum()))
+        .partition(|(i, _)| (first..last).contains(i));
+    let sum = |v: &[(usize, &Mapping)], f: fn(&Mapping) -> u64| v.iter().map(|(_, m)| f(m)).sum();
+    Ok((
+        sum(&outside, |m| m.rss),
+        sum(&outside, |m| m.anon_rss),
+        sum(&inside, |m| m.rss),
+    ))
 }
 
 /// Parses moat's `--boot-timer` line into (first KVM_RUN, marker) since
@@ -637,9 +667,10 @@ fn launch_until(
             result.console_marker = Some(at - spawned);
             if sample_memory {
                 match rss_without_guest(pid) {
-                    Ok((kib, anon)) => {
+                    Ok((kib, anon, guest)) => {
                         result.rss_after_boot = Some(kib);
                         result.anon_after_boot = Some(anon);
+                        result.guest_ram_after_boot = Some(guest);
                     }
                     Err(e) => sample_error = Some(e),
                 }
@@ -647,7 +678,7 @@ fn launch_until(
         }
         if sample_memory {
             // Fails once the process is gone; the exit arrives next.
-            if let Ok((kib, _)) = rss_without_guest(pid) {
+            if let Ok((kib, _, _)) = rss_without_guest(pid) {
                 result.rss_peak = Some(result.rss_peak.unwrap_or(0).max(kib));
             }
         }
@@ -1079,6 +1110,11 @@ fn launch_rows(setup: &Setup, cpus: usize) -> Result<Vec<Row>, String> {
             "anon_after_boot_kib",
             "of which anonymous (not shared)",
             |l| l.anon_after_boot,
+        ),
+        memory_row(
+            "guest_ram_after_boot_kib",
+            "guest RAM resident, guest booted",
+            |l| l.guest_ram_after_boot,
         ),
         memory_row(
             "rss_peak_kib",
