@@ -215,8 +215,15 @@ pub struct RunArgs {
     #[arg(long, value_name = "boot=N", default_value = "boot=1")]
     pub cpus: String,
 
-    /// Guest memory: size=SIZE, with K, M, G or T suffixes (binary units).
-    #[arg(long, value_name = "size=SIZE", default_value = "size=256M")]
+    /// Guest memory: size=SIZE, with K, M, G or T suffixes (binary units),
+    /// and how the host backs it: huge_pages=transparent (the default:
+    /// transparent huge pages where the host has them, a faster boot) or
+    /// huge_pages=none (4 KiB pages, the least memory resident).
+    #[arg(
+        long,
+        value_name = "size=SIZE[,huge_pages=transparent|none]",
+        default_value = "size=256M"
+    )]
     pub memory: String,
 
     /// Kernel entry: PVH when the ELF kernel has a PVH note (auto), the
@@ -391,6 +398,22 @@ fn single_value(
     Ok(pairs.into_iter().map(|(_, v)| v).next().unwrap_or_default())
 }
 
+/// `--memory size=SIZE[,huge_pages=transparent|none]`.
+fn parse_memory(text: &str) -> Result<(u64, config::HugePages), ConfigError> {
+    const OPTION: &str = "--memory";
+    let pairs = config::parse_key_values(OPTION, text, &["size", "huge_pages"])?;
+    let value = |key: &str| pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v);
+    let size = value("size").ok_or_else(|| ConfigError::Syntax {
+        option: OPTION,
+        problem: "needs size=SIZE".into(),
+    })?;
+    let huge_pages = value("huge_pages")
+        .map(|v| config::HugePages::parse(OPTION, v))
+        .transpose()?
+        .unwrap_or_default();
+    Ok((config::parse_size(OPTION, size)?, huge_pages))
+}
+
 impl RunArgs {
     /// Parses the option values into a [`VmConfig`]. Checks that need the
     /// host (memory and vCPU limits, files) happen when the VM is built.
@@ -422,8 +445,7 @@ impl RunArgs {
             problem: format!("boot={cpus_text} is not a whole number"),
         })?;
         let cpus = config::check_cpus(cpus, u64::from(moat_boot::mptable::MAX_CPUS))?;
-        let memory =
-            config::parse_size("--memory", &single_value("--memory", &self.memory, "size")?)?;
+        let (memory, huge_pages) = parse_memory(&self.memory)?;
         if !self.forward.is_empty() && self.vsock.is_none() {
             return Err(ConfigError::Syntax {
                 option: "--forward",
@@ -453,6 +475,7 @@ impl RunArgs {
             transport: self.transport,
             cpus,
             memory,
+            huge_pages,
             boot_protocol: self.boot_protocol.into(),
             disks,
             nets,
@@ -492,6 +515,7 @@ impl RunArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::HugePages;
     use std::time::Duration;
 
     fn parse(args: &[&str]) -> Result<VmConfig, String> {
@@ -549,6 +573,23 @@ mod tests {
         assert!(parse(&["--memory", "size=lots"])
             .unwrap_err()
             .starts_with("--memory: 'lots' is not a size"));
+        assert_eq!(
+            parse(&["--memory", "size=1G,huge_pages=2M"]).unwrap_err(),
+            "--memory: huge_pages=2M: expected transparent or none"
+        );
+        assert_eq!(
+            parse(&["--memory", "huge_pages=none"]).unwrap_err(),
+            "--memory: needs size=SIZE"
+        );
+    }
+
+    #[test]
+    fn guest_memory_is_in_transparent_huge_pages_unless_asked_for_none() {
+        assert_eq!(parse(&[]).unwrap().huge_pages, HugePages::Transparent);
+        let none = parse(&["--memory", "size=1G,huge_pages=none"]).unwrap();
+        assert_eq!((none.memory, none.huge_pages), (1 << 30, HugePages::None));
+        let named = parse(&["--memory", "huge_pages=Transparent,size=64M"]).unwrap();
+        assert_eq!(named.huge_pages, HugePages::Transparent);
     }
 
     #[test]

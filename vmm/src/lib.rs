@@ -18,6 +18,7 @@ pub mod jail;
 pub mod logger;
 pub mod metrics;
 pub mod pci;
+pub mod ram;
 pub mod seccomp;
 pub mod shutdown;
 pub mod signals;
@@ -393,7 +394,7 @@ impl Vm {
         // The machine: VM and RAM.
         let vm_fd = Arc::new(vm::create_vm(&kvm)?);
         let memory = match restored_memory {
-            None => vm::create_memory(&vm_fd, config.memory)?,
+            None => vm::create_memory(&vm_fd, config.memory, config.huge_pages)?,
             Some(mapped) => {
                 vm::register_memory(&vm_fd, &mapped)?;
                 mapped

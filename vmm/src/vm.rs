@@ -182,8 +182,12 @@ pub fn set_gsi_routing(
 }
 
 /// Maps guest RAM in moat and registers it with KVM.
-pub fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, Error> {
-    let memory = GuestMemoryMmap::from_ranges(&layout::ram_regions(size)).map_err(|e| {
+pub fn create_memory(
+    vm: &VmFd,
+    size: u64,
+    huge_pages: config::HugePages,
+) -> Result<GuestMemoryMmap, Error> {
+    let memory = crate::ram::map(&layout::ram_regions(size), huge_pages).map_err(|e| {
         Error::GuestMemory {
             size: config::format_size(size),
             reason: e.to_string(),

@@ -348,16 +348,17 @@ pub struct MachineConfig {
     /// Only false (snapshots are not there yet).
     #[serde(default)]
     pub track_dirty_pages: bool,
-    /// Only `None`.
-    #[serde(default = "no_huge_pages")]
+    /// `Transparent` (moat's default) or `None` (Firecracker's default);
+    /// not `2M` (hugetlbfs).
+    #[serde(default = "transparent_huge_pages")]
     pub huge_pages: String,
     /// Only absent or `None`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_template: Option<String>,
 }
 
-fn no_huge_pages() -> String {
-    "None".into()
+fn transparent_huge_pages() -> String {
+    "Transparent".into()
 }
 
 impl Default for MachineConfig {
@@ -367,7 +368,7 @@ impl Default for MachineConfig {
             mem_size_mib: DEFAULT_MEM_MIB,
             smt: false,
             track_dirty_pages: false,
-            huge_pages: no_huge_pages(),
+            huge_pages: transparent_huge_pages(),
             cpu_template: None,
         }
     }
@@ -392,6 +393,18 @@ pub struct PartialMachineConfig {
 }
 
 impl MachineConfig {
+    /// How the host backs guest RAM: `huge_pages` as Firecracker spells
+    /// it, of which moat has `Transparent` and `None`.
+    pub fn huge_pages(&self) -> Result<config::HugePages, Fault> {
+        match self.huge_pages.as_str() {
+            "Transparent" => Ok(config::HugePages::Transparent),
+            "None" => Ok(config::HugePages::None),
+            other => fault(format!(
+                "machine-config: huge_pages '{other}': moat backs guest memory with transparent huge pages (Transparent) or 4 KiB pages (None), not hugetlbfs"
+            )),
+        }
+    }
+
     /// Applies a PATCH.
     pub fn patched(&self, patch: PartialMachineConfig) -> Self {
         Self {
@@ -433,14 +446,9 @@ impl MachineConfig {
             return fault("machine-config: moat does not emulate SMT siblings; set smt to false");
         }
         if self.track_dirty_pages {
-            return fault("machine-config: moat has no dirty page tracking (no snapshots yet); set track_dirty_pages to false");
+            return fault("machine-config: moat has no dirty page tracking (its snapshots copy all of memory); set track_dirty_pages to false");
         }
-        if self.huge_pages != "None" {
-            return fault(format!(
-                "machine-config: huge_pages '{}': moat backs guest memory with 4 KiB pages only (None)",
-                self.huge_pages
-            ));
-        }
+        self.huge_pages()?;
         if self.cpu_template.as_deref().is_some_and(|t| t != "None") {
             return fault("machine-config: moat has no CPU templates; leave cpu_template out");
         }
@@ -858,6 +866,7 @@ impl VmResources {
             cmdline,
             cpus: self.machine_config.vcpu_count,
             memory: self.machine_config.mem_size_mib << 20,
+            huge_pages: self.machine_config.huge_pages()?,
             boot_protocol: BootProtocol::Auto,
             disks: self.drives.iter().map(Drive::disk).collect(),
             nets: self
@@ -941,6 +950,27 @@ mod tests {
     }
 
     #[test]
+    fn huge_pages_are_transparent_unless_the_machine_config_says_none() {
+        let config = |machine: &str| {
+            let text = format!(
+                r#"{{"boot-source": {{"kernel_image_path": "{k}"}}, "machine-config": {machine}}}"#,
+                k = kernel()
+            );
+            VmResources::from_json(&text)
+                .unwrap()
+                .vm_config("/dev/kvm".into(), false, true, config::Transport::Mmio)
+                .unwrap()
+                .huge_pages
+        };
+        let plain = r#"{"vcpu_count": 1, "mem_size_mib": 128}"#;
+        assert_eq!(config(plain), config::HugePages::Transparent);
+        let none = r#"{"vcpu_count": 1, "mem_size_mib": 128, "huge_pages": "None"}"#;
+        assert_eq!(config(none), config::HugePages::None);
+        let named = r#"{"vcpu_count": 1, "mem_size_mib": 128, "huge_pages": "Transparent"}"#;
+        assert_eq!(config(named), config::HugePages::Transparent);
+    }
+
+    #[test]
     fn what_moat_lacks_is_refused_by_name() {
         let k = kernel();
         for (text, want) in [
@@ -948,7 +978,7 @@ mod tests {
             (r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "smt": true}}"#.into(), "SMT"),
             (r#"{"machine-config": {"vcpu_count": 33, "mem_size_mib": 128}}"#.into(), "vcpu_count 33"),
             (r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 0}}"#.into(), "mem_size_mib 0"),
-            (r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "huge_pages": "2M"}}"#.into(), "huge_pages"),
+            (r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "huge_pages": "2M"}}"#.into(), "huge_pages '2M'"),
             (format!(r#"{{"drives": [{{"drive_id": "a", "is_root_device": false, "path_on_host": "{k}", "io_engine": "Uring"}}]}}"#), "io_engine 'Uring' is not Sync or Async"),
             (format!(r#"{{"drives": [{{"drive_id": "a", "is_root_device": false, "path_on_host": "{k}", "rate_limiter": {{"ops": {{"size": 10, "refill_time": 10}}}}}}]}}"#), "rate limiter"),
             (r#"{"drives": [{"drive_id": "a", "is_root_device": false, "path_on_host": "/nonexistent"}]}"#.into(), "No such file"),
