@@ -242,9 +242,18 @@ fn boot(setup: &Setup, vmm: Vmm<'_>, tap: &str, disk: &Path, tag: &str) -> Resul
         match child.try_wait() {
             Ok(Some(status)) => break Ok(status),
             Ok(None) if started.elapsed() > RUN_TIMEOUT => {
+                // What the VMM's threads do, twice: a vCPU that runs
+                // (its CPU time grows) and one asleep in KVM tell a guest
+                // spinning from one waiting for an interrupt.
+                let first = threads(child.id());
+                std::thread::sleep(Duration::from_secs(2));
+                let second = threads(child.id());
                 let _ = child.kill();
                 let _ = child.wait();
-                break Err(format!("timed out after {} s", RUN_TIMEOUT.as_secs()));
+                break Err(format!(
+                    "timed out after {} s; its threads (name state CPU-ticks wait-channel), 2 s apart:\n{first}\n{second}",
+                    RUN_TIMEOUT.as_secs()
+                ));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(50)),
             Err(e) => break Err(format!("wait: {e}")),
@@ -273,6 +282,38 @@ fn boot(setup: &Setup, vmm: Vmm<'_>, tap: &str, disk: &Path, tag: &str) -> Resul
         return Err(failed(format!("ended with {status}")));
     }
     Ok(out)
+}
+
+/// One line per thread of `pid`: its name, state, user + system CPU ticks
+/// and wait channel, from /proc.
+fn threads(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("(no /proc/{pid}/task)");
+    };
+    let mut lines: Vec<String> = tasks
+        .flatten()
+        .map(|task| {
+            let path = task.path();
+            let read = |name: &str| std::fs::read_to_string(path.join(name)).unwrap_or_default();
+            let stat = read("stat");
+            // The fields after the name, which is in parentheses.
+            let fields: Vec<&str> = stat
+                .rsplit_once(')')
+                .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+            let ticks: u64 = [11, 12]
+                .iter()
+                .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<u64>().ok()))
+                .sum();
+            format!(
+                "  {} {} {ticks} {}",
+                read("comm").trim(),
+                fields.first().unwrap_or(&"?"),
+                read("wchan").trim()
+            )
+        })
+        .collect();
+    lines.sort();
+    lines.join("\n")
 }
 
 /// Once the VMM has made `tap`, gives it the host's address and starts the
