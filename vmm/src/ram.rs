@@ -16,10 +16,10 @@
 use std::io;
 
 use moat_boot::GuestMemoryMmap;
-
-use crate::config::HugePages;
 use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
 use vm_memory::{GuestAddress, GuestRegionMmap};
+
+use crate::config::HugePages;
 
 /// The host's huge page size on x86-64, and the guest's 2 MiB page.
 pub const HUGE_PAGE: usize = 2 << 20;
