@@ -345,7 +345,7 @@ pub struct MachineConfig {
     /// Only false.
     #[serde(default)]
     pub smt: bool,
-    /// Only false (snapshots are not there yet).
+    /// Only false (moat's snapshots copy all of memory).
     #[serde(default)]
     pub track_dirty_pages: bool,
     /// `Transparent` (moat's default) or `None` (Firecracker's default);
