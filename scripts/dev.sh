@@ -8,6 +8,7 @@
 #   scripts/dev.sh rig-soak [N] [SOAK-ARGS...]  boot the rig's configurations N times each
 #   scripts/dev.sh docker [MOAT-RUN-OPTIONS...] set up, build, boot the Docker guest
 #   scripts/dev.sh compare [--runs N]           containers (in the Docker guest) vs microVMs
+#   scripts/dev.sh code-order                   rewrite vmm/moat.order: the code a boot runs
 #   scripts/dev.sh fuzz [--time S] [--runs N] [--sanitizer address|none] [TARGET...]
 #                                               run the fuzz targets S seconds (default 60) or N inputs each
 #
@@ -41,7 +42,9 @@ setup() {
 # libc linked in, a static PIE), so no shared library is mapped and only
 # the code moat uses is paged in (docs/benchmarks.md, "The static musl
 # binary (2026-11-29)"). --target keeps the static flag off build scripts
-# and proc macros. musl_cargo runs cargo for that target.
+# and proc macros. musl_cargo runs cargo for that target. scripts/link.sh
+# links it, laying out first the functions vmm/moat.order lists: the code
+# a boot runs, so less of the binary is resident (see link.sh).
 musl_cargo() {
     local triple
     triple=$(uname -m)-unknown-linux-musl
@@ -49,8 +52,10 @@ musl_cargo() {
         die "rustup not found: moat is built for rustup's $triple target (https://rustup.rs)"
     rustup target list --installed | grep -qx "$triple" ||
         rustup target add "$triple" >&2
-    local flags_var=CARGO_TARGET_$(tr 'a-z-' 'A-Z_' <<<"$triple")_RUSTFLAGS
-    env "$flags_var=-C target-feature=+crt-static" cargo "$1" --target "$triple" "${@:2}"
+    local var=CARGO_TARGET_$(tr 'a-z-' 'A-Z_' <<<"$triple")
+    env "${var}_RUSTFLAGS=-C target-feature=+crt-static -C linker-flavor=gcc" \
+        "${var}_LINKER=$root/scripts/link.sh" MOAT_CODE_ORDER="$root/vmm/moat.order" \
+        cargo "$1" --target "$triple" "${@:2}"
 }
 
 build_moat() {
@@ -231,6 +236,24 @@ case $cmd in
         ;;
     fuzz)
         fuzz "$@"
+        ;;
+    code-order)
+        # Runs moat under gdb through a boot with a disk and a network card
+        # and writes the functions it ran to vmm/moat.order, which
+        # scripts/link.sh lays out first (tests/src/bin/code-order.rs). Run
+        # it when what a boot runs has changed much; the next build uses it.
+        setup
+        if ! command -v gdb >/dev/null; then
+            sudo=()
+            [[ $(id -u) -eq 0 ]] || sudo=(sudo)
+            "${sudo[@]}" apt-get update -qq >&2
+            "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+                apt-get install -y -qq --no-install-recommends gdb >&2
+        fi
+        build_moat
+        build_images
+        [[ -n ${MOAT_BACKEND:-} ]] && export MOAT_TEST_BACKEND=$MOAT_BACKEND
+        cargo run --release --locked -q -p moat-tests --bin code-order -- "$@"
         ;;
     compare)
         # Containers started by dockerd in the Docker guest against moat

@@ -16,6 +16,7 @@
 pub mod cpio;
 pub mod elf;
 pub mod net;
+pub mod symbols;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
