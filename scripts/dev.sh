@@ -44,7 +44,9 @@ setup() {
 # binary (2026-11-29)"). --target keeps the static flag off build scripts
 # and proc macros. musl_cargo runs cargo for that target. scripts/link.sh
 # links it, laying out first the functions vmm/moat.order lists: the code
-# a boot runs, so less of the binary is resident (see link.sh).
+# a boot runs, so less of the binary is resident (see link.sh). The v0
+# symbol mangling names each instance of a generic function with its type
+# arguments, so the list can tell apart the instances that run.
 musl_cargo() {
     local triple
     triple=$(uname -m)-unknown-linux-musl
@@ -53,7 +55,7 @@ musl_cargo() {
     rustup target list --installed | grep -qx "$triple" ||
         rustup target add "$triple" >&2
     local var=CARGO_TARGET_$(tr 'a-z-' 'A-Z_' <<<"$triple")
-    env "${var}_RUSTFLAGS=-C target-feature=+crt-static -C linker-flavor=gcc" \
+    env "${var}_RUSTFLAGS=-C target-feature=+crt-static -C linker-flavor=gcc -C symbol-mangling-version=v0" \
         "${var}_LINKER=$root/scripts/link.sh" MOAT_CODE_ORDER="$root/vmm/moat.order" \
         cargo "$1" --target "$triple" "${@:2}"
 }
