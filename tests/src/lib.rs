@@ -1137,8 +1137,12 @@ start_moat() {
     tee "$console" </tmp/moat-fifo-$$ & tee=$!
     "$moat" "$@" >/tmp/moat-fifo-$$ 2>&1 </dev/null & pid=$!
     case " $* " in *" --api-sock "*) ;; *) return ;; esac
+    wait_sock 10
+}
+# Waits up to $1 seconds for the API socket.
+wait_sock() {
     i=0; until [ -S "$sock" ]; do
-        i=$((i+1)); [ $i -ge 200 ] && { echo "HOST: no API socket" >>"$report"; break; }
+        i=$((i+1)); [ $i -ge $(($1 * 20)) ] && { echo "HOST: no API socket" >>"$report"; break; }
         sleep 0.05
     done
 }

@@ -58,11 +58,14 @@ pub fn functions(binary: &Path) -> Result<Vec<Function>, String> {
             let mut words = line.split_whitespace();
             let (addr, size, kind, name) =
                 (words.next()?, words.next()?, words.next()?, words.next()?);
-            let size = u64::from_str_radix(size, 16).ok()?;
+            let (addr, size) = (
+                u64::from_str_radix(addr, 16).ok()?,
+                u64::from_str_radix(size, 16).ok()?,
+            );
             // The name is what follows the third space.
             let demangled = readable.splitn(4, ' ').nth(3)?;
             (matches!(kind, "t" | "T" | "w" | "W") && size > 0).then(|| Function {
-                addr: u64::from_str_radix(addr, 16).unwrap_or(0),
+                addr,
                 size,
                 name: name.to_string(),
                 demangled: demangled.to_string(),

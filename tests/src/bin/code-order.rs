@@ -116,12 +116,6 @@ exit $rc
 /// The host's part of the API profiles: moat with its API socket, started
 /// as @START@ says, then asked what an orchestrator asks a running VM.
 const HOST_API: &str = r#"
-sock_up() {
-    i=0; until [ -S "$sock" ]; do
-        i=$((i+1)); [ $i -ge 1200 ] && { echo "HOST: no API socket" >>"$report"; break; }
-        sleep 0.1
-    done
-}
 @START@
 moat=$pid
 transfers
@@ -140,7 +134,7 @@ exit $rc
 /// Firecracker's getting-started sequence, with curl.
 const START_API_REQUESTS: &str = r#"
 start_gdb --api-sock "$sock" --id code-order
-sock_up
+wait_sock 120
 api PUT /boot-source "{\"kernel_image_path\": \"$kernel\", \"initrd_path\": \"$initrd\", \"boot_args\": \"@CMDLINE@\"}"
 api PUT /drives/vda '{"drive_id": "vda", "path_on_host": "@DISK@", "is_root_device": false, "is_read_only": false}'
 api PUT /network-interfaces/eth0 '{"iface_id": "eth0", "host_dev_name": "@TAP0@"}'
@@ -157,7 +151,7 @@ cat >$work/config.json <<EOF
  "machine-config": {"vcpu_count": 1, "mem_size_mib": 256}}
 EOF
 start_gdb --api-sock "$sock" --id code-order --config-file $work/config.json
-sock_up
+wait_sock 120
 "#;
 
 fn main() {
@@ -178,8 +172,10 @@ fn main() {
     let disk = scratch.path("disk.img");
     bench_disk(&disk, 64);
 
+    let gdb = gdb_files();
+
     eprintln!("code-order: running {} under gdb: moat run", moat.display());
-    let run = profile(&format!("{HOST_TAP_SETUP}{HOST_RUN}"), &addrs, &disk);
+    let run = profile(&format!("{HOST_TAP_SETUP}{HOST_RUN}"), &gdb, &addrs, &disk);
     let mut api = Vec::new();
     for (what, start) in [
         ("the API's requests", START_API_REQUESTS),
@@ -187,7 +183,7 @@ fn main() {
     ] {
         eprintln!("code-order: running {} under gdb: {what}", moat.display());
         let host = format!("{API_PRELUDE}{HOST_TAP_SETUP}{HOST_API}").replace("@START@", start);
-        api.extend(profile(&host, &addrs, &disk));
+        api.extend(profile(&host, &gdb, &addrs, &disk));
     }
 
     let run_keys = order(&functions, &run);
@@ -203,6 +199,7 @@ fn main() {
     let kib = |hits: &[u64]| ran_bytes(&functions, hits) / 1024;
     let all: u64 = functions.iter().map(|f| f.size).sum::<u64>() / 1024;
     let both: Vec<u64> = run.iter().chain(&api).copied().collect();
+    let (run_kib, api_kib, both_kib) = (kib(&run), kib(&api), kib(&both));
     let header = format!(
         "# The functions of the moat binary a boot runs (a disk written and\n\
          # read with direct I/O, 8 MiB each way over TCP), driven by `moat run`\n\
@@ -212,28 +209,26 @@ fn main() {
          # `scripts/dev.sh code-order` from moat at {}: `moat run` ran\n\
          # {} KiB, the API runs {} KiB, all {} KiB of {} KiB of code.\n",
         git_head(),
-        kib(&run),
-        kib(&api),
-        kib(&both),
+        run_kib,
+        api_kib,
+        both_kib,
         all,
     );
     let names: Vec<&str> = list.iter().map(|k| k.as_str()).collect();
     std::fs::write(&out, header + &names.join("\n") + "\n")
         .unwrap_or_else(|e| die(&format!("write {}: {e}", out.display())));
     eprintln!(
-        "code-order: `moat run` ran {} KiB, the API runs {} KiB, all {} KiB of {all} KiB of code; \
-         {} names written to {}",
-        kib(&run),
-        kib(&api),
-        kib(&both),
+        "code-order: `moat run` ran {run_kib} KiB, the API runs {api_kib} KiB, all {both_kib} KiB \
+         of {all} KiB of code; {} names written to {}",
         list.len(),
         out.display()
     );
 }
 
-/// Runs moat under gdb with `host` as the host's part, and returns the
-/// offsets of the functions that ran, in the order they first ran.
-fn profile(host: &str, addrs: &Path, disk: &Path) -> Vec<u64> {
+/// Runs moat under gdb with `host` as the host's part (`gdb`: the files
+/// gdb needs in the rig), and returns the offsets of the functions that
+/// ran, in the order they first ran.
+fn profile(host: &str, gdb: &[PathBuf], addrs: &Path, disk: &Path) -> Vec<u64> {
     let host = fill(&format!("{HOST_GDB}{host}"), 0, 1)
         .replace("@ADDRS@", &addrs.display().to_string())
         .replace("@DISK@", &disk.display().to_string())
@@ -246,7 +241,7 @@ fn profile(host: &str, addrs: &Path, disk: &Path) -> Vec<u64> {
         .host_file("/usr/bin/curl")
         .script(&fill(GUEST, 0, 1))
         .timeout(Duration::from_secs(1800));
-    for file in gdb_files() {
+    for file in gdb {
         guest = guest.host_file(file);
     }
     let outcome = guest.run().unwrap_or_else(|e| die(&e));
