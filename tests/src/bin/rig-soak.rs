@@ -5,13 +5,13 @@
 //!   rig-soak [--runs N] [--parallel P] [--only NAME[,NAME...]] [--list]
 //!
 //! Each configuration (L1 vCPUs; guest vCPUs and memory; a workload: boot,
-//! a 64 MiB TCP transfer each way, a disk write) runs N times (default 10),
-//! P runs at a time (default 2, as `cargo test` runs guest tests), with the
-//! configurations interleaved. Every run goes through the rig with no retry.
-//! The table gives, per configuration, how many runs passed and how many
-//! ended in each kind of failure; the guest and L1 consoles of every
-//! failure are kept under target/rig-soak/<time>/. `scripts/dev.sh
-//! rig-soak` builds what it needs and runs this.
+//! a 64 MiB TCP transfer each way with offloads and without, a disk write)
+//! runs N times (default 10), P runs at a time (default 2, as `cargo test`
+//! runs guest tests), with the configurations interleaved. Every run goes
+//! through the rig with no retry. The table gives, per configuration, how
+//! many runs passed and how many ended in each kind of failure; the guest
+//! and L1 consoles of every failure are kept under target/rig-soak/<time>/.
+//! `scripts/dev.sh rig-soak` builds what it needs and runs this.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -27,6 +27,9 @@ enum Workload {
     Boot,
     /// 64 MiB each way over TCP through a TAP in L1, checksums compared.
     Tcp,
+    /// The same with `offload=off`: plain 1514-byte frames, as
+    /// `net::transfers_also_work_without_offloads` sends them.
+    TcpNoOffload,
     /// Boot from an ext4 disk, write 32 MiB, sync; checked on the host.
     Disk,
 }
@@ -46,6 +49,7 @@ impl Config {
         let work = match self.workload {
             Workload::Boot => "boot",
             Workload::Tcp => "tcp64",
+            Workload::TcpNoOffload => "tcp64-nooff",
             Workload::Disk => "disk",
         };
         format!(
@@ -71,6 +75,7 @@ fn configs() -> Vec<Config> {
             c(2, 512, 2048, Workload::Boot),
             c(4, 4096, 6144, Workload::Boot),
             c(1, 512, 2048, Workload::Tcp),
+            c(1, 512, 2048, Workload::TcpNoOffload),
             c(1, 256, 2048, Workload::Disk),
         ]);
     }
@@ -131,9 +136,13 @@ fn run_once(config: &Config, slot: u8) -> (Kind, Option<(String, String, String)
         Workload::Boot => {
             guest = guest.script("echo SOAK-CPUS=$(grep -c ^processor /proc/cpuinfo)");
         }
-        Workload::Tcp => {
+        Workload::Tcp | Workload::TcpNoOffload => {
             // One subnet per worker slot, so direct runs do not share TAPs.
-            let net = fill("tap=@TAP0@", slot, 1);
+            let offload = match config.workload {
+                Workload::TcpNoOffload => ",offload=off",
+                _ => "",
+            };
+            let net = fill(&format!("tap=@TAP0@{offload}"), slot, 1);
             guest = guest
                 .args(["--net", &net])
                 .host_script(&fill(&format!("{HOST_TAP_SETUP}{HOST_TRANSFER}"), slot, 1))
@@ -208,7 +217,7 @@ fn classify(config: &Config, out: &Outcome, root: Option<&std::path::Path>) -> (
                 .then_some(())
                 .ok_or(format!("guest did not print {want}"))
         }
-        Workload::Tcp => {
+        Workload::Tcp | Workload::TcpNoOffload => {
             let c = &out.console;
             let same = |a: &str, b: &str| {
                 c.contains(&format!("{a}="))
