@@ -553,14 +553,15 @@ impl Guest {
         };
         let first = attempt(1);
         let failure = match &first {
-            Ok(out) => out
-                .rig_failure()
-                .map(|failure| (failure.to_string(), keep_rig_failure(out))),
-            Err(report) => guest_went_deaf(report)
-                .then(|| (DEAF_GUEST.to_string(), keep_timeout_report(report))),
+            Ok(out) => out.rig_failure().map(|failure| failure.to_string()),
+            Err(report) => guest_went_deaf(report).then(|| DEAF_GUEST.to_string()),
         };
-        let Some((failure, kept)) = failure.filter(|_| self.retry_rig_failure) else {
+        let Some(failure) = failure.filter(|_| self.retry_rig_failure) else {
             return first;
+        };
+        let kept = match &first {
+            Ok(out) => keep_rig_failure(out),
+            Err(report) => keep_timeout_report(report),
         };
         report_retry(&format!(
             "rig failure: {failure}; consoles kept in {}; retrying once",
@@ -640,18 +641,20 @@ const DEAF_GUEST: &str = "the guest and moat sat idle until the timeout (a lost 
 /// Whether a timed-out rig run's report (the error [`run_command`] returns)
 /// shows the rig's known way of losing a guest: in both of L1's last two
 /// reports moat's event loop waits in epoll and every vCPU thread sits in
-/// `kvm_vcpu_block` with the same guest time. In the rig a nested guest
-/// now and then stops receiving interrupts, its own timer's included
-/// (docs/testing.md, "A guest deaf to interrupts"); with EVENT_IDX the
-/// devices then never signal it again, and nothing moves until the
-/// timeout.
+/// `kvm_vcpu_block` with the same guest and kernel time. In the rig a
+/// nested guest now and then stops receiving interrupts, its own timer's
+/// included (docs/testing.md, "A guest deaf to interrupts"); with
+/// EVENT_IDX the devices then never signal it again, and nothing moves
+/// until the timeout. A guest merely waiting (for a notification moat
+/// lost, say) still takes its timer interrupts, and its vCPU's times grow
+/// between the reports.
 pub fn guest_went_deaf(report: &str) -> bool {
     /// One of L1's reports: whether moat's event loop waited in epoll, and
-    /// each vCPU thread's (name, wait channel, guest time).
+    /// each vCPU thread's (name, wait channel, guest time, kernel time).
     #[derive(Default)]
     struct Report<'a> {
         event_loop_waits: bool,
-        vcpus: Vec<[&'a str; 3]>,
+        vcpus: Vec<[&'a str; 4]>,
     }
     let mut reports: Vec<Report> = Vec::new();
     for line in report.lines().filter_map(|l| l.strip_prefix("RIG-DIAG ")) {
@@ -673,7 +676,9 @@ pub fn guest_went_deaf(report: &str) -> bool {
         if comm == "moat" {
             current.event_loop_waits |= field("wchan=") == "do_epoll_wait";
         } else if comm.starts_with("vcpu") {
-            current.vcpus.push([comm, field("wchan="), field("guest=")]);
+            current
+                .vcpus
+                .push([comm, field("wchan="), field("guest="), field("sys=")]);
         }
     }
     let [.., a, b] = reports.as_slice() else {
@@ -684,7 +689,7 @@ pub fn guest_went_deaf(report: &str) -> bool {
             && !r.vcpus.is_empty()
             && r.vcpus
                 .iter()
-                .all(|[_, wchan, _]| *wchan == "kvm_vcpu_block")
+                .all(|[_, wchan, ..]| *wchan == "kvm_vcpu_block")
     };
     idle(a) && idle(b) && a.vcpus == b.vcpus
 }
@@ -1292,6 +1297,22 @@ RIG-DIAG 71/71 wget state=S user=23 sys=233 guest=0 wchan=do_sys_poll syscall=7
         // The guest ran between the reports.
         let ran = DEAF_REPORT.replacen("guest=1124", "guest=1100", 1);
         assert!(!guest_went_deaf(&ran));
+        // A guest idle in `sleep` (measured in the rig): its timer keeps
+        // waking it, and KVM handles those exits in the vCPU thread.
+        let sleeping = DEAF_REPORT
+            .replacen(
+                "user=1084 sys=214 guest=1124",
+                "user=249 sys=113 guest=221",
+                1,
+            )
+            .replacen(
+                "user=1085 sys=214 guest=1124",
+                "user=262 sys=119 guest=224",
+                1,
+            );
+        assert!(!guest_went_deaf(&sleeping));
+        let kernel_only = DEAF_REPORT.replacen("sys=214 guest=1124", "sys=208 guest=1124", 1);
+        assert!(!guest_went_deaf(&kernel_only));
         // A vCPU in KVM_RUN's guest mode (or anywhere but blocked in HLT).
         let running = DEAF_REPORT.replace("guest=1124 wchan=kvm_vcpu_block", "guest=1124 wchan=0");
         assert!(!guest_went_deaf(&running));
