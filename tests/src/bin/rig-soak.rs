@@ -25,11 +25,10 @@ use moat_tests::{debugfs_cat, fsck, repo_root, rootfs_with_script, Guest, Outcom
 enum Workload {
     /// Boot, count the CPUs, reboot.
     Boot,
-    /// 64 MiB each way over TCP through a TAP in L1, checksums compared.
-    Tcp,
-    /// The same with `offload=off`: plain 1514-byte frames, as
+    /// 64 MiB each way over TCP through a TAP in L1, checksums compared;
+    /// without `offload`, plain 1514-byte frames (`offload=off`), as
     /// `net::transfers_also_work_without_offloads` sends them.
-    TcpNoOffload,
+    Tcp { offload: bool },
     /// Boot from an ext4 disk, write 32 MiB, sync; checked on the host.
     Disk,
 }
@@ -48,8 +47,8 @@ impl Config {
     fn name(&self) -> String {
         let work = match self.workload {
             Workload::Boot => "boot",
-            Workload::Tcp => "tcp64",
-            Workload::TcpNoOffload => "tcp64-nooff",
+            Workload::Tcp { offload: true } => "tcp64",
+            Workload::Tcp { offload: false } => "tcp64-nooff",
             Workload::Disk => "disk",
         };
         format!(
@@ -74,8 +73,8 @@ fn configs() -> Vec<Config> {
             c(1, 128, 2048, Workload::Boot),
             c(2, 512, 2048, Workload::Boot),
             c(4, 4096, 6144, Workload::Boot),
-            c(1, 512, 2048, Workload::Tcp),
-            c(1, 512, 2048, Workload::TcpNoOffload),
+            c(1, 512, 2048, Workload::Tcp { offload: true }),
+            c(1, 512, 2048, Workload::Tcp { offload: false }),
             c(1, 256, 2048, Workload::Disk),
         ]);
     }
@@ -136,13 +135,10 @@ fn run_once(config: &Config, slot: u8) -> (Kind, Option<(String, String, String)
         Workload::Boot => {
             guest = guest.script("echo SOAK-CPUS=$(grep -c ^processor /proc/cpuinfo)");
         }
-        Workload::Tcp | Workload::TcpNoOffload => {
+        Workload::Tcp { offload } => {
             // One subnet per worker slot, so direct runs do not share TAPs.
-            let offload = match config.workload {
-                Workload::TcpNoOffload => ",offload=off",
-                _ => "",
-            };
-            let net = fill(&format!("tap=@TAP0@{offload}"), slot, 1);
+            let off = if offload { "" } else { ",offload=off" };
+            let net = fill(&format!("tap=@TAP0@{off}"), slot, 1);
             guest = guest
                 .args(["--net", &net])
                 .host_script(&fill(&format!("{HOST_TAP_SETUP}{HOST_TRANSFER}"), slot, 1))
@@ -217,7 +213,7 @@ fn classify(config: &Config, out: &Outcome, root: Option<&std::path::Path>) -> (
                 .then_some(())
                 .ok_or(format!("guest did not print {want}"))
         }
-        Workload::Tcp | Workload::TcpNoOffload => {
+        Workload::Tcp { .. } => {
             let c = &out.console;
             let same = |a: &str, b: &str| {
                 c.contains(&format!("{a}="))
