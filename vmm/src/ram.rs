@@ -58,10 +58,16 @@ pub fn map(layout: &[(GuestAddress, usize)], huge_pages: HugePages) -> io::Resul
 /// places a mapping at the top of the highest free gap that holds it. A
 /// reservation of `len` + 2 MiB is given back except for its part above
 /// the aligned end, which bounds the gap from above; the region then lands
-/// at the aligned start, and the rest of the reservation is freed. Another
-/// thread mapping memory in between, or a bottom-up layout (`ulimit -s
-/// unlimited`), defeats it: then it tries again, and after three tries
-/// takes whatever address mmap gives, which is correct, only slower.
+/// at the aligned start, and the rest of the reservation is freed.
+///
+/// A hole above the reservation that holds `len` but not `len` + 2 MiB
+/// (one a freed thread stack or buffer left) defeats it, and so does
+/// another thread mapping memory in between: the region lands elsewhere.
+/// Then the spot it took is kept out of reach (an inaccessible mapping,
+/// which costs no memory) and it tries again; each miss closes one such
+/// hole. After [`ALIGN_TRIES`] tries, or with a bottom-up layout (`ulimit
+/// -s unlimited`), it takes whatever address mmap gives, which is correct,
+/// only slower.
 fn map_region(len: usize) -> io::Result<MmapRegion> {
     let build = || {
         MmapRegionBuilder::new(len)
@@ -73,7 +79,8 @@ fn map_region(len: usize) -> io::Result<MmapRegion> {
     let Some(reserve_len) = len.checked_add(HUGE_PAGE) else {
         return build();
     };
-    for _ in 0..3 {
+    let mut missed = Vec::new();
+    for _ in 0..ALIGN_TRIES {
         let Some(reserved) = Reservation::new(reserve_len) else {
             break;
         };
@@ -84,12 +91,19 @@ fn map_region(len: usize) -> io::Result<MmapRegion> {
         let region = build();
         drop(guard);
         let region = region?;
-        if (region.as_ptr() as usize).is_multiple_of(HUGE_PAGE) {
+        let addr = region.as_ptr() as usize;
+        if addr.is_multiple_of(HUGE_PAGE) {
             return Ok(region);
         }
+        drop(region);
+        missed.extend(Reservation::at(addr, len));
     }
+    drop(missed);
     build()
 }
+
+/// How many times [`map_region`] tries for an aligned address.
+const ALIGN_TRIES: usize = 16;
 
 /// An inaccessible anonymous mapping of the process's address space,
 /// unmapped when dropped.
@@ -99,12 +113,33 @@ struct Reservation {
 }
 
 impl Reservation {
+    /// Reserves `len` bytes where the kernel picks.
     fn new(len: usize) -> Option<Reservation> {
-        // SAFETY: a new mapping at an address of the kernel's choice; it
-        // overlaps nothing of ours and is owned by the returned value.
-        let addr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_NONE, FLAGS, -1, 0) };
-        (addr != libc::MAP_FAILED).then_some(Reservation {
-            addr: addr as usize,
+        Self::map(0, len, 0)
+    }
+
+    /// Reserves `len` bytes at `addr` if nothing is mapped there.
+    fn at(addr: usize, len: usize) -> Option<Reservation> {
+        // MAP_FIXED_NOREPLACE fails rather than replace a mapping; a
+        // kernel older than 4.17 takes the address as a hint.
+        Self::map(addr, len, libc::MAP_FIXED_NOREPLACE)
+    }
+
+    fn map(addr: usize, len: usize, flags: i32) -> Option<Reservation> {
+        // SAFETY: a new mapping that replaces nothing (no MAP_FIXED), so
+        // it overlaps nothing of ours; it is owned by the returned value.
+        let got = unsafe {
+            libc::mmap(
+                addr as *mut libc::c_void,
+                len,
+                libc::PROT_NONE,
+                FLAGS | flags,
+                -1,
+                0,
+            )
+        };
+        (got != libc::MAP_FAILED).then_some(Reservation {
+            addr: got as usize,
             len,
         })
     }
@@ -183,6 +218,23 @@ mod tests {
             assert_eq!(region.start_addr(), start);
             assert_eq!(region.len(), len as u64);
             assert_eq!(region.as_ptr() as usize % HUGE_PAGE, 0);
+        }
+    }
+
+    #[test]
+    fn guest_ram_is_aligned_among_holes_of_every_size() {
+        // A long-running process (or a test harness) leaves holes between
+        // its mappings, of any size and alignment; the kernel puts a new
+        // mapping into the highest hole that holds it, which may be one
+        // too small for the aligning reservation.
+        let holes: Vec<Reservation> = (0..48)
+            .filter_map(|i| Reservation::new(((1 + i % 9) << 20) + (i % 5) * 4096))
+            .collect();
+        let _between: Vec<Reservation> = holes.into_iter().step_by(2).collect();
+        for len in [3 << 20, 5 << 20, 1 << 20, 64 << 20, (2 << 20) + 4096] {
+            let memory = map(&[(GuestAddress(0), len)], HugePages::None).unwrap();
+            let region = memory.iter().next().unwrap();
+            assert_eq!(region.as_ptr() as usize % HUGE_PAGE, 0, "{len:#x}");
         }
     }
 
