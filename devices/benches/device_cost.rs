@@ -1,6 +1,6 @@
 //! Device cost without a guest: a synthetic driver fills a device's queue
 //! in guest memory and kicks, and the same I/O is also done directly in the
-//! same process as the baseline: pread/pwrite for virtio-blk, write(2) to
+//! same process, on the same guest memory, as the baseline: pread/pwrite for virtio-blk, write(2) to
 //! the same TAP for virtio-net transmit, read(2) from it for virtio-net
 //! receive (the TAP rows need CAP_NET_ADMIN; skipped without it), and for
 //! virtio-vsock write(2) and read(2) on a Unix socket pair, with a thread
@@ -15,7 +15,9 @@
 //! Each row also counts the interrupts the device raised per request and
 //! gives the ceiling they set: the dev/base of a device that did nothing
 //! but the baseline's I/O and that many eventfd writes (each timed here
-//! too), the least a VMM whose interrupts are irqfds pays.
+//! too), the least a VMM whose interrupts are irqfds pays. `only/base`
+//! leaves the synthetic driver's work out: the device's own calls are
+//! timed alone.
 //!
 //!     cargo bench -p moat-devices --features test-driver --bench device_cost [-- ROW...]
 //!
