@@ -569,13 +569,19 @@ fn net_rx_rows(only: &Only) -> Result<Vec<(String, u64, Measurement, Measurement
     let injector = Injector::new(&name)?;
     let mut buf = vec![0u8; MAX_FRAME];
     drain(&mut direct, &mut buf);
-    let into = guest_bytes(&mem, DATA, MAX_FRAME);
     let baselines: Vec<Measurement> = sizes
         .iter()
         .map(|&size| {
             let (frame, n) = (frame(size), batch(size));
+            // Each frame of a round into the guest memory the device fills
+            // with it: a round's frames use distinct buffers, as a guest's
+            // ring of them does, and they need not all stay in the cache.
+            let span = (size + NET_HDR_LEN as u64).div_ceil(RX_BUFFER) * RX_BUFFER;
+            let mut into: Vec<&mut [u8]> = (0..n)
+                .map(|j| guest_bytes(&mem, DATA + j * span, span as usize))
+                .collect();
             measure_rounds(n, |half| {
-                for _ in 0..n {
+                for into in into.iter_mut() {
                     if half == Half::Prepare {
                         injector.send(&frame);
                     } else {
