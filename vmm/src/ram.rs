@@ -61,7 +61,7 @@ pub fn map(layout: &[(GuestAddress, usize)], huge_pages: HugePages) -> io::Resul
 /// at the aligned start, and the rest of the reservation is freed.
 ///
 /// A hole above the reservation that holds `len` but not `len` + 2 MiB
-/// (one a freed thread stack or buffer left) defeats it, and so does
+/// (the kind a freed thread stack or buffer leaves) defeats it, and so does
 /// another thread mapping memory in between: the region lands elsewhere.
 /// Then the spot it took is kept out of reach (an inaccessible mapping,
 /// which costs no memory) and it tries again; each miss closes one such
