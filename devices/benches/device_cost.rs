@@ -427,12 +427,12 @@ fn net_rows(only: &Only) -> Result<Vec<(String, u64, Measurement, Measurement)>,
     drop(direct);
 
     let tap = Tap::open(&name).map_err(|e| e.to_string())?;
-    let irq = Arc::new(Interrupt::new().unwrap());
-    let net = Net::new(Box::new(tap), [2, 0, 0, 0, 0, 1], false);
-    let mut transport = MmioTransport::new(Box::new(net), mem.clone(), irq.clone()).unwrap();
-    write32(&mut transport, 0x014, 1);
-    let features = u64::from(read32(&mut transport, 0x010)) << 32;
-    let mut driver = Driver::init(&mut transport, &mem, features, &[256, 256]).unwrap();
+    let NetRig {
+        mut transport,
+        mut driver,
+        mem,
+        irq,
+    } = NetRig::new(Box::new(tap), mem, 0);
     let mut rows = Vec::new();
     let mut used = Vec::new();
     for (size, baseline) in sizes.into_iter().zip(baselines) {
@@ -597,7 +597,7 @@ fn net_rx_rows(only: &Only) -> Result<Vec<(String, u64, Measurement, Measurement
     let mut tap = Tap::open(&name).map_err(|e| e.to_string())?;
     let injector = Injector::new(&name)?;
     drain(&mut tap, &mut buf);
-    let mut rig = RxRig::new(Box::new(tap), mem);
+    let mut rig = NetRig::new(Box::new(tap), mem, 1 << VIRTIO_NET_F_MRG_RXBUF);
     let mut rows = Vec::new();
     for (size, baseline) in sizes.into_iter().zip(baselines) {
         let frame = frame(size);
@@ -617,26 +617,27 @@ fn rx_batch(size: u64) -> u64 {
     (240 / (size + NET_HDR_LEN as u64).div_ceil(RX_BUFFER)).min(64)
 }
 
-/// A virtio-net device on `backend` whose driver negotiated mergeable
-/// buffers, for the receive rows.
-struct RxRig {
+/// A virtio-net device on `backend`, brought up by a driver that takes
+/// the device's VIRTIO_F_VERSION_1 page of features and, of the first page,
+/// those in `low_features` that the device offers.
+struct NetRig {
     transport: MmioTransport,
     driver: Driver,
     mem: GuestMemoryMmap,
     irq: Arc<Interrupt>,
 }
 
-impl RxRig {
-    fn new(backend: Box<dyn NetBackend>, mem: GuestMemoryMmap) -> RxRig {
+impl NetRig {
+    fn new(backend: Box<dyn NetBackend>, mem: GuestMemoryMmap, low_features: u64) -> NetRig {
         let irq = Arc::new(Interrupt::new().unwrap());
         let net = Net::new(backend, [2, 0, 0, 0, 0, 1], false);
         let mut transport = MmioTransport::new(Box::new(net), mem.clone(), irq.clone()).unwrap();
         let low = u64::from(read32(&mut transport, 0x010));
         write32(&mut transport, 0x014, 1);
         let high = u64::from(read32(&mut transport, 0x010)) << 32;
-        let features = high | (low & 1 << VIRTIO_NET_F_MRG_RXBUF);
+        let features = high | (low & low_features);
         let driver = Driver::init(&mut transport, &mem, features, &[256, 256]).unwrap();
-        RxRig {
+        NetRig {
             transport,
             driver,
             mem,
@@ -650,7 +651,7 @@ impl RxRig {
     fn receive(&mut self, size: u64, mut arrive: impl FnMut(u64)) -> Measurement {
         let n = rx_batch(size);
         let buffers = n * (size + NET_HDR_LEN as u64).div_ceil(RX_BUFFER);
-        let RxRig {
+        let NetRig {
             transport,
             driver,
             mem,
@@ -731,7 +732,7 @@ fn net_rx_work(only: &Only) -> Vec<(String, Duration)> {
             fd: std::fs::File::open("/dev/null").unwrap(),
         };
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
-        let mut rig = RxRig::new(Box::new(backend), mem);
+        let mut rig = NetRig::new(Box::new(backend), mem, 1 << VIRTIO_NET_F_MRG_RXBUF);
         let m = rig.receive(size, |n| {
             waiting.store(n, std::sync::atomic::Ordering::Relaxed);
         });

@@ -259,10 +259,9 @@ pub(crate) fn readv(
     bufs: &[vm_memory::VolatileSlice<'_, ()>],
 ) -> std::io::Result<usize> {
     if let [one] = bufs {
+        let one = iovec(one);
         // SAFETY: as below, for the one buffer.
-        return io_result(unsafe {
-            libc::read(fd, one.ptr_guard_mut().as_ptr().cast(), one.len())
-        });
+        return io_result(unsafe { libc::read(fd, one.iov_base, one.iov_len) });
     }
     let iov: Iovecs = bufs.iter().map(iovec).collect();
     let count = iov_count(&iov)?;
@@ -278,8 +277,9 @@ pub(crate) fn writev(
     bufs: &[vm_memory::VolatileSlice<'_, ()>],
 ) -> std::io::Result<usize> {
     if let [one] = bufs {
+        let one = iovec(one);
         // SAFETY: as in `readv`; the kernel only reads the buffer.
-        return io_result(unsafe { libc::write(fd, one.ptr_guard().as_ptr().cast(), one.len()) });
+        return io_result(unsafe { libc::write(fd, one.iov_base, one.iov_len) });
     }
     let iov: Iovecs = bufs.iter().map(iovec).collect();
     let count = iov_count(&iov)?;
