@@ -12,9 +12,11 @@
 //! dropped before each round), against the synchronous engine and eight
 //! preads alike.
 //!
-//! virtio-net receive also runs on a backend whose frames cost nothing to
-//! read, which leaves the device's own work per frame (printed after the
-//! table).
+//! virtio-blk's 4 KiB reads and virtio-net receive also run on a disk and
+//! a backend that cost nothing, which leaves the device's own work per
+//! request or frame, and beside it the same ring work done through raw
+//! pointers (`RawRing`): the least a device in user space can pay for it
+//! (printed after the table).
 //!
 //! Each row also counts the interrupts the device raised per request and
 //! gives the ceiling they set: the dev/base of a device that did nothing
@@ -40,10 +42,14 @@ use std::time::{Duration, Instant};
 use moat_devices::virtio::block::{Block, IoEngine, QUEUE_SIZE};
 use moat_devices::virtio::mmio::MmioTransport;
 use moat_devices::virtio::net::{Net, NetBackend, Tap, MAX_FRAME, NET_HDR_LEN};
-use moat_devices::virtio::test_driver::{read32, write32, Driver};
+use moat_devices::virtio::test_driver::{read32, write32, Driver, DriverQueue};
 use moat_devices::virtio::{GuestMemoryMmap, Interrupt};
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 use vm_memory::{Bytes, GuestAddress};
+
+#[path = "device_cost/raw_ring.rs"]
+mod raw_ring;
+use raw_ring::RawRing;
 
 const DISK_SIZE: u64 = 256 << 20;
 const HEADER: u64 = 0x10_0000;
@@ -240,15 +246,58 @@ fn offset(i: u64, size: u64) -> u64 {
     (i.wrapping_mul(2_654_435_761) % slots) * size
 }
 
-/// A virtio-blk device on `file` with `engine`, brought up by a driver.
-fn block_rig(
-    file: &std::fs::File,
-    engine: IoEngine,
-) -> (MmioTransport, Driver, GuestMemoryMmap, Arc<Interrupt>) {
+/// Makes request `i` of the blk rows available on `q`: a read (`kind` 0)
+/// or write (1) of `size` bytes at DATA, at `offset(i, size)` on the disk.
+fn post_blk_request(q: &mut DriverQueue, mem: &GuestMemoryMmap, kind: u32, i: u64, size: u64) {
+    mem.write_obj(kind, GuestAddress(HEADER)).unwrap();
+    mem.write_obj(offset(i, size) / 512, GuestAddress(HEADER + 8))
+        .unwrap();
+    let device_writes = kind == 0;
+    q.add_chain(
+        mem,
+        &[
+            (HEADER, 16, false),
+            (DATA, size as u32, device_writes),
+            (STATUS, 1, true),
+        ],
+    );
+}
+
+/// Requests of the blk rows, one at a time: the driver makes request `i`
+/// available and kicks, the device serves it (its calls timed alone too),
+/// the driver reaps it.
+fn blk_requests(
+    transport: &mut MmioTransport,
+    driver: &mut Driver,
+    mem: &GuestMemoryMmap,
+    irq: &Interrupt,
+    kind: u32,
+    size: u64,
+) -> Measurement {
+    let mut used = Vec::new();
+    let clock = DeviceClock::default();
+    let device = counting_interrupts(irq, || {
+        measure(|i| {
+            post_blk_request(&mut driver.queues[0], mem, kind, i, size);
+            clock.time(|| transport.process_queue(0));
+            driver.queues[0].take_used_into(mem, &mut used);
+            assert_eq!(used.len(), 1);
+            irq.ack(1);
+        })
+    });
+    clock.finish(device, 1)
+}
+
+/// A virtio-blk device on `file` with `engine`.
+fn block_on(file: &std::fs::File, engine: IoEngine) -> Block {
+    Block::with_engine(file.try_clone().unwrap(), DISK_SIZE, false, "bench", engine)
+        .expect("a block device (io_uring for the async engine)")
+}
+
+/// `block`, brought up by a driver.
+fn block_rig(block: Block) -> (MmioTransport, Driver, GuestMemoryMmap, Arc<Interrupt>) {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
     let irq = Arc::new(Interrupt::new().unwrap());
-    let block = Block::with_engine(file.try_clone().unwrap(), DISK_SIZE, false, "bench", engine)
-        .expect("a block device (io_uring for the async engine)");
     let mut transport = MmioTransport::new(Box::new(block), mem.clone(), irq.clone()).unwrap();
     write32(&mut transport, 0x014, 1);
     let features = u64::from(read32(&mut transport, 0x010)) << 32;
@@ -294,17 +343,11 @@ fn async_rows(file: &std::fs::File, only: &Only) -> Vec<(String, u64, Measuremen
     let mut used = Vec::new();
     let name = "virtio-blk read 4 KiB, async";
     if only.wants(name) {
-        let (mut transport, mut driver, mem, irq) = block_rig(file, IoEngine::Async);
+        let (mut transport, mut driver, mem, irq) = block_rig(block_on(file, IoEngine::Async));
         let clock = DeviceClock::default();
         let device = counting_interrupts(&irq, || {
             measure(|i| {
-                mem.write_obj(0u32, GuestAddress(HEADER)).unwrap();
-                mem.write_obj(offset(i, size) / 512, GuestAddress(HEADER + 8))
-                    .unwrap();
-                driver.queues[0].add_chain(
-                    &mem,
-                    &[(HEADER, 16, false), (DATA, 4096, true), (STATUS, 1, true)],
-                );
+                post_blk_request(&mut driver.queues[0], &mem, 0, i, size);
                 clock.time(|| {
                     transport.process_queue(0);
                     finish_in_flight(&mut transport);
@@ -334,7 +377,7 @@ fn async_rows(file: &std::fs::File, only: &Only) -> Vec<(String, u64, Measuremen
         if !only.wants(name) {
             continue;
         }
-        let (mut transport, mut driver, mem, irq) = block_rig(file, engine);
+        let (mut transport, mut driver, mem, irq) = block_rig(block_on(file, engine));
         let device = counting_interrupts(&irq, || {
             measure_rounds(UNCACHED_DEPTH, |half| match half {
                 Half::Prepare => {
@@ -649,35 +692,54 @@ impl NetRig {
     /// them and `arrive(n)` makes n frames wait in the backend (neither
     /// timed), then the device delivers them (timed, its calls alone too).
     fn receive(&mut self, size: u64, mut arrive: impl FnMut(u64)) -> Measurement {
-        let n = rx_batch(size);
-        let buffers = n * (size + NET_HDR_LEN as u64).div_ceil(RX_BUFFER);
         let NetRig {
             transport,
             driver,
             mem,
             irq,
         } = self;
-        let mut used = Vec::new();
-        let clock = DeviceClock::default();
-        let device = counting_interrupts(irq, || {
-            measure_rounds(n, |half| {
-                if half == Half::Prepare {
-                    for b in 0..buffers {
-                        let buffer = (DATA + b * RX_BUFFER, RX_BUFFER as u32, true);
-                        driver.queues[0].add_chain(mem, &[buffer]);
-                    }
-                    transport.process_queue(0);
-                    arrive(n);
-                } else {
-                    clock.time(|| transport.process_backend());
-                    driver.queues[0].take_used_into(mem, &mut used);
-                    assert_eq!(used.len() as u64, buffers);
-                    irq.ack(1);
-                }
-            })
-        });
-        clock.finish(device, n)
+        rx_rounds(&mut driver.queues[0], mem, irq, size, |half, n| {
+            if half == Half::Prepare {
+                transport.process_queue(0);
+                arrive(n);
+            } else {
+                transport.process_backend();
+            }
+        })
     }
+}
+
+/// Rounds of `n` frames of `size` bytes into receive queue `q`: the
+/// driver posts 4 KiB buffers for them and `device(Prepare, n)` readies
+/// the device (neither timed), then `device(Complete, n)` delivers the
+/// frames (timed, alone too), and the driver reaps the buffers.
+fn rx_rounds(
+    q: &mut DriverQueue,
+    mem: &GuestMemoryMmap,
+    irq: &Interrupt,
+    size: u64,
+    mut device: impl FnMut(Half, u64),
+) -> Measurement {
+    let n = rx_batch(size);
+    let buffers = n * (size + NET_HDR_LEN as u64).div_ceil(RX_BUFFER);
+    let mut used = Vec::new();
+    let clock = DeviceClock::default();
+    let m = counting_interrupts(irq, || {
+        measure_rounds(n, |half| {
+            if half == Half::Prepare {
+                for b in 0..buffers {
+                    q.add_chain(mem, &[(DATA + b * RX_BUFFER, RX_BUFFER as u32, true)]);
+                }
+                device(half, n);
+            } else {
+                clock.time(|| device(half, n));
+                q.take_used_into(mem, &mut used);
+                assert_eq!(used.len() as u64, buffers);
+                irq.ack(1);
+            }
+        })
+    });
+    clock.finish(m, n)
 }
 
 /// A backend whose frames are there at once and cost nothing to read:
@@ -716,11 +778,194 @@ impl NetBackend for InstantFrames {
     }
 }
 
-/// The receive rows' device work without I/O: frames of each size from
-/// [`InstantFrames`]; returns the time per frame in the device's calls.
-fn net_rx_work(only: &Only) -> Vec<(String, Duration)> {
+/// A device's work without I/O, printed after the table: the time per
+/// request or frame in its calls, and what it did.
+struct Work {
+    name: String,
+    each: Duration,
+    how: &'static str,
+}
+
+/// A disk that costs nothing: reads and writes are done at once.
+struct NullDisk;
+
+impl moat_devices::virtio::block::DiskBackend for NullDisk {
+    unsafe fn read_vectored_at(&self, iov: &[libc::iovec], _offset: i64) -> std::io::Result<usize> {
+        Ok(iov.iter().map(|v| v.iov_len).sum())
+    }
+    unsafe fn write_vectored_at(
+        &self,
+        iov: &[libc::iovec],
+        _offset: i64,
+    ) -> std::io::Result<usize> {
+        Ok(iov.iter().map(|v| v.iov_len).sum())
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A [`RawRing`] on the queue `q` drives in `mem`.
+fn raw_ring(mem: &GuestMemoryMmap, q: &DriverQueue) -> RawRing {
+    use vm_memory::GuestMemoryBackend;
+    let len = mem.last_addr().0 + 1;
+    let base = mem.get_slice(GuestAddress(0), len as usize).unwrap();
+    // SAFETY: `mem` is one region from address 0, mapped until the last
+    // clone of it drops; the callers keep `mem` beside the ring.
+    unsafe { RawRing::new(base.ptr_guard_mut().as_ptr(), len, q.size(), q.rings()) }
+}
+
+/// What moat's virtio-blk does with its ring for one kick of reads, done
+/// through raw pointers on a disk that costs nothing (see [`RawRing`]):
+/// take each request, read its header, check its buffers, write its
+/// status, use it, then EVENT_IDX's turn and the interrupt.
+fn serve_blk_raw(ring: &mut RawRing, irq: &Interrupt) {
+    use raw_ring::{Desc, MAX_DESCS, WRITE};
+    let mut descs = [Desc::default(); MAX_DESCS];
+    let mut served = false;
+    loop {
+        while let Some((head, n)) = ring.pop(&mut descs) {
+            let (header, status) = (descs[0], descs[n - 1]);
+            let data = &descs[1..n - 1];
+            let len: u64 = data.iter().map(|d| u64::from(d.len)).sum();
+            let fits = n >= 2
+                && header.flags & WRITE == 0
+                && header.len >= 16
+                && status.flags & WRITE != 0
+                && data.iter().all(|d| d.flags & WRITE != 0);
+            let p = ring.host(header.addr, 16).unwrap();
+            // SAFETY: `pop` checked the header's buffer lies in guest memory.
+            let (kind, sector) = unsafe {
+                (
+                    std::ptr::read_unaligned(p.cast::<u32>()),
+                    std::ptr::read_unaligned(p.add(8).cast::<u64>()),
+                )
+            };
+            let ok = fits
+                && kind == 0
+                && len.is_multiple_of(512)
+                && sector
+                    .checked_mul(512)
+                    .and_then(|at| at.checked_add(len))
+                    .is_some_and(|end| end <= DISK_SIZE);
+            let at = ring
+                .host(status.addr + u64::from(status.len) - 1, 1)
+                .unwrap();
+            // SAFETY: as the header.
+            unsafe { std::ptr::write_volatile(at, if ok { 0 } else { 1 }) };
+            ring.push_used(head, len as u32 + 1);
+            served = true;
+        }
+        if !ring.enable_notification() {
+            break;
+        }
+    }
+    if served && ring.needs_notification() {
+        irq.signal_used_queue();
+    }
+}
+
+/// What moat's virtio-net does with its receive ring for `frames` frames
+/// of `len` bytes (vnet header included) with mergeable buffers, done
+/// through raw pointers with a backend that costs nothing: take as many
+/// buffers as each frame fills, write num_buffers, use them, then the
+/// interrupt if the driver asked for one.
+fn serve_rx_raw(ring: &mut RawRing, irq: &Interrupt, frames: u64, len: usize) {
+    use raw_ring::{Desc, MAX_DESCS, WRITE};
+    let mut descs = [Desc::default(); MAX_DESCS];
+    let mut filled = [(0u16, 0u32); MAX_FRAME / RX_BUFFER as usize + 1];
+    for _ in 0..frames {
+        let (mut count, mut room, mut header) = (0, 0usize, None);
+        while room < len && count < filled.len() {
+            let Some((head, n)) = ring.pop(&mut descs) else {
+                return;
+            };
+            let chain = &descs[..n];
+            let bytes: usize = chain.iter().map(|d| d.len as usize).sum();
+            if chain.iter().any(|d| d.flags & WRITE == 0) || chain[0].len < NET_HDR_LEN as u32 {
+                ring.push_used(head, 0);
+                continue;
+            }
+            header.get_or_insert(chain[0].addr);
+            filled[count] = (head, bytes.min(len - room) as u32);
+            (count, room) = (count + 1, room + bytes);
+        }
+        let at = ring.host(header.unwrap() + 10, 2).unwrap();
+        // SAFETY: `pop` checked the first buffer, at least a header long.
+        unsafe { std::ptr::write_unaligned(at.cast::<u16>(), count as u16) };
+        for &(head, used) in &filled[..count] {
+            ring.push_used(head, used);
+        }
+    }
+    if ring.needs_notification() {
+        irq.signal_used_queue();
+    }
+}
+
+/// The work lines for blk read 4 KiB: moat's device on [`NullDisk`], and
+/// the same ring work through a [`RawRing`].
+fn blk_work(only: &Only) -> Vec<Work> {
+    let mut work = Vec::new();
+    let name = "virtio-blk read 4 KiB, no I/O";
+    if only.wants(name) {
+        let block = Block::with_backend(Box::new(NullDisk), DISK_SIZE, false, "bench");
+        let (mut transport, mut driver, mem, irq) = block_rig(block);
+        let m = blk_requests(&mut transport, &mut driver, &mem, &irq, 0, 4096);
+        work.extend(m.inside.map(|each| Work {
+            name: name.into(),
+            each,
+            how: "a request in the device's calls (a disk that costs nothing)",
+        }));
+    }
+    let name = "virtio-blk read 4 KiB, raw ring";
+    if only.wants(name) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+        let (mut q, _) = DriverQueue::standalone(&mem, 0, QUEUE_SIZE, true);
+        let mut ring = raw_ring(&mem, &q);
+        let irq = Interrupt::new().unwrap();
+        let mut used = Vec::new();
+        let clock = DeviceClock::default();
+        let m = measure(|i| {
+            post_blk_request(&mut q, &mem, 0, i, 4096);
+            clock.time(|| serve_blk_raw(&mut ring, &irq));
+            q.take_used_into(&mem, &mut used);
+            assert_eq!(used.len(), 1);
+            assert_eq!(used[0].1, 4097);
+            irq.ack(1);
+        });
+        work.extend(clock.finish(m, 1).inside.map(|each| Work {
+            name: name.into(),
+            each,
+            how: "a request, the same ring work through raw pointers, no I/O",
+        }));
+    }
+    work
+}
+
+/// The receive rows' device work without I/O: moat's device on frames of
+/// each size from [`InstantFrames`], and the same ring work through a
+/// [`RawRing`].
+fn net_rx_work(only: &Only) -> Vec<Work> {
     let mut work = Vec::new();
     for size in [1514u64, 65_535] {
+        let name = format!("virtio-net rx {size} B, raw ring");
+        if only.wants(&name) {
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+            let (mut q, _) = DriverQueue::standalone(&mem, 0, 256, true);
+            let mut ring = raw_ring(&mem, &q);
+            let irq = Interrupt::new().unwrap();
+            let len = size as usize + NET_HDR_LEN;
+            let m = rx_rounds(&mut q, &mem, &irq, size, |half, n| {
+                if half == Half::Complete {
+                    serve_rx_raw(&mut ring, &irq, n, len);
+                }
+            });
+            work.extend(m.inside.map(|each| Work {
+                name,
+                each,
+                how: "a frame, the same ring work through raw pointers, no I/O",
+            }));
+        }
         let name = format!("virtio-net rx {size} B, no I/O");
         if !only.wants(&name) {
             continue;
@@ -736,7 +981,11 @@ fn net_rx_work(only: &Only) -> Vec<(String, Duration)> {
         let m = rig.receive(size, |n| {
             waiting.store(n, std::sync::atomic::Ordering::Relaxed);
         });
-        work.extend(m.inside.map(|t| (name, t)));
+        work.extend(m.inside.map(|each| Work {
+            name,
+            each,
+            how: "a frame in the device's calls (a backend whose frames cost nothing to read)",
+        }));
     }
     work
 }
@@ -902,43 +1151,15 @@ fn main() {
     let path = dir.join("device_cost.img");
     let file = moat_tests::bench_disk(&path, DISK_SIZE >> 20);
 
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
-    let irq = Arc::new(Interrupt::new().unwrap());
-    let block = Block::new(file.try_clone().unwrap(), DISK_SIZE, false, "bench");
-    let mut transport = MmioTransport::new(Box::new(block), mem.clone(), irq.clone()).unwrap();
-    write32(&mut transport, 0x014, 1);
-    let features = u64::from(read32(&mut transport, 0x010)) << 32;
-    let mut driver = Driver::init(&mut transport, &mem, features, &[QUEUE_SIZE]).unwrap();
-
+    let (mut transport, mut driver, mem, irq) = block_rig(block_on(&file, IoEngine::Sync));
     let mut rows = Vec::new();
-    let mut used = Vec::new();
     for size in [4u64 << 10, 64 << 10, 1 << 20] {
-        for (name, kind, device_writes) in [("read", 0u32, true), ("write", 1u32, false)] {
+        for (name, kind) in [("read", 0u32), ("write", 1u32)] {
             let row = format!("virtio-blk {name} {} KiB", size >> 10);
             if !only.wants(&row) {
                 continue;
             }
-            let clock = DeviceClock::default();
-            let device = counting_interrupts(&irq, || {
-                measure(|i| {
-                    mem.write_obj(kind, GuestAddress(HEADER)).unwrap();
-                    mem.write_obj(offset(i, size) / 512, GuestAddress(HEADER + 8))
-                        .unwrap();
-                    driver.queues[0].add_chain(
-                        &mem,
-                        &[
-                            (HEADER, 16, false),
-                            (DATA, size as u32, device_writes),
-                            (STATUS, 1, true),
-                        ],
-                    );
-                    clock.time(|| transport.process_queue(0));
-                    driver.queues[0].take_used_into(&mem, &mut used);
-                    assert_eq!(used.len(), 1);
-                    irq.ack(1);
-                })
-            });
-            let device = clock.finish(device, 1);
+            let device = blk_requests(&mut transport, &mut driver, &mem, &irq, kind, size);
             let buf = guest_bytes(&mem, DATA, size as usize);
             let baseline = measure(|i| {
                 if kind == 0 {
@@ -964,7 +1185,8 @@ fn main() {
         Err(e) => println!("virtio-net receive skipped: {e}"),
     }
     rows.append(&mut vsock_rows(&only));
-    let rx_work = net_rx_work(&only);
+    let mut work = blk_work(&only);
+    work.append(&mut net_rx_work(&only));
 
     let signal = signal_cost();
     println!(
@@ -1023,11 +1245,8 @@ fn main() {
          driver's",
         signal.as_secs_f64() * 1e6
     );
-    for (name, per_frame) in &rx_work {
-        println!(
-            "{name}: {:.3} us a frame in the device's calls (a backend whose frames cost nothing to read)",
-            per_frame.as_secs_f64() * 1e6
-        );
+    for Work { name, each, how } in &work {
+        println!("{name}: {:.3} us {how}", each.as_secs_f64() * 1e6);
     }
     if !only.names.is_empty() {
         // A file with some rows would pass for a whole run's.

@@ -165,6 +165,17 @@ impl DriverQueue {
         self.desc
     }
 
+    /// Guest addresses of the descriptor table, the available ring and the
+    /// used ring, in that order.
+    pub fn rings(&self) -> [u64; 3] {
+        [self.desc, self.avail, self.used]
+    }
+
+    /// The queue's size.
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
     /// Queue `index` of `size` entries with zeroed rings, and the device's
     /// side of it, ready: for driving a device without its transport.
     pub fn standalone(
