@@ -39,7 +39,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use moat_devices::virtio::block::{Block, IoEngine, QUEUE_SIZE};
+use moat_devices::virtio::block::{Block, DiskBackend, IoEngine, QUEUE_SIZE};
 use moat_devices::virtio::mmio::MmioTransport;
 use moat_devices::virtio::net::{Net, NetBackend, Tap, MAX_FRAME, NET_HDR_LEN};
 use moat_devices::virtio::test_driver::{read32, write32, Driver, DriverQueue};
@@ -49,7 +49,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 #[path = "device_cost/raw_ring.rs"]
 mod raw_ring;
-use raw_ring::RawRing;
+use raw_ring::{RawBlk, RawRing, RawRx};
 
 const DISK_SIZE: u64 = 256 << 20;
 const HEADER: u64 = 0x10_0000;
@@ -116,6 +116,30 @@ impl Measurement {
     }
     fn interrupts_per_request(&self) -> f64 {
         self.interrupts as f64 / self.requests as f64
+    }
+}
+
+/// One row of the table.
+struct Row {
+    name: String,
+    /// Bytes per request.
+    size: u64,
+    dev: Measurement,
+    base: Measurement,
+    /// The same requests served by a device on a [`RawRing`] (with its
+    /// calls timed alone), where the bench has one.
+    raw: Option<Measurement>,
+}
+
+impl Row {
+    fn new(name: impl Into<String>, size: u64, dev: Measurement, base: Measurement) -> Row {
+        Row {
+            name: name.into(),
+            size,
+            dev,
+            base,
+            raw: None,
+        }
     }
 }
 
@@ -336,7 +360,7 @@ const UNCACHED_DEPTH: u64 = 8;
 /// The asynchronous engine's rows: 4 KiB reads one at a time from the
 /// page cache, and UNCACHED_DEPTH at once from a file the host dropped
 /// from its cache, for both engines.
-fn async_rows(file: &std::fs::File, only: &Only) -> Vec<(String, u64, Measurement, Measurement)> {
+fn async_rows(file: &std::fs::File, only: &Only) -> Vec<Row> {
     use std::os::fd::AsRawFd;
     let size = 4096u64;
     let mut rows = Vec::new();
@@ -360,7 +384,7 @@ fn async_rows(file: &std::fs::File, only: &Only) -> Vec<(String, u64, Measuremen
         let device = clock.finish(device, 1);
         let buf = guest_bytes(&mem, DATA, size as usize);
         let baseline = measure(|i| file.read_exact_at(buf, offset(i, size)).unwrap());
-        rows.push((name.into(), size, device, baseline));
+        rows.push(Row::new(name, size, device, baseline));
     }
 
     // Uncached: no readahead, so each read is one 4 KiB read of the disk.
@@ -422,7 +446,7 @@ fn async_rows(file: &std::fs::File, only: &Only) -> Vec<(String, u64, Measuremen
                 }
             })
         });
-        rows.push((name.into(), size, device, *base));
+        rows.push(Row::new(name, size, device, *base));
     }
     rows
 }
@@ -437,7 +461,7 @@ fn sioc(request: libc::c_ulong) -> libc::Ioctl {
 
 /// virtio-net transmit of 1514-byte and 64 KiB frames through a TAP,
 /// against writing the same frames to the same TAP directly.
-fn net_rows(only: &Only) -> Result<Vec<(String, u64, Measurement, Measurement)>, String> {
+fn net_rows(only: &Only) -> Result<Vec<Row>, String> {
     let row = |size: u64| format!("virtio-net tx {size} B");
     let sizes: Vec<u64> = [1514u64, 64 << 10]
         .into_iter()
@@ -490,7 +514,7 @@ fn net_rows(only: &Only) -> Result<Vec<(String, u64, Measurement, Measurement)>,
                 irq.ack(1);
             })
         });
-        rows.push((row(size), size, clock.finish(device, 1), baseline));
+        rows.push(Row::new(row(size), size, clock.finish(device, 1), baseline));
     }
     Ok(rows)
 }
@@ -590,7 +614,7 @@ fn drain(tap: &mut Tap, buf: &mut [u8]) {
 /// into the TAP, against reading the same frames from the same TAP with
 /// read(2). Only the receiving side is timed. The driver posts 4 KiB
 /// buffers and negotiates mergeable buffers, as Linux guests do.
-fn net_rx_rows(only: &Only) -> Result<Vec<(String, u64, Measurement, Measurement)>, String> {
+fn net_rx_rows(only: &Only) -> Result<Vec<Row>, String> {
     let row = |size: u64| format!("virtio-net rx {size} B");
     let sizes: Vec<u64> = [1514u64, 65_535]
         .into_iter()
@@ -642,10 +666,21 @@ fn net_rx_rows(only: &Only) -> Result<Vec<(String, u64, Measurement, Measurement
     drain(&mut tap, &mut buf);
     let mut rig = NetRig::new(Box::new(tap), mem, 1 << VIRTIO_NET_F_MRG_RXBUF);
     let mut rows = Vec::new();
-    for (size, baseline) in sizes.into_iter().zip(baselines) {
+    for (&size, baseline) in sizes.iter().zip(baselines) {
         let frame = frame(size);
         let device = rig.receive(size, |n| (0..n).for_each(|_| injector.send(&frame)));
-        rows.push((row(size), size, device, baseline));
+        rows.push(Row::new(row(size), size, device, baseline));
+    }
+    drop((rig, injector));
+
+    // The same frames from the same TAP, delivered by a raw-ring device.
+    let mut tap = Tap::open(&name).map_err(|e| e.to_string())?;
+    let injector = Injector::new(&name)?;
+    drain(&mut tap, &mut buf);
+    for (row, &size) in rows.iter_mut().zip(&sizes) {
+        let frame = frame(size);
+        let arrive = |n| (0..n).for_each(|_| injector.send(&frame));
+        row.raw = Some(raw_receive(&mut tap, size, arrive));
     }
     Ok(rows)
 }
@@ -789,7 +824,7 @@ struct Work {
 /// A disk that costs nothing: reads and writes are done at once.
 struct NullDisk;
 
-impl moat_devices::virtio::block::DiskBackend for NullDisk {
+impl DiskBackend for NullDisk {
     unsafe fn read_vectored_at(&self, iov: &[libc::iovec], _offset: i64) -> std::io::Result<usize> {
         Ok(iov.iter().map(|v| v.iov_len).sum())
     }
@@ -815,91 +850,49 @@ fn raw_ring(mem: &GuestMemoryMmap, q: &DriverQueue) -> RawRing {
     unsafe { RawRing::new(base.ptr_guard_mut().as_ptr(), len, q.size(), q.rings()) }
 }
 
-/// What moat's virtio-blk does with its ring for one kick of reads, done
-/// through raw pointers on a disk that costs nothing (see [`RawRing`]):
-/// take each request, read its header, check its buffers, write its
-/// status, use it, then EVENT_IDX's turn and the interrupt.
-fn serve_blk_raw(ring: &mut RawRing, irq: &Interrupt) {
-    use raw_ring::{Desc, MAX_DESCS, WRITE};
-    let mut descs = [Desc::default(); MAX_DESCS];
-    let mut served = false;
-    loop {
-        while let Some((head, n)) = ring.pop(&mut descs) {
-            let (header, status) = (descs[0], descs[n - 1]);
-            let data = &descs[1..n - 1];
-            let len: u64 = data.iter().map(|d| u64::from(d.len)).sum();
-            let fits = n >= 2
-                && header.flags & WRITE == 0
-                && header.len >= 16
-                && status.flags & WRITE != 0
-                && data.iter().all(|d| d.flags & WRITE != 0);
-            let p = ring.host(header.addr, 16).unwrap();
-            // SAFETY: `pop` checked the header's buffer lies in guest memory.
-            let (kind, sector) = unsafe {
-                (
-                    std::ptr::read_unaligned(p.cast::<u32>()),
-                    std::ptr::read_unaligned(p.add(8).cast::<u64>()),
-                )
-            };
-            let ok = fits
-                && kind == 0
-                && len.is_multiple_of(512)
-                && sector
-                    .checked_mul(512)
-                    .and_then(|at| at.checked_add(len))
-                    .is_some_and(|end| end <= DISK_SIZE);
-            let at = ring
-                .host(status.addr + u64::from(status.len) - 1, 1)
-                .unwrap();
-            // SAFETY: as the header.
-            unsafe { std::ptr::write_volatile(at, if ok { 0 } else { 1 }) };
-            ring.push_used(head, len as u32 + 1);
-            served = true;
-        }
-        if !ring.enable_notification() {
-            break;
-        }
-    }
-    if served && ring.needs_notification() {
-        irq.signal_used_queue();
-    }
+/// Read requests of `size` bytes, as the blk rows make them, served by a
+/// [`RawBlk`] on `disk`.
+fn raw_blk_reads(disk: Box<dyn DiskBackend>, size: u64) -> Measurement {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+    let (mut q, _) = DriverQueue::standalone(&mem, 0, QUEUE_SIZE, true);
+    let mut blk = RawBlk {
+        ring: raw_ring(&mem, &q),
+        disk,
+        size: DISK_SIZE,
+    };
+    let irq = Interrupt::new().unwrap();
+    let mut used = Vec::new();
+    let clock = DeviceClock::default();
+    let m = counting_interrupts(&irq, || {
+        measure(|i| {
+            post_blk_request(&mut q, &mem, 0, i, size);
+            clock.time(|| blk.serve(&irq));
+            q.take_used_into(&mem, &mut used);
+            assert_eq!(used.len(), 1);
+            assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
+            irq.ack(1);
+        })
+    });
+    clock.finish(m, 1)
 }
 
-/// What moat's virtio-net does with its receive ring for `frames` frames
-/// of `len` bytes (vnet header included) with mergeable buffers, done
-/// through raw pointers with a backend that costs nothing: take as many
-/// buffers as each frame fills, write num_buffers, use them, then the
-/// interrupt if the driver asked for one.
-fn serve_rx_raw(ring: &mut RawRing, irq: &Interrupt, frames: u64, len: usize) {
-    use raw_ring::{Desc, MAX_DESCS, WRITE};
-    let mut descs = [Desc::default(); MAX_DESCS];
-    let mut filled = [(0u16, 0u32); MAX_FRAME / RX_BUFFER as usize + 1];
-    for _ in 0..frames {
-        let (mut count, mut room, mut header) = (0, 0usize, None);
-        while room < len && count < filled.len() {
-            let Some((head, n)) = ring.pop(&mut descs) else {
-                return;
-            };
-            let chain = &descs[..n];
-            let bytes: usize = chain.iter().map(|d| d.len as usize).sum();
-            if chain.iter().any(|d| d.flags & WRITE == 0) || chain[0].len < NET_HDR_LEN as u32 {
-                ring.push_used(head, 0);
-                continue;
-            }
-            header.get_or_insert(chain[0].addr);
-            filled[count] = (head, bytes.min(len - room) as u32);
-            (count, room) = (count + 1, room + bytes);
+/// Frames of `size` bytes, as the receive rows deliver them, from
+/// `backend` (where `arrive(n)` makes n wait) by a [`RawRx`].
+fn raw_receive(
+    backend: &mut dyn NetBackend,
+    size: u64,
+    mut arrive: impl FnMut(u64),
+) -> Measurement {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+    let (mut q, _) = DriverQueue::standalone(&mem, 0, 256, true);
+    let mut rx = RawRx::new(raw_ring(&mem, &q));
+    let irq = Interrupt::new().unwrap();
+    rx_rounds(&mut q, &mem, &irq, size, |half, n| {
+        rx.serve(backend, &irq);
+        if half == Half::Prepare {
+            arrive(n);
         }
-        let at = ring.host(header.unwrap() + 10, 2).unwrap();
-        // SAFETY: `pop` checked the first buffer, at least a header long.
-        unsafe { std::ptr::write_unaligned(at.cast::<u16>(), count as u16) };
-        for &(head, used) in &filled[..count] {
-            ring.push_used(head, used);
-        }
-    }
-    if ring.needs_notification() {
-        irq.signal_used_queue();
-    }
+    })
 }
 
 /// The work lines for blk read 4 KiB: moat's device on [`NullDisk`], and
@@ -919,21 +912,8 @@ fn blk_work(only: &Only) -> Vec<Work> {
     }
     let name = "virtio-blk read 4 KiB, raw ring";
     if only.wants(name) {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
-        let (mut q, _) = DriverQueue::standalone(&mem, 0, QUEUE_SIZE, true);
-        let mut ring = raw_ring(&mem, &q);
-        let irq = Interrupt::new().unwrap();
-        let mut used = Vec::new();
-        let clock = DeviceClock::default();
-        let m = measure(|i| {
-            post_blk_request(&mut q, &mem, 0, i, 4096);
-            clock.time(|| serve_blk_raw(&mut ring, &irq));
-            q.take_used_into(&mem, &mut used);
-            assert_eq!(used.len(), 1);
-            assert_eq!(used[0].1, 4097);
-            irq.ack(1);
-        });
-        work.extend(clock.finish(m, 1).inside.map(|each| Work {
+        let m = raw_blk_reads(Box::new(NullDisk), 4096);
+        work.extend(m.inside.map(|each| Work {
             name: name.into(),
             each,
             how: "a request, the same ring work through raw pointers, no I/O",
@@ -948,18 +928,20 @@ fn blk_work(only: &Only) -> Vec<Work> {
 fn net_rx_work(only: &Only) -> Vec<Work> {
     let mut work = Vec::new();
     for size in [1514u64, 65_535] {
+        let instant = || {
+            let waiting = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let backend = InstantFrames {
+                waiting: waiting.clone(),
+                len: size as usize + NET_HDR_LEN,
+                fd: std::fs::File::open("/dev/null").unwrap(),
+            };
+            let arrive = move |n| waiting.store(n, std::sync::atomic::Ordering::Relaxed);
+            (backend, arrive)
+        };
         let name = format!("virtio-net rx {size} B, raw ring");
         if only.wants(&name) {
-            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
-            let (mut q, _) = DriverQueue::standalone(&mem, 0, 256, true);
-            let mut ring = raw_ring(&mem, &q);
-            let irq = Interrupt::new().unwrap();
-            let len = size as usize + NET_HDR_LEN;
-            let m = rx_rounds(&mut q, &mem, &irq, size, |half, n| {
-                if half == Half::Complete {
-                    serve_rx_raw(&mut ring, &irq, n, len);
-                }
-            });
+            let (mut backend, arrive) = instant();
+            let m = raw_receive(&mut backend, size, arrive);
             work.extend(m.inside.map(|each| Work {
                 name,
                 each,
@@ -970,17 +952,10 @@ fn net_rx_work(only: &Only) -> Vec<Work> {
         if !only.wants(&name) {
             continue;
         }
-        let waiting = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let backend = InstantFrames {
-            waiting: waiting.clone(),
-            len: size as usize + NET_HDR_LEN,
-            fd: std::fs::File::open("/dev/null").unwrap(),
-        };
+        let (backend, arrive) = instant();
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
         let mut rig = NetRig::new(Box::new(backend), mem, 1 << VIRTIO_NET_F_MRG_RXBUF);
-        let m = rig.receive(size, |n| {
-            waiting.store(n, std::sync::atomic::Ordering::Relaxed);
-        });
+        let m = rig.receive(size, arrive);
         work.extend(m.inside.map(|each| Work {
             name,
             each,
@@ -1009,7 +984,7 @@ fn source(mut stream: std::os::unix::net::UnixStream) -> std::thread::JoinHandle
 /// virtio-vsock: 64 KiB packets from the guest to a host Unix socket, and
 /// 4 KiB receive buffers (Linux's size) filled from one, against write(2)
 /// and read(2) on a Unix socket pair.
-fn vsock_rows(only: &Only) -> Vec<(String, u64, Measurement, Measurement)> {
+fn vsock_rows(only: &Only) -> Vec<Row> {
     use moat_devices::virtio::vsock::packet::{Header, HOST_CID, OP_REQUEST, OP_RW, TYPE_STREAM};
     use moat_devices::virtio::vsock::{
         listen, Vsock, BUF_ALLOC, EVENT_QUEUE_SIZE, QUEUE_SIZE as VQ,
@@ -1096,7 +1071,7 @@ fn vsock_rows(only: &Only) -> Vec<(String, u64, Measurement, Measurement)> {
         let tx_base = measure(|_| a.write_all(data).unwrap());
         drop(a);
         let _ = pair_reader.join();
-        rows.push((tx_row, TX_BYTES, tx_device, tx_base));
+        rows.push(Row::new(tx_row, TX_BYTES, tx_device, tx_base));
     }
 
     let mut writer = None;
@@ -1132,7 +1107,7 @@ fn vsock_rows(only: &Only) -> Vec<(String, u64, Measurement, Measurement)> {
         let rx_base = measure(|_| std::io::Read::read_exact(&mut b, buf).unwrap());
         drop(b);
         let _ = pair_writer.join();
-        rows.push((rx_row, RX_BYTES, rx_device, rx_base));
+        rows.push(Row::new(rx_row, RX_BYTES, rx_device, rx_base));
     }
     drop(t);
     drop(stream);
@@ -1160,6 +1135,7 @@ fn main() {
                 continue;
             }
             let device = blk_requests(&mut transport, &mut driver, &mem, &irq, kind, size);
+            let raw = (kind == 0).then(|| raw_blk_reads(Box::new(file.try_clone().unwrap()), size));
             let buf = guest_bytes(&mem, DATA, size as usize);
             let baseline = measure(|i| {
                 if kind == 0 {
@@ -1168,7 +1144,10 @@ fn main() {
                     file.write_all_at(buf, offset(i, size)).unwrap();
                 }
             });
-            rows.push((row, size, device, baseline));
+            rows.push(Row {
+                raw,
+                ..Row::new(row, size, device, baseline)
+            });
         }
     }
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| async_rows(&file, &only))) {
@@ -1190,7 +1169,7 @@ fn main() {
 
     let signal = signal_cost();
     println!(
-        "{:<34} {:>12} {:>10} {:>11} {:>12} {:>10} {:>11} {:>8} {:>9} {:>8} {:>8}",
+        "{:<34} {:>12} {:>10} {:>11} {:>12} {:>10} {:>11} {:>8} {:>9} {:>8} {:>8} {:>8}",
         "case",
         "dev req/s",
         "dev MB/s",
@@ -1200,20 +1179,28 @@ fn main() {
         "base cpu/req",
         "dev/base",
         "only/base",
+        "raw/base",
         "irq/req",
         "ceiling"
     );
     let mut json = Vec::new();
-    for (name, size, dev, base) in &rows {
+    for Row {
+        name,
+        size,
+        dev,
+        base,
+        raw,
+    } in &rows
+    {
         let mb = |m: &Measurement| m.per_second() * *size as f64 / 1e6;
         let ceiling = ceiling(dev, base, signal);
         // The baseline's time per request against the device's own.
-        let only = dev
-            .inside
-            .map(|t| 1.0 / base.per_second() / t.as_secs_f64());
-        let only_text = only.map_or("-".to_string(), |r| format!("{r:.2}"));
+        let inside = |m: &Measurement| m.inside.map(|t| 1.0 / base.per_second() / t.as_secs_f64());
+        let (only, raw) = (inside(dev), raw.as_ref().and_then(inside));
+        let text = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{r:.2}"));
+        let json_number = |r: Option<f64>| r.map_or("null".to_string(), |r| format!("{r:.3}"));
         println!(
-            "{:<34} {:>12.0} {:>10.1} {:>9.1}us {:>12.0} {:>10.1} {:>10.1}us {:>8.2} {:>9} {:>8.3} {:>8.2}",
+            "{:<34} {:>12.0} {:>10.1} {:>9.1}us {:>12.0} {:>10.1} {:>10.1}us {:>8.2} {:>9} {:>8} {:>8.3} {:>8.2}",
             name,
             dev.per_second(),
             mb(dev),
@@ -1222,18 +1209,20 @@ fn main() {
             mb(base),
             base.cpu_us_per_request(),
             dev.per_second() / base.per_second(),
-            only_text,
+            text(only),
+            text(raw),
             dev.interrupts_per_request(),
             ceiling
         );
         json.push(format!(
-            "{{\"case\":\"{name}\",\"bytes\":{size},\"device_req_per_s\":{:.1},\"device_cpu_us_per_req\":{:.2},\"baseline_req_per_s\":{:.1},\"baseline_cpu_us_per_req\":{:.2},\"device_over_baseline\":{:.3},\"device_only_over_baseline\":{},\"interrupts_per_req\":{:.4},\"ceiling\":{:.3}}}",
+            "{{\"case\":\"{name}\",\"bytes\":{size},\"device_req_per_s\":{:.1},\"device_cpu_us_per_req\":{:.2},\"baseline_req_per_s\":{:.1},\"baseline_cpu_us_per_req\":{:.2},\"device_over_baseline\":{:.3},\"device_only_over_baseline\":{},\"raw_ring_over_baseline\":{},\"interrupts_per_req\":{:.4},\"ceiling\":{:.3}}}",
             dev.per_second(),
             dev.cpu_us_per_request(),
             base.per_second(),
             base.cpu_us_per_request(),
             dev.per_second() / base.per_second(),
-            only.map_or("null".to_string(), |r| format!("{r:.3}")),
+            json_number(only),
+            json_number(raw),
             dev.interrupts_per_request(),
             ceiling
         ));
@@ -1242,7 +1231,8 @@ fn main() {
         "an interrupt (eventfd write) costs {:.2} us here; ceiling: the dev/base of a device \
          that did only the baseline's I/O and irq/req such writes; only/base: the baseline's \
          time per request over the time in the device's own calls, without the synthetic \
-         driver's",
+         driver's; raw/base: the same for a device whose ring work is done through raw \
+         pointers, the least a device in user space pays",
         signal.as_secs_f64() * 1e6
     );
     for Work { name, each, how } in &work {

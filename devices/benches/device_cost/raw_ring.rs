@@ -12,6 +12,9 @@
 
 use std::sync::atomic::{fence, AtomicU16, Ordering};
 
+use moat_devices::virtio::net::{NetBackend, MAX_FRAME, NET_HDR_LEN};
+use vm_memory::VolatileSlice;
+
 /// VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_DESC_F_INDIRECT.
 const NEXT: u16 = 1;
 pub const WRITE: u16 = 2;
@@ -165,5 +168,210 @@ impl RawRing {
         let (new, old) = (self.next_used, self.signalled);
         self.signalled = new;
         new.wrapping_sub(used_event).wrapping_sub(1) < new.wrapping_sub(old)
+    }
+}
+
+/// virtio-blk's work for read requests on a [`RawRing`]: what moat's
+/// device does per request with the ring and the disk, and nothing more.
+pub struct RawBlk {
+    pub ring: RawRing,
+    pub disk: Box<dyn moat_devices::virtio::block::DiskBackend>,
+    /// The disk's size in bytes.
+    pub size: u64,
+}
+
+impl RawBlk {
+    /// Serves one kick: takes each request, reads its header, checks its
+    /// buffers, reads the disk into them (one preadv), writes its status
+    /// and uses it; then EVENT_IDX's turn, and the interrupt if the driver
+    /// asked for one.
+    pub fn serve(&mut self, irq: &moat_devices::virtio::Interrupt) {
+        let mut descs = [Desc::default(); MAX_DESCS];
+        let mut served = false;
+        loop {
+            while let Some((head, n)) = self.ring.pop(&mut descs) {
+                let used = self.request(&descs[..n]);
+                self.ring.push_used(head, used);
+                served = true;
+            }
+            if !self.ring.enable_notification() {
+                break;
+            }
+        }
+        if served && self.ring.needs_notification() {
+            irq.signal_used_queue();
+        }
+    }
+
+    /// One read request's chain (buffers checked by `pop`); returns the
+    /// used length. Anything but a read that fits the disk gets IOERR.
+    fn request(&mut self, chain: &[Desc]) -> u32 {
+        let (header, status) = (chain[0], chain[chain.len() - 1]);
+        let data = &chain[1..chain.len() - 1];
+        let len: u64 = data.iter().map(|d| u64::from(d.len)).sum();
+        let fits = chain.len() >= 2
+            && header.flags & WRITE == 0
+            && header.len >= 16
+            && status.flags & WRITE != 0
+            && data.iter().all(|d| d.flags & WRITE != 0);
+        let p = self.ring.host(header.addr, 16).unwrap();
+        // SAFETY: `pop` checked the header's buffer lies in guest memory.
+        let (kind, sector) = unsafe {
+            (
+                std::ptr::read_unaligned(p.cast::<u32>()),
+                std::ptr::read_unaligned(p.add(8).cast::<u64>()),
+            )
+        };
+        let at = sector
+            .checked_mul(512)
+            .filter(|at| at.checked_add(len).is_some_and(|end| end <= self.size));
+        let mut ok = fits && kind == 0 && len.is_multiple_of(512) && at.is_some();
+        if ok {
+            let iov: smallvec::SmallVec<[libc::iovec; MAX_DESCS]> = data
+                .iter()
+                .map(|d| libc::iovec {
+                    iov_base: self.ring.host(d.addr, u64::from(d.len)).unwrap().cast(),
+                    iov_len: d.len as usize,
+                })
+                .collect();
+            // SAFETY: the buffers lie in guest memory (checked by `pop`),
+            // which outlives the call.
+            let read = unsafe { self.disk.read_vectored_at(&iov, at.unwrap() as i64) };
+            ok = read.is_ok_and(|n| n as u64 == len);
+        }
+        let at = self.ring.host(status.addr + u64::from(status.len) - 1, 1);
+        // SAFETY: `pop` checked the status buffer lies in guest memory.
+        unsafe { std::ptr::write_volatile(at.unwrap(), if ok { 0 } else { 1 }) };
+        len as u32 + 1
+    }
+}
+
+/// virtio-net's work for received frames on a [`RawRing`], with mergeable
+/// buffers, as moat's device does it: the backend reads each frame into as
+/// many buffers as recent frames needed and a bounce buffer behind them,
+/// whence the rest of a larger frame is copied into further buffers.
+pub struct RawRx {
+    pub ring: RawRing,
+    /// Buffers taken off the ring and not used yet: head, address, length.
+    taken: std::collections::VecDeque<(u16, u64, usize)>,
+    room: usize,
+    recent: usize,
+    bounce: Vec<u8>,
+}
+
+impl RawRx {
+    pub fn new(ring: RawRing) -> RawRx {
+        RawRx {
+            ring,
+            taken: Default::default(),
+            room: 0,
+            recent: 0,
+            bounce: vec![0; MAX_FRAME],
+        }
+    }
+
+    /// Takes one-descriptor buffers until `want` bytes are taken or the
+    /// ring is empty; others go back used and empty.
+    fn take(&mut self, want: usize) {
+        let mut descs = [Desc::default(); MAX_DESCS];
+        while self.room < want {
+            let Some((head, n)) = self.ring.pop(&mut descs) else {
+                return;
+            };
+            let d = descs[0];
+            if n != 1 || d.flags & WRITE == 0 || (d.len as usize) < NET_HDR_LEN {
+                self.ring.push_used(head, 0);
+                continue;
+            }
+            self.taken.push_back((head, d.addr, d.len as usize));
+            self.room += d.len as usize;
+        }
+    }
+
+    /// Moves frames from `backend` to the guest until the backend is empty
+    /// or the guest is out of buffers (the frame then lost: the benchmark
+    /// posts enough), then the interrupt if the driver asked for one.
+    pub fn serve(&mut self, backend: &mut dyn NetBackend, irq: &moat_devices::virtio::Interrupt) {
+        loop {
+            self.take(MAX_FRAME);
+            let mut slices = smallvec::SmallVec::<[VolatileSlice<'_, ()>; 18]>::new();
+            let mut room = 0;
+            for &(_, addr, len) in &self.taken {
+                if room >= self.recent.max(1) {
+                    break;
+                }
+                let p = self.ring.host(addr, len as u64).unwrap();
+                // SAFETY: `pop` checked the buffer lies in guest memory,
+                // which outlives the call; the guest gave it to the device.
+                slices.push(unsafe { VolatileSlice::new(p, len) });
+                room += len;
+            }
+            if room < MAX_FRAME {
+                slices.push(VolatileSlice::from(&mut self.bounce[..MAX_FRAME - room]));
+            }
+            let Ok(n) = backend.recv_into(&slices) else {
+                break;
+            };
+            drop(slices);
+            if n > room {
+                self.take(n);
+                if self.room < n {
+                    break;
+                }
+                self.copy_bounced(room, n);
+            }
+            self.publish(n);
+        }
+        if self.ring.needs_notification() {
+            irq.signal_used_queue();
+        }
+    }
+
+    /// Copies bytes `from..len` of the frame, read into the bounce buffer,
+    /// into the taken buffers that hold those bytes.
+    fn copy_bounced(&mut self, from: usize, len: usize) {
+        let mut offset = 0;
+        for &(_, addr, size) in &self.taken {
+            let end = (offset + size).min(len);
+            if end > from {
+                let start = offset.max(from);
+                let src = &self.bounce[start - from..end - from];
+                let at = self
+                    .ring
+                    .host(addr + (start - offset) as u64, src.len() as u64);
+                // SAFETY: within a buffer `pop` checked.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(src.as_ptr(), at.unwrap(), src.len());
+                }
+            }
+            offset = end;
+            if offset >= len {
+                break;
+            }
+        }
+    }
+
+    /// Gives the guest the buffers that hold a frame of `len` bytes:
+    /// num_buffers in its header, then their used elements.
+    fn publish(&mut self, len: usize) {
+        let (mut count, mut filled) = (0, 0);
+        for &(_, _, size) in &self.taken {
+            if filled >= len {
+                break;
+            }
+            (count, filled) = (count + 1, filled + size);
+        }
+        let first = self.taken[0].1;
+        let at = self.ring.host(first + 10, 2).unwrap();
+        // SAFETY: the first buffer is at least a header long (`take`).
+        unsafe { std::ptr::write_unaligned(at.cast::<u16>(), count as u16) };
+        let mut left = len;
+        for (head, _, size) in self.taken.drain(..count) {
+            let used = size.min(left);
+            left -= used;
+            self.room -= size;
+            self.ring.push_used(head, used as u32);
+        }
+        self.recent = len.max(self.recent - self.recent / 16);
     }
 }
