@@ -11,6 +11,7 @@ mod interrupt;
 pub mod mmio;
 pub mod net;
 pub mod pci;
+pub mod ring;
 pub mod rng;
 #[cfg(any(test, feature = "test-driver"))]
 pub mod test_driver;

@@ -20,7 +20,9 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::Queue;
+
+use super::ring::{Ring, RingError};
 
 use super::{
     DeviceError, GuestMemoryMmap, Interrupt, VirtioDevice, VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1,
@@ -192,6 +194,56 @@ impl Block {
         config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
         config
     }
+
+    /// Serves the requests on `ring` (notifications off meanwhile; turning
+    /// them back on reports requests that arrived meanwhile). At the
+    /// budget it stops with notifications still off and sets `more`: the
+    /// transport signals the queue again (`wants_more`) and the next
+    /// wakeup goes on. With the asynchronous engine full it stops alike
+    /// and sets `blocked`: its completions go on. Returns how many
+    /// requests went to the engine.
+    fn drain(&mut self, ring: &mut Ring<'_>, mem: &GuestMemoryMmap) -> Result<u32, DeviceError> {
+        let (mut taken, mut queued) = (0u32, 0u32);
+        self.more = false;
+        self.blocked = false;
+        loop {
+            ring.disable_notification().map_err(ring_error)?;
+            loop {
+                if taken >= REQUEST_BUDGET {
+                    self.more = true;
+                    return Ok(queued);
+                }
+                if self.uring.as_ref().is_some_and(|u| !u.has_room()) {
+                    self.blocked = true;
+                    return Ok(queued);
+                }
+                let Some(head) = ring.pop().map_err(ring_error)? else {
+                    break;
+                };
+                let mut chain = ring.chain(head);
+                let descriptors: request::Descriptors = chain.by_ref().collect();
+                if chain.uses_indirect() {
+                    return Err(DeviceError(
+                        "a request uses an indirect descriptor table, which moat never offered"
+                            .into(),
+                    ));
+                }
+                taken += 1;
+                match self
+                    .disk
+                    .handle(mem, head, &descriptors, self.uring.as_mut())?
+                {
+                    request::Handled::Done(used_len) => {
+                        ring.add_used(head, used_len).map_err(ring_error)?
+                    }
+                    request::Handled::Queued => queued += 1,
+                }
+            }
+            if !ring.enable_notification().map_err(ring_error)? {
+                return Ok(queued);
+            }
+        }
+    }
 }
 
 impl VirtioDevice for Block {
@@ -301,16 +353,17 @@ impl VirtioDevice for Block {
         let Some(queue) = self.queue.as_mut() else {
             return Ok(());
         };
-        let mut used = 0u32;
+        let mut ring = Ring::new(mem, queue).map_err(ring_error)?;
+        let mut used = Ok(());
         while let Some(done) = uring.complete(&*self.disk.file, &mut self.disk.counters, mem) {
-            queue
-                .add_used(mem, done.head, done.used_len)
-                .map_err(|e| DeviceError(format!("bad used ring: {e}")))?;
-            used += 1;
+            used = ring.add_used(done.head, done.used_len);
+            if used.is_err() {
+                break;
+            }
         }
-        if used > 0 && queue.needs_notification(mem).unwrap_or(true) {
-            interrupt.signal_used_queue();
-        }
+        ring.finish(queue, interrupt)
+            .and(used)
+            .map_err(ring_error)?;
         if self.blocked && uring.has_room() {
             self.process_queue(0, mem, interrupt)?;
         }
@@ -333,65 +386,27 @@ impl VirtioDevice for Block {
     ) -> Result<(), DeviceError> {
         let queue = self
             .queue
-            .as_mut()
+            .as_ref()
             .ok_or_else(|| DeviceError("queue not set up".into()))?;
-        let ring_error = |e: virtio_queue::Error| DeviceError(format!("bad queue: {e}"));
-        let (mut taken, mut completed, mut queued) = (0u32, 0u32, 0u32);
-        self.more = false;
-        self.blocked = false;
-        // No notifications while the ring is being drained; turning them
-        // back on reports requests that arrived meanwhile. At the budget,
-        // stop with notifications still off: the transport signals the
-        // queue again (`wants_more`) and the next wakeup goes on. With the
-        // asynchronous engine full, stop alike: its completions go on.
-        'drain: loop {
-            queue.disable_notification(mem).map_err(ring_error)?;
-            loop {
-                if taken >= REQUEST_BUDGET {
-                    self.more = true;
-                    break 'drain;
-                }
-                if self.uring.as_ref().is_some_and(|u| !u.has_room()) {
-                    self.blocked = true;
-                    break 'drain;
-                }
-                let chain = queue
-                    .iter(mem)
-                    .map_err(|e| DeviceError(format!("bad available ring: {e}")))?
-                    .next();
-                let Some(chain) = chain else { break };
-                let head = chain.head_index();
-                if super::chain_uses_indirect(mem, queue, head) {
-                    return Err(DeviceError(
-                        "a request uses an indirect descriptor table, which moat never offered"
-                            .into(),
-                    ));
-                }
-                taken += 1;
-                match self.disk.handle(mem, chain, self.uring.as_mut())? {
-                    request::Handled::Done(used_len) => {
-                        queue
-                            .add_used(mem, head, used_len)
-                            .map_err(|e| DeviceError(format!("bad used ring: {e}")))?;
-                        completed += 1;
-                    }
-                    request::Handled::Queued => queued += 1,
-                }
-            }
-            if !queue.enable_notification(mem).map_err(ring_error)? {
-                break;
-            }
+        let mut ring = Ring::new(mem, queue).map_err(ring_error)?;
+        let drained = self.drain(&mut ring, mem);
+        // The requests served so far are used, whatever became of the rest.
+        if let Some(queue) = self.queue.as_mut() {
+            ring.finish(queue, interrupt).map_err(ring_error)?;
         }
+        let queued = drained?;
         if let Some(uring) = self.uring.as_mut().filter(|_| queued > 0) {
             uring
                 .submit()
                 .map_err(|e| DeviceError(format!("io_uring submission failed: {e}")))?;
         }
-        if completed > 0 && queue.needs_notification(mem).unwrap_or(true) {
-            interrupt.signal_used_queue();
-        }
         Ok(())
     }
+}
+
+/// A request queue the driver broke.
+fn ring_error(e: RingError) -> DeviceError {
+    DeviceError(format!("bad queue: {e}"))
 }
 
 #[cfg(test)]

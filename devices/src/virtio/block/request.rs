@@ -26,7 +26,6 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::DescriptorChain;
 use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::uring::{Op, Uring};
@@ -75,11 +74,9 @@ pub struct Counters {
 /// Why a request failed, for the status byte.
 struct IoError;
 
-type Chain<'a> = DescriptorChain<&'a GuestMemoryMmap>;
-
 /// A request's descriptors, on the stack for the usual few (header, data,
 /// status): serving a request allocates nothing.
-type Descriptors = SmallVec<[Descriptor; 8]>;
+pub(super) type Descriptors = SmallVec<[Descriptor; 8]>;
 /// The iovecs of a request's data, on the stack for up to 8 pieces.
 pub(super) type Iovecs = SmallVec<[libc::iovec; 8]>;
 
@@ -102,19 +99,18 @@ enum Executed {
 }
 
 impl Disk {
-    /// Handles one request: at once, or, given `uring`, reads, writes and
-    /// flushes are queued there and complete later. Done, it returns the
-    /// number of bytes written into the chain (the used length). An error
-    /// means the chain has no usable status byte and the device must be
-    /// reset.
+    /// Handles one request, the chain at `head` made of `descriptors`: at
+    /// once, or, given `uring`, reads, writes and flushes are queued there
+    /// and complete later. Done, it returns the number of bytes written
+    /// into the chain (the used length). An error means the chain has no
+    /// usable status byte and the device must be reset.
     pub fn handle(
         &mut self,
         mem: &GuestMemoryMmap,
-        chain: Chain<'_>,
+        head: u16,
+        descriptors: &[Descriptor],
         uring: Option<&mut Uring>,
     ) -> Result<Handled, DeviceError> {
-        let head = chain.head_index();
-        let descriptors: Descriptors = chain.collect();
         let Some(last) = descriptors.last() else {
             return Err(DeviceError(
                 "descriptor chain is empty or unreadable".into(),

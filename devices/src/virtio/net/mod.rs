@@ -30,6 +30,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice}
 
 pub use tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
 
+use super::ring::{Ring, RingError};
 use super::{
     DeviceError, GuestMemoryMmap, Interrupt, VirtioDevice, VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
@@ -188,13 +189,29 @@ impl Net {
     }
 
     /// Moves frames from the backend to the guest until the backend is
-    /// empty or the guest is out of buffers. Returns whether any frame was
-    /// delivered.
-    fn receive(&mut self, mem: &GuestMemoryMmap) -> Result<bool, DeviceError> {
-        let mut delivered = false;
+    /// empty or the guest is out of buffers, then interrupts the driver if
+    /// it asked to hear of buffers used meanwhile.
+    fn receive(&mut self, mem: &GuestMemoryMmap, interrupt: &Interrupt) -> Result<(), DeviceError> {
+        let Some([rxq, _]) = self.queues.as_ref() else {
+            return Err(DeviceError("not activated".into()));
+        };
+        let mut ring = Ring::new(mem, rxq).map_err(rx_ring_error)?;
+        let received = self.receive_on(&mut ring, mem);
+        if let Some([rxq, _]) = self.queues.as_mut() {
+            ring.finish(rxq, interrupt).map_err(rx_ring_error)?;
+        }
+        received
+    }
+
+    /// [`Self::receive`]'s work on the receive queue's `ring`.
+    fn receive_on(
+        &mut self,
+        ring: &mut Ring<'_>,
+        mem: &GuestMemoryMmap,
+    ) -> Result<(), DeviceError> {
         loop {
             if self.rx_len == 0 {
-                self.take_rx_chains(mem, MAX_FRAME)?;
+                self.take_rx_chains(ring, mem, MAX_FRAME)?;
                 // Straight into as many of the guest's buffers as recent
                 // frames needed (each one more iovec for the TAP's read);
                 // what does not fit goes to the bounce buffer.
@@ -222,14 +239,13 @@ impl Net {
                 let read = self.backend.recv_into(&slices);
                 drop(slices);
                 match read {
-                    Ok(0) => return Ok(delivered),
+                    Ok(0) => return Ok(()),
                     Ok(n) if n <= room => {
-                        self.complete_direct(mem, n)?;
-                        delivered = true;
+                        self.complete_direct(ring, mem, n)?;
                         continue;
                     }
                     Ok(n) => (self.rx_len, self.rx_in_place) = (n, room),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(delivered),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     // A broken backend loses its input, not the device.
                     Err(e) => {
@@ -237,67 +253,53 @@ impl Net {
                             "virtio-net: reading the TAP failed ({e}); the card receives nothing more"
                         );
                         self.backend_broken = true;
-                        return Ok(delivered);
+                        return Ok(());
                     }
                 }
             }
-            if !self.deliver(mem)? {
+            if !self.deliver(ring, mem)? {
                 // Out of buffers: ask the driver to notify when it adds
-                // some, unless it did while we looked.
-                if self.enable_rx_notification(mem)? {
+                // some (with EVENT_IDX: at the next buffer after those
+                // taken), unless it did while we looked.
+                if ring.enable_notification().map_err(rx_ring_error)? {
                     continue;
                 }
                 self.rx_blocked = true;
-                return Ok(delivered);
+                return Ok(());
             }
             (self.rx_len, self.rx_in_place) = (0, 0);
-            delivered = true;
         }
-    }
-
-    /// Turns receive-queue notifications on (with EVENT_IDX: at the next
-    /// buffer after those taken). Returns whether buffers arrived that the
-    /// device has not looked at.
-    fn enable_rx_notification(&mut self, mem: &GuestMemoryMmap) -> Result<bool, DeviceError> {
-        let [rxq, _] = self
-            .queues
-            .as_mut()
-            .ok_or_else(|| DeviceError("not activated".into()))?;
-        rxq.enable_notification(mem)
-            .map_err(|e| DeviceError(format!("bad rx ring: {e}")))
     }
 
     /// Takes chains off the receive ring until `rx_chains` holds `want`
     /// bytes (one chain is enough without mergeable buffers) or the ring is
     /// empty. A chain the device cannot use (a readable descriptor, memory
     /// outside the guest, too short for a header) goes back used and empty.
-    fn take_rx_chains(&mut self, mem: &GuestMemoryMmap, want: usize) -> Result<(), DeviceError> {
-        let [rxq, _] = self
-            .queues
-            .as_mut()
-            .ok_or_else(|| DeviceError("not activated".into()))?;
+    fn take_rx_chains(
+        &mut self,
+        ring: &mut Ring<'_>,
+        mem: &GuestMemoryMmap,
+        want: usize,
+    ) -> Result<(), DeviceError> {
         while self.rx_room < want && (self.mergeable || self.rx_chains.is_empty()) {
-            let chain = rxq
-                .iter(mem)
-                .map_err(|e| DeviceError(format!("bad rx ring: {e}")))?
-                .next();
-            let Some(chain) = chain else { break };
-            let head = chain.head_index();
+            let Some(head) = ring.pop().map_err(rx_ring_error)? else {
+                break;
+            };
             let mut parts = SmallVec::new();
             let mut len = 0usize;
-            let mut usable = !super::chain_uses_indirect(mem, rxq, head);
-            for d in chain {
+            let mut usable = true;
+            let mut chain = ring.chain(head);
+            for d in chain.by_ref() {
                 let part = (d.addr(), d.len() as usize);
                 usable &= d.is_write_only() && mem.get_slice(part.0, part.1).is_ok();
                 len = len.saturating_add(part.1);
                 parts.push(part);
             }
-            if usable && len >= NET_HDR_LEN {
+            if usable && !chain.uses_indirect() && len >= NET_HDR_LEN {
                 self.rx_room += len;
                 self.rx_chains.push_back(RxChain { head, parts, len });
             } else {
-                rxq.add_used(mem, head, 0)
-                    .map_err(|e| DeviceError(format!("bad used ring: {e}")))?;
+                ring.add_used(head, 0).map_err(rx_ring_error)?;
             }
         }
         Ok(())
@@ -308,6 +310,7 @@ impl Net {
     /// used elements.
     fn publish(
         &mut self,
+        ring: &mut Ring<'_>,
         mem: &GuestMemoryMmap,
         count: usize,
         len: usize,
@@ -320,17 +323,13 @@ impl Net {
             .front()
             .ok_or_else(|| DeviceError("no rx chain".into()))?;
         write_at(mem, &first.parts, 10, &(count as u16).to_le_bytes())?;
-        let [rxq, _] = self
-            .queues
-            .as_mut()
-            .ok_or_else(|| DeviceError("not activated".into()))?;
         let mut left = len;
         for chain in self.rx_chains.drain(..count) {
             let used = chain.len.min(left);
             left -= used;
             self.rx_room -= chain.len;
-            rxq.add_used(mem, chain.head, used as u32)
-                .map_err(|e| DeviceError(format!("bad used ring: {e}")))?;
+            ring.add_used(chain.head, used as u32)
+                .map_err(rx_ring_error)?;
         }
         Ok(())
     }
@@ -350,7 +349,12 @@ impl Net {
     }
 
     /// The backend read a frame of `len` bytes straight into `rx_chains`.
-    fn complete_direct(&mut self, mem: &GuestMemoryMmap, len: usize) -> Result<(), DeviceError> {
+    fn complete_direct(
+        &mut self,
+        ring: &mut Ring<'_>,
+        mem: &GuestMemoryMmap,
+        len: usize,
+    ) -> Result<(), DeviceError> {
         if len < NET_HDR_LEN {
             // Not a frame; the buffers stay unused.
             self.drops.rx += 1;
@@ -362,7 +366,7 @@ impl Net {
             1
         };
         self.count_rx(len);
-        self.publish(mem, count, len)
+        self.publish(ring, mem, count, len)
     }
 
     fn count_rx(&mut self, len: usize) {
@@ -373,13 +377,13 @@ impl Net {
 
     /// Gives the frame read in part or whole into the bounce buffer to the
     /// guest. `Ok(false)`: not enough buffers yet (nothing consumed).
-    fn deliver(&mut self, mem: &GuestMemoryMmap) -> Result<bool, DeviceError> {
+    fn deliver(&mut self, ring: &mut Ring<'_>, mem: &GuestMemoryMmap) -> Result<bool, DeviceError> {
         let len = self.rx_len;
         if len < NET_HDR_LEN {
             self.drops.rx += 1;
             return Ok(true);
         }
-        self.take_rx_chains(mem, len)?;
+        self.take_rx_chains(ring, mem, len)?;
         let count = if self.mergeable {
             if self.rx_room < len {
                 return Ok(false);
@@ -391,7 +395,7 @@ impl Net {
                 Some(chain) if chain.len < len => {
                     // Without mergeable buffers a frame must fit one buffer.
                     self.drops.rx += 1;
-                    self.publish(mem, 1, 0)?;
+                    self.publish(ring, mem, 1, 0)?;
                     return Ok(true);
                 }
                 Some(_) => 1,
@@ -410,7 +414,7 @@ impl Net {
             offset = end;
         }
         self.count_rx(len);
-        self.publish(mem, count, len)?;
+        self.publish(ring, mem, count, len)?;
         Ok(true)
     }
 
@@ -598,10 +602,7 @@ impl VirtioDevice for Net {
         mem: &GuestMemoryMmap,
         interrupt: &Interrupt,
     ) -> Result<(), DeviceError> {
-        if self.receive(mem)? {
-            self.notify(RX, mem, interrupt);
-        }
-        Ok(())
+        self.receive(mem, interrupt)
     }
 
     fn process_queue(
@@ -614,15 +615,18 @@ impl VirtioDevice for Net {
             RX => {
                 // New receive buffers: deliver what waits, then read on.
                 self.rx_blocked = false;
-                if self.receive(mem)? {
-                    self.notify(RX, mem, interrupt);
-                }
+                self.receive(mem, interrupt)?;
             }
             TX if self.transmit(mem)? => self.notify(TX, mem, interrupt),
             _ => {}
         }
         Ok(())
     }
+}
+
+/// A receive ring the driver broke.
+fn rx_ring_error(e: RingError) -> DeviceError {
+    DeviceError(format!("bad rx ring: {e}"))
 }
 
 /// Writes `bytes` at byte `offset` of the guest memory `parts` make up.
