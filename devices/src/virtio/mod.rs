@@ -173,41 +173,6 @@ pub fn queue_position(queue: &Queue) -> (u16, u16) {
     (queue.next_avail(), queue.next_used())
 }
 
-/// Whether the chain at `head` of `queue` uses an indirect descriptor
-/// table. moat offers no VIRTIO_F_INDIRECT_DESC, so a driver that uses one
-/// breaks the negotiation; virtio-queue would follow the table anyway, so
-/// the devices look first. Walks at most the queue's size of descriptors
-/// (a loop ends there); unreadable descriptors count as no indirection
-/// (the chain itself then fails as it would).
-pub fn chain_uses_indirect(mem: &GuestMemoryMmap, queue: &Queue, head: u16) -> bool {
-    use vm_memory::Bytes;
-    const DESC_SIZE: u64 = 16;
-    let size = queue.size();
-    let table = queue.desc_table();
-    let mut index = head;
-    for _ in 0..size {
-        if index >= size {
-            return false;
-        }
-        let at = table.checked_add(u64::from(index) * DESC_SIZE);
-        let read = |offset: u64| -> Option<u16> {
-            mem.read_obj::<u16>(vm_memory::GuestAddress(at?.checked_add(offset)?))
-                .ok()
-        };
-        let (Some(flags), Some(next)) = (read(12), read(14)) else {
-            return false;
-        };
-        if flags & virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16 != 0 {
-            return true;
-        }
-        if flags & virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16 == 0 {
-            return false;
-        }
-        index = next;
-    }
-    false
-}
-
 /// The iovec for a slice of guest memory, for readv/writev/preadv/pwritev.
 /// The pointer stays valid as long as the guest memory mapping does: for
 /// as long as a device holds the `GuestMemoryMmap` the slice came from.

@@ -28,7 +28,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileMemory, VolatileSlice};
 
-use super::{GuestMemoryMmap, Interrupt};
+use super::{DeviceError, GuestMemoryMmap, Interrupt};
 
 /// Bytes of a descriptor table entry, and of the rings' parts (2.7.5-2.7.8).
 const DESC_SIZE: usize = 16;
@@ -54,6 +54,31 @@ pub enum RingError {
         /// The queue's size.
         size: u16,
     },
+}
+
+impl From<RingError> for DeviceError {
+    fn from(e: RingError) -> DeviceError {
+        DeviceError(format!("the driver broke a queue: {e}"))
+    }
+}
+
+/// Serves the queue `pick` chooses of `device` for one run of `work`, on a
+/// [`Ring`] made for the run and finished after it (also when `work`
+/// fails: what it used goes to the driver).
+pub fn serve<D, T>(
+    device: &mut D,
+    pick: impl Fn(&mut D) -> Option<&mut Queue>,
+    mem: &GuestMemoryMmap,
+    interrupt: &Interrupt,
+    work: impl FnOnce(&mut D, &mut Ring<'_>) -> Result<T, DeviceError>,
+) -> Result<T, DeviceError> {
+    let queue = pick(device).ok_or_else(|| DeviceError("the queue is not set up".into()))?;
+    let mut ring = Ring::new(mem, queue)?;
+    let done = work(device, &mut ring);
+    if let Some(queue) = pick(device) {
+        ring.finish(queue, interrupt)?;
+    }
+    done
 }
 
 /// One run of work on a split virtqueue: take chains off the available
@@ -132,6 +157,12 @@ impl<'m> Ring<'m> {
         let head = u16::from_le(self.load(&self.avail, at, Ordering::Relaxed)?);
         self.next_avail += 1;
         Ok(Some(head))
+    }
+
+    /// Puts the chain [`Self::pop`] just took back: the next pop takes it
+    /// again (for a device that found it cannot serve it yet).
+    pub fn give_back(&mut self) {
+        self.next_avail -= 1;
     }
 
     /// The descriptors of the chain starting at `head`, in order (2.7.5).

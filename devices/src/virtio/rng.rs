@@ -20,10 +20,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestMemoryBackend};
 use vmm_sys_util::timerfd::TimerFd;
 
+use super::ring::{self, Ring};
 use super::{
     DeviceError, GuestMemoryMmap, Interrupt, VirtioDevice, VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
@@ -137,53 +138,66 @@ impl Rng {
     }
 
     /// Serves requests until the queue is empty or the rate limit stops
-    /// it. Returns whether any request was completed.
-    fn serve(&mut self, mem: &GuestMemoryMmap) -> Result<bool, DeviceError> {
-        let Some(queue) = self.queue.as_mut() else {
-            return Ok(false);
-        };
+    /// it, then interrupts the driver if it asked to hear of them.
+    fn serve(&mut self, mem: &GuestMemoryMmap, interrupt: &Interrupt) -> Result<(), DeviceError> {
+        if self.queue.is_none() {
+            return Ok(());
+        }
         if !self.pool_ready.load(Ordering::Acquire) {
             // The pool waiter fires the timer when the pool is ready.
             self.waiting = true;
-            return Ok(false);
+            return Ok(());
         }
-        let ring_error = |e: virtio_queue::Error| DeviceError(format!("bad rng ring: {e}"));
-        let mut used = false;
-        queue.disable_notification(mem).map_err(ring_error)?;
+        ring::serve(
+            self,
+            |rng| rng.queue.as_mut(),
+            mem,
+            interrupt,
+            |rng, ring| rng.serve_on(ring, mem),
+        )
+    }
+
+    /// [`Self::serve`]'s work on the queue's `ring`.
+    fn serve_on(&mut self, ring: &mut Ring<'_>, mem: &GuestMemoryMmap) -> Result<(), DeviceError> {
+        ring.disable_notification()?;
         loop {
-            let before = queue.next_avail();
-            let chain = queue.iter(mem).map_err(ring_error)?.next();
-            let Some(chain) = chain else {
-                if queue.enable_notification(mem).map_err(ring_error)? {
-                    queue.disable_notification(mem).map_err(ring_error)?;
+            let Some(head) = ring.pop()? else {
+                if ring.enable_notification()? {
+                    ring.disable_notification()?;
                     continue;
                 }
-                break;
+                return Ok(());
             };
-            let head = chain.head_index();
+            let mut chain = ring.chain(head);
             let parts: Vec<_> = chain
+                .by_ref()
                 .filter(|d| d.is_write_only())
                 .map(|d| (d.addr(), d.len() as usize))
                 .collect();
-            let room: usize = parts
-                .iter()
-                .fold(0usize, |sum, p| sum.saturating_add(p.1))
-                .min(MAX_REQUEST);
-            // A request is served whole (up to a second's worth). Answered
-            // with the few bytes the bucket had at each kick, Linux 6.1's
-            // driver (64-byte requests) stopped asking after some 80
-            // requests in the rig; whole answers also cost fewer interrupts.
+            // An indirect table (never offered) gets nothing.
+            let room: usize = if chain.uses_indirect() {
+                0
+            } else {
+                let total = parts.iter().fold(0usize, |sum, p| sum.saturating_add(p.1));
+                total.min(MAX_REQUEST)
+            };
+            // A request is served whole (up to a second's worth).
+            // Answered with the few bytes the bucket had at each kick,
+            // Linux 6.1's driver (64-byte requests) stopped asking after
+            // some 80 requests in the rig; whole answers also cost fewer
+            // interrupts.
             let grant = match self.limit.as_mut() {
                 Some(bucket) => {
                     let got = bucket.take_whole(room as u64, Instant::now());
                     if got == 0 && room > 0 {
-                        // Not enough tokens: this request waits for the timer.
-                        queue.set_next_avail(before);
+                        // Not enough tokens: this request waits for the
+                        // timer.
+                        ring.give_back();
                         let wait = bucket.wait_for(room as u64);
                         if self.timer.reset(wait, None).is_ok() {
                             self.waiting = true;
                         }
-                        break;
+                        return Ok(());
                     }
                     got as usize
                 }
@@ -191,19 +205,7 @@ impl Rng {
             };
             let written = fill(mem, &parts, grant)?;
             self.bytes += written as u64;
-            queue
-                .add_used(mem, head, written as u32)
-                .map_err(|e| DeviceError(format!("bad used ring: {e}")))?;
-            used = true;
-        }
-        Ok(used)
-    }
-
-    fn notify(&mut self, mem: &GuestMemoryMmap, interrupt: &Interrupt) {
-        if let Some(queue) = self.queue.as_mut() {
-            if queue.needs_notification(mem).unwrap_or(true) {
-                interrupt.signal_used_queue();
-            }
+            ring.add_used(head, written as u32)?;
         }
     }
 }
@@ -387,10 +389,7 @@ impl VirtioDevice for Rng {
     ) -> Result<(), DeviceError> {
         let _ = self.timer.wait();
         self.waiting = false;
-        if self.serve(mem)? {
-            self.notify(mem, interrupt);
-        }
-        Ok(())
+        self.serve(mem, interrupt)
     }
 
     fn process_queue(
@@ -403,10 +402,7 @@ impl VirtioDevice for Rng {
             // The timer will serve the queue.
             return Ok(());
         }
-        if self.serve(mem)? {
-            self.notify(mem, interrupt);
-        }
-        Ok(())
+        self.serve(mem, interrupt)
     }
 }
 

@@ -22,7 +22,7 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::Queue;
 
-use super::ring::{Ring, RingError};
+use super::ring::{self, Ring};
 
 use super::{
     DeviceError, GuestMemoryMmap, Interrupt, VirtioDevice, VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1,
@@ -195,6 +195,10 @@ impl Block {
         config
     }
 
+    fn queue(&mut self) -> Option<&mut Queue> {
+        self.queue.as_mut()
+    }
+
     /// Serves the requests on `ring` (notifications off meanwhile; turning
     /// them back on reports requests that arrived meanwhile). At the
     /// budget it stops with notifications still off and sets `more`: the
@@ -207,7 +211,7 @@ impl Block {
         self.more = false;
         self.blocked = false;
         loop {
-            ring.disable_notification().map_err(ring_error)?;
+            ring.disable_notification()?;
             loop {
                 if taken >= REQUEST_BUDGET {
                     self.more = true;
@@ -217,7 +221,7 @@ impl Block {
                     self.blocked = true;
                     return Ok(queued);
                 }
-                let Some(head) = ring.pop().map_err(ring_error)? else {
+                let Some(head) = ring.pop()? else {
                     break;
                 };
                 let mut chain = ring.chain(head);
@@ -233,13 +237,11 @@ impl Block {
                     .disk
                     .handle(mem, head, &descriptors, self.uring.as_mut())?
                 {
-                    request::Handled::Done(used_len) => {
-                        ring.add_used(head, used_len).map_err(ring_error)?
-                    }
+                    request::Handled::Done(used_len) => ring.add_used(head, used_len)?,
                     request::Handled::Queued => queued += 1,
                 }
             }
-            if !ring.enable_notification().map_err(ring_error)? {
+            if !ring.enable_notification()? {
                 return Ok(queued);
             }
         }
@@ -350,21 +352,24 @@ impl VirtioDevice for Block {
             return Ok(());
         };
         uring.clear_event();
-        let Some(queue) = self.queue.as_mut() else {
+        if self.queue.is_none() {
             return Ok(());
-        };
-        let mut ring = Ring::new(mem, queue).map_err(ring_error)?;
-        let mut used = Ok(());
-        while let Some(done) = uring.complete(&*self.disk.file, &mut self.disk.counters, mem) {
-            used = ring.add_used(done.head, done.used_len);
-            if used.is_err() {
-                break;
-            }
         }
-        ring.finish(queue, interrupt)
-            .and(used)
-            .map_err(ring_error)?;
-        if self.blocked && uring.has_room() {
+        ring::serve(self, Block::queue, mem, interrupt, |blk, ring| {
+            let Block {
+                uring: Some(uring),
+                disk,
+                ..
+            } = blk
+            else {
+                return Ok(());
+            };
+            while let Some(done) = uring.complete(&*disk.file, &mut disk.counters, mem) {
+                ring.add_used(done.head, done.used_len)?;
+            }
+            Ok(())
+        })?;
+        if self.blocked && self.uring.as_ref().is_some_and(|u| u.has_room()) {
             self.process_queue(0, mem, interrupt)?;
         }
         Ok(())
@@ -384,17 +389,9 @@ impl VirtioDevice for Block {
         mem: &GuestMemoryMmap,
         interrupt: &Interrupt,
     ) -> Result<(), DeviceError> {
-        let queue = self
-            .queue
-            .as_ref()
-            .ok_or_else(|| DeviceError("queue not set up".into()))?;
-        let mut ring = Ring::new(mem, queue).map_err(ring_error)?;
-        let drained = self.drain(&mut ring, mem);
-        // The requests served so far are used, whatever became of the rest.
-        if let Some(queue) = self.queue.as_mut() {
-            ring.finish(queue, interrupt).map_err(ring_error)?;
-        }
-        let queued = drained?;
+        let queued = ring::serve(self, Block::queue, mem, interrupt, |blk, ring| {
+            blk.drain(ring, mem)
+        })?;
         if let Some(uring) = self.uring.as_mut().filter(|_| queued > 0) {
             uring
                 .submit()
@@ -402,11 +399,6 @@ impl VirtioDevice for Block {
         }
         Ok(())
     }
-}
-
-/// A request queue the driver broke.
-fn ring_error(e: RingError) -> DeviceError {
-    DeviceError(format!("bad queue: {e}"))
 }
 
 #[cfg(test)]

@@ -25,12 +25,12 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
     VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
 };
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
 
 pub use tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
 
-use super::ring::{Ring, RingError};
+use super::ring::{self, Ring};
 use super::{
     DeviceError, GuestMemoryMmap, Interrupt, VirtioDevice, VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
@@ -188,19 +188,21 @@ impl Net {
         self.drops
     }
 
+    fn rx_queue(&mut self) -> Option<&mut Queue> {
+        self.queues.as_mut().map(|[rx, _]| rx)
+    }
+
+    fn tx_queue(&mut self) -> Option<&mut Queue> {
+        self.queues.as_mut().map(|[_, tx]| tx)
+    }
+
     /// Moves frames from the backend to the guest until the backend is
     /// empty or the guest is out of buffers, then interrupts the driver if
     /// it asked to hear of buffers used meanwhile.
     fn receive(&mut self, mem: &GuestMemoryMmap, interrupt: &Interrupt) -> Result<(), DeviceError> {
-        let Some([rxq, _]) = self.queues.as_ref() else {
-            return Err(DeviceError("not activated".into()));
-        };
-        let mut ring = Ring::new(mem, rxq).map_err(rx_ring_error)?;
-        let received = self.receive_on(&mut ring, mem);
-        if let Some([rxq, _]) = self.queues.as_mut() {
-            ring.finish(rxq, interrupt).map_err(rx_ring_error)?;
-        }
-        received
+        ring::serve(self, Net::rx_queue, mem, interrupt, |net, ring| {
+            net.receive_on(ring, mem)
+        })
     }
 
     /// [`Self::receive`]'s work on the receive queue's `ring`.
@@ -261,7 +263,7 @@ impl Net {
                 // Out of buffers: ask the driver to notify when it adds
                 // some (with EVENT_IDX: at the next buffer after those
                 // taken), unless it did while we looked.
-                if ring.enable_notification().map_err(rx_ring_error)? {
+                if ring.enable_notification()? {
                     continue;
                 }
                 self.rx_blocked = true;
@@ -282,7 +284,7 @@ impl Net {
         want: usize,
     ) -> Result<(), DeviceError> {
         while self.rx_room < want && (self.mergeable || self.rx_chains.is_empty()) {
-            let Some(head) = ring.pop().map_err(rx_ring_error)? else {
+            let Some(head) = ring.pop()? else {
                 break;
             };
             let mut parts = SmallVec::new();
@@ -299,7 +301,7 @@ impl Net {
                 self.rx_room += len;
                 self.rx_chains.push_back(RxChain { head, parts, len });
             } else {
-                ring.add_used(head, 0).map_err(rx_ring_error)?;
+                ring.add_used(head, 0)?;
             }
         }
         Ok(())
@@ -328,8 +330,7 @@ impl Net {
             let used = chain.len.min(left);
             left -= used;
             self.rx_room -= chain.len;
-            ring.add_used(chain.head, used as u32)
-                .map_err(rx_ring_error)?;
+            ring.add_used(chain.head, used as u32)?;
         }
         Ok(())
     }
@@ -418,50 +419,55 @@ impl Net {
         Ok(true)
     }
 
-    /// Sends every frame the guest queued. Returns whether any chain was used.
-    fn transmit(&mut self, mem: &GuestMemoryMmap) -> Result<bool, DeviceError> {
-        let [_, txq] = self
-            .queues
-            .as_mut()
-            .ok_or_else(|| DeviceError("not activated".into()))?;
-        let ring_error = |e: virtio_queue::Error| DeviceError(format!("bad tx ring: {e}"));
-        let mut used = false;
+    /// Sends every frame the guest queued, up to [`TX_BUDGET`], then
+    /// interrupts the driver if it asked to hear of their buffers.
+    fn transmit(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        interrupt: &Interrupt,
+    ) -> Result<(), DeviceError> {
+        ring::serve(self, Net::tx_queue, mem, interrupt, |net, ring| {
+            net.transmit_on(ring, mem)
+        })
+    }
+
+    /// [`Self::transmit`]'s work on the transmit queue's `ring`.
+    fn transmit_on(
+        &mut self,
+        ring: &mut Ring<'_>,
+        mem: &GuestMemoryMmap,
+    ) -> Result<(), DeviceError> {
         let mut frames = 0;
         self.tx_more = false;
         // No notifications while the ring is being drained; turning them
         // back on reports frames queued meanwhile. At the budget, stop with
         // them off: the transport signals the queue again.
-        txq.disable_notification(mem).map_err(ring_error)?;
+        ring.disable_notification()?;
         loop {
             if frames >= TX_BUDGET {
                 self.tx_more = true;
-                break;
+                return Ok(());
             }
             frames += 1;
-            let chain = txq
-                .iter(mem)
-                .map_err(|e| DeviceError(format!("bad tx ring: {e}")))?
-                .next();
-            let Some(chain) = chain else {
-                if txq.enable_notification(mem).map_err(ring_error)? {
-                    txq.disable_notification(mem).map_err(ring_error)?;
+            let Some(head) = ring.pop()? else {
+                if ring.enable_notification()? {
+                    ring.disable_notification()?;
                     continue;
                 }
-                break;
+                return Ok(());
             };
-            let head = chain.head_index();
-            let indirect = super::chain_uses_indirect(mem, txq, head);
             // The frame is the chain's readable descriptors, sent straight
             // from guest memory.
             let mut slices = super::Slices::new();
             let mut len = 0usize;
             let mut usable = true;
-            // A chain must end within the queue's size: virtio-queue stops
-            // a looping one there, with the last descriptor still pointing
+            // A chain must end within the queue's size: the ring stops a
+            // looping one there, with the last descriptor still pointing
             // on (a descriptor chained to itself would otherwise go out as
             // one frame of 256 copies).
             let mut ended = false;
-            for d in chain {
+            let mut chain = ring.chain(head);
+            for d in chain.by_ref() {
                 if d.is_write_only() {
                     ended = true;
                     break;
@@ -477,7 +483,7 @@ impl Net {
                     ended = true;
                 }
             }
-            usable &= ended && !indirect;
+            usable &= ended && !chain.uses_indirect();
             let sent = usable
                 && (NET_HDR_LEN..=MAX_FRAME).contains(&len)
                 && self.backend.send_from(&slices).is_ok();
@@ -487,18 +493,7 @@ impl Net {
             } else {
                 self.drops.tx += 1;
             }
-            txq.add_used(mem, head, 0)
-                .map_err(|e| DeviceError(format!("bad used ring: {e}")))?;
-            used = true;
-        }
-        Ok(used)
-    }
-
-    fn notify(&mut self, queue: usize, mem: &GuestMemoryMmap, interrupt: &Interrupt) {
-        if let Some(queues) = self.queues.as_mut() {
-            if queues[queue].needs_notification(mem).unwrap_or(true) {
-                interrupt.signal_used_queue();
-            }
+            ring.add_used(head, 0)?;
         }
     }
 }
@@ -617,16 +612,11 @@ impl VirtioDevice for Net {
                 self.rx_blocked = false;
                 self.receive(mem, interrupt)?;
             }
-            TX if self.transmit(mem)? => self.notify(TX, mem, interrupt),
+            TX => self.transmit(mem, interrupt)?,
             _ => {}
         }
         Ok(())
     }
-}
-
-/// A receive ring the driver broke.
-fn rx_ring_error(e: RingError) -> DeviceError {
-    DeviceError(format!("bad rx ring: {e}"))
 }
 
 /// Writes `bytes` at byte `offset` of the guest memory `parts` make up.

@@ -14,12 +14,13 @@ use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::Queue;
 
 pub use connection::BUF_ALLOC;
 pub use muxer::{listen, ListenError, ListenerKind, Muxer, MuxerStats};
 use packet::{Buffers, HEADER_LEN, MAX_DATA};
 
+use super::ring::{self, Ring};
 use super::{
     DeviceError, GuestMemoryMmap, Interrupt, VirtioDevice, VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
@@ -81,57 +82,66 @@ impl Vsock {
         interrupt: &Interrupt,
     ) -> Result<(), DeviceError> {
         self.muxer.reset();
-        let queues = self
-            .queues
-            .as_mut()
-            .ok_or_else(|| DeviceError("not activated".into()))?;
-        let eventq = &mut queues[EVENT];
-        let Some(chain) = eventq
-            .iter(mem)
-            .map_err(|e| DeviceError(format!("bad event ring: {e}")))?
-            .next()
-        else {
-            return Ok(());
-        };
-        let head = chain.head_index();
-        let len = match Buffers::of(mem, chain, true) {
-            Some(buffers) if buffers.len() >= 4 => {
-                buffers.write_at(mem, 0, &EVENT_TRANSPORT_RESET.to_le_bytes())?;
-                4
-            }
-            _ => 0,
-        };
-        eventq
-            .add_used(mem, head, len)
-            .map_err(|e| DeviceError(format!("bad used ring: {e}")))?;
-        if eventq.needs_notification(mem).unwrap_or(true) {
-            interrupt.signal_used_queue();
+        if self.queues.is_none() {
+            return Err(DeviceError("not activated".into()));
         }
-        Ok(())
+        ring::serve(
+            self,
+            |v| v.queue(EVENT),
+            mem,
+            interrupt,
+            |_, ring| {
+                let Some(head) = ring.pop()? else {
+                    return Ok(());
+                };
+                let len = match chain_buffers(ring, mem, head, true) {
+                    Some(buffers) if buffers.len() >= 4 => {
+                        buffers.write_at(mem, 0, &EVENT_TRANSPORT_RESET.to_le_bytes())?;
+                        4
+                    }
+                    _ => 0,
+                };
+                Ok(ring.add_used(head, len)?)
+            },
+        )
     }
 
-    /// Takes every packet the guest queued. Returns whether any was.
-    fn transmit(&mut self, mem: &GuestMemoryMmap) -> Result<bool, DeviceError> {
-        let Some(queues) = self.queues.as_mut() else {
-            return Ok(false);
-        };
-        let txq = &mut queues[TX];
-        let ring_error = |e: virtio_queue::Error| DeviceError(format!("bad tx ring: {e}"));
-        let mut used = false;
-        txq.disable_notification(mem).map_err(ring_error)?;
+    fn queue(&mut self, index: usize) -> Option<&mut Queue> {
+        self.queues.as_mut().map(|queues| &mut queues[index])
+    }
+
+    /// Takes every packet the guest queued, then interrupts the driver if
+    /// it asked to hear of their buffers.
+    fn transmit(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        interrupt: &Interrupt,
+    ) -> Result<(), DeviceError> {
+        if self.queues.is_none() {
+            return Ok(());
+        }
+        let work = |v: &mut Vsock, ring: &mut Ring<'_>| v.transmit_on(ring, mem);
+        ring::serve(self, |v| v.queue(TX), mem, interrupt, work)
+    }
+
+    /// [`Self::transmit`]'s work on the transmit queue's `ring`.
+    fn transmit_on(
+        &mut self,
+        ring: &mut Ring<'_>,
+        mem: &GuestMemoryMmap,
+    ) -> Result<(), DeviceError> {
+        ring.disable_notification()?;
         loop {
-            let chain = txq.iter(mem).map_err(ring_error)?.next();
-            let Some(chain) = chain else {
-                if txq.enable_notification(mem).map_err(ring_error)? {
-                    txq.disable_notification(mem).map_err(ring_error)?;
+            let Some(head) = ring.pop()? else {
+                if ring.enable_notification()? {
+                    ring.disable_notification()?;
                     continue;
                 }
-                break;
+                return Ok(());
             };
-            let head = chain.head_index();
             // A packet is the chain's readable bytes: the header, then
             // exactly `len` bytes of data. Anything else is dropped.
-            let packet = Buffers::of(mem, chain, false).and_then(|buffers| {
+            let packet = chain_buffers(ring, mem, head, false).and_then(|buffers| {
                 let header = buffers.read_header(mem)?;
                 let len = header.len as usize;
                 (len <= MAX_DATA && HEADER_LEN + len <= buffers.len()).then_some((header, buffers))
@@ -143,39 +153,39 @@ impl Vsock {
                 }
                 None => self.muxer.count_dropped(),
             }
-            txq.add_used(mem, head, 0)
-                .map_err(|e| DeviceError(format!("bad used ring: {e}")))?;
-            used = true;
+            ring.add_used(head, 0)?;
         }
-        Ok(used)
     }
 
-    /// Fills the guest's receive buffers with what the muxer has for it.
-    /// Returns whether any buffer was used.
-    fn receive(&mut self, mem: &GuestMemoryMmap) -> Result<bool, DeviceError> {
-        let Some(queues) = self.queues.as_mut() else {
-            return Ok(false);
-        };
-        let rxq = &mut queues[RX];
-        let ring_error = |e: virtio_queue::Error| DeviceError(format!("bad rx ring: {e}"));
-        let mut used = false;
+    /// Fills the guest's receive buffers with what the muxer has for it,
+    /// then interrupts the driver if it asked to hear of them.
+    fn receive(&mut self, mem: &GuestMemoryMmap, interrupt: &Interrupt) -> Result<(), DeviceError> {
+        if self.queues.is_none() {
+            return Ok(());
+        }
+        let work = |v: &mut Vsock, ring: &mut Ring<'_>| v.receive_on(ring, mem);
+        ring::serve(self, |v| v.queue(RX), mem, interrupt, work)
+    }
+
+    /// [`Self::receive`]'s work on the receive queue's `ring`.
+    fn receive_on(
+        &mut self,
+        ring: &mut Ring<'_>,
+        mem: &GuestMemoryMmap,
+    ) -> Result<(), DeviceError> {
         while self.muxer.has_rx() {
-            let before = rxq.next_avail();
-            let chain = rxq.iter(mem).map_err(ring_error)?.next();
-            let Some(chain) = chain else {
+            let Some(head) = ring.pop()? else {
                 // Out of buffers: ask for a notification when the guest
                 // adds some, unless it did while we looked.
-                if rxq.enable_notification(mem).map_err(ring_error)? {
+                if ring.enable_notification()? {
                     continue;
                 }
                 break;
             };
-            let head = chain.head_index();
-            let Some(buffers) = Buffers::of(mem, chain, true).filter(|b| b.len() >= HEADER_LEN)
+            let Some(buffers) =
+                chain_buffers(ring, mem, head, true).filter(|b| b.len() >= HEADER_LEN)
             else {
-                rxq.add_used(mem, head, 0)
-                    .map_err(|e| DeviceError(format!("bad used ring: {e}")))?;
-                used = true;
+                ring.add_used(head, 0)?;
                 continue;
             };
             let room = (buffers.len() - HEADER_LEN).min(MAX_DATA);
@@ -188,24 +198,27 @@ impl Vsock {
             let Some(header) = header else {
                 // Nothing after all (a socket had no data): the buffer
                 // stays the guest's.
-                rxq.set_next_avail(before);
+                ring.give_back();
                 break;
             };
             buffers.write_header(mem, &header)?;
-            rxq.add_used(mem, head, (HEADER_LEN as u32).saturating_add(header.len))
-                .map_err(|e| DeviceError(format!("bad used ring: {e}")))?;
-            used = true;
+            ring.add_used(head, (HEADER_LEN as u32).saturating_add(header.len))?;
         }
-        Ok(used)
+        Ok(())
     }
+}
 
-    fn notify(&mut self, queue: usize, mem: &GuestMemoryMmap, interrupt: &Interrupt) {
-        if let Some(queues) = self.queues.as_mut() {
-            if queues[queue].needs_notification(mem).unwrap_or(true) {
-                interrupt.signal_used_queue();
-            }
-        }
-    }
+/// The device-readable (`writable == false`) or device-writable buffers of
+/// the chain at `head`; `None` for a chain [`Buffers::of`] refuses, or one
+/// with an indirect descriptor, which the device never offered.
+fn chain_buffers(
+    ring: &Ring<'_>,
+    mem: &GuestMemoryMmap,
+    head: u16,
+    writable: bool,
+) -> Option<Buffers> {
+    let mut chain = ring.chain(head);
+    Buffers::of(mem, chain.by_ref(), writable).filter(|_| !chain.uses_indirect())
 }
 
 impl VirtioDevice for Vsock {
@@ -284,10 +297,7 @@ impl VirtioDevice for Vsock {
         interrupt: &Interrupt,
     ) -> Result<(), DeviceError> {
         self.muxer.process_host();
-        if self.receive(mem)? {
-            self.notify(RX, mem, interrupt);
-        }
-        Ok(())
+        self.receive(mem, interrupt)
     }
 
     fn process_queue(
@@ -298,15 +308,11 @@ impl VirtioDevice for Vsock {
     ) -> Result<(), DeviceError> {
         match index {
             TX => {
-                if self.transmit(mem)? {
-                    self.notify(TX, mem, interrupt);
-                }
+                self.transmit(mem, interrupt)?;
                 // Answers (responses, resets, credit) go out at once.
-                if self.receive(mem)? {
-                    self.notify(RX, mem, interrupt);
-                }
+                self.receive(mem, interrupt)?;
             }
-            RX if self.receive(mem)? => self.notify(RX, mem, interrupt),
+            RX => self.receive(mem, interrupt)?,
             // Event buffers wait for an event; nothing to do now.
             EVENT => {}
             _ => {}
