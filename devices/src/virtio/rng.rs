@@ -412,7 +412,7 @@ mod tests {
 
     use super::*;
     use crate::virtio::mmio::MmioTransport;
-    use crate::virtio::test_driver::Driver;
+    use crate::virtio::test_driver::{indirect, Driver, DESC_WRITE};
 
     const BUFFERS: u64 = 0x8_0000;
 
@@ -515,6 +515,16 @@ mod tests {
         let (first, second) = (r.bytes(bufs[0], 512), r.bytes(bufs[1], 512));
         assert_ne!(first, vec![0u8; 512]);
         assert_ne!(first, second);
+    }
+
+    #[test]
+    fn a_buffer_behind_an_indirect_table_gets_nothing() {
+        let mut r = rig(None);
+        let desc = indirect(&r.mem, BUFFERS, BUFFERS + 0x1000, 64, DESC_WRITE);
+        r.driver.queues[0].add_raw(&r.mem, &[desc]);
+        r.transport.process_queue(0);
+        assert_eq!(r.used_bytes(), 0);
+        assert_eq!(r.bytes(BUFFERS + 0x1000, 64), vec![0; 64]);
     }
 
     #[test]

@@ -45,6 +45,23 @@ pub struct Desc {
     pub next: u16,
 }
 
+/// Writes a one-entry indirect descriptor table at `table` naming `len`
+/// bytes at `addr` with `flags`, and returns the descriptor that refers to
+/// it: what a driver may use only if the device offered
+/// VIRTIO_F_INDIRECT_DESC, which no moat device does.
+pub fn indirect(mem: &GuestMemoryMmap, table: u64, addr: u64, len: u32, flags: u16) -> Desc {
+    mem.write_obj(addr, GuestAddress(table)).unwrap();
+    mem.write_obj(len, GuestAddress(table + 8)).unwrap();
+    mem.write_obj(flags, GuestAddress(table + 12)).unwrap();
+    mem.write_obj(0u16, GuestAddress(table + 14)).unwrap();
+    Desc {
+        addr: table,
+        len: 16,
+        flags: virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16,
+        next: 0,
+    }
+}
+
 /// One split virtqueue, driver side.
 #[derive(Debug)]
 pub struct DriverQueue {

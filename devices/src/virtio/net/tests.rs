@@ -10,7 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::*;
 use crate::bus::BusDevice;
 use crate::virtio::mmio::MmioTransport;
-use crate::virtio::test_driver::{Desc, Driver, DESC_NEXT, DESC_WRITE};
+use crate::virtio::test_driver::{indirect, Desc, Driver, DESC_NEXT, DESC_WRITE};
 
 #[derive(Default)]
 struct Wire {
@@ -328,27 +328,12 @@ fn a_transmit_descriptor_chained_to_itself_is_dropped_not_sent_256_times() {
     assert_eq!(r.wire.lock().unwrap().from_guest, vec![f]);
 }
 
-/// Writes a one-entry indirect table at `table` pointing at `len` bytes
-/// at `addr`, and returns the descriptor that refers to it.
-fn indirect(r: &Rig, table: u64, addr: u64, len: u32, flags: u16) -> Desc {
-    r.mem.write_obj(addr, GuestAddress(table)).unwrap();
-    r.mem.write_obj(len, GuestAddress(table + 8)).unwrap();
-    r.mem.write_obj(flags, GuestAddress(table + 12)).unwrap();
-    r.mem.write_obj(0u16, GuestAddress(table + 14)).unwrap();
-    Desc {
-        addr: table,
-        len: 16,
-        flags: virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16,
-        next: 0,
-    }
-}
-
 #[test]
 fn indirect_descriptors_never_offered_are_not_followed() {
     let mut r = rig(all_features());
     let f = frame(60);
     r.mem.write_slice(&f, GuestAddress(BUFS)).unwrap();
-    let desc = indirect(&r, 0x30_0000, BUFS, f.len() as u32, 0);
+    let desc = indirect(&r.mem, 0x30_0000, BUFS, f.len() as u32, 0);
     r.driver.queues[1].add_raw(&r.mem, &[desc]);
     r.transport.process_queue(1);
     assert!(
@@ -361,7 +346,7 @@ fn indirect_descriptors_never_offered_are_not_followed() {
         "the chain goes back"
     );
     // A receive buffer behind an indirect table is given back unused.
-    let desc = indirect(&r, 0x30_1000, BUFS + 0x1000, 4096, DESC_WRITE);
+    let desc = indirect(&r.mem, 0x30_1000, BUFS + 0x1000, 4096, DESC_WRITE);
     r.driver.queues[0].add_raw(&r.mem, &[desc]);
     r.wire.lock().unwrap().to_guest.push_back(frame(100));
     r.transport.process_queue(0);

@@ -12,7 +12,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::packet::*;
 use super::*;
-use crate::virtio::test_driver::DriverQueue;
+use crate::virtio::test_driver::{indirect, DriverQueue};
 
 const GUEST_CID: u64 = 42;
 /// Where the test puts packets the guest sends.
@@ -490,6 +490,27 @@ fn hostile_packets_are_dropped_or_reset_and_leak_nothing() {
     r.op(OP_RST, 1, 2);
     assert!(r.received().is_empty());
     assert_eq!(r.dev.connection_count(), 0);
+}
+
+#[test]
+fn a_packet_behind_an_indirect_table_is_dropped_not_followed() {
+    let mut r = rig("indirect");
+    r.post_rx(4);
+    // A request for a port nobody listens on: followed, it would be
+    // answered with a reset.
+    let h = r.header(OP_REQUEST, 1, 2, 0);
+    r.mem
+        .write_slice(&h.to_bytes(), GuestAddress(TX_AREA))
+        .unwrap();
+    let desc = indirect(&r.mem, TX_AREA + 0x1000, TX_AREA, HEADER_LEN as u32, 0);
+    r.tx.add_raw(&r.mem, &[desc]);
+    r.dev.process_queue(TX, &r.mem, &r.irq).unwrap();
+    assert_eq!(r.tx.take_used(&r.mem).len(), 1, "the chain goes back");
+    assert_eq!(r.dev.stats().dropped, 1);
+    assert!(
+        r.received().is_empty(),
+        "the packet was read through the table"
+    );
 }
 
 #[test]
