@@ -103,6 +103,7 @@ pub struct Ring<'m> {
 impl<'m> Ring<'m> {
     /// The rings of `queue` (set up and checked by the transport) in `mem`.
     pub fn new(mem: &'m GuestMemoryMmap, queue: &Queue) -> Result<Ring<'m>, RingError> {
+        // A power of two, never 0: virtio-queue refuses other sizes.
         let size = queue.size();
         let n = usize::from(size);
         let slice = |addr: u64, len: usize| {
