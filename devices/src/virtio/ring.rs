@@ -216,12 +216,10 @@ impl<'m> Ring<'m> {
         // flags); the device writes those and then reads the index. A full
         // fence on both sides keeps one of them from missing the other.
         fence(Ordering::SeqCst);
-        self.avail_idx = Wrapping(u16::from_le(self.load(
-            &self.avail,
-            2,
-            Ordering::Relaxed,
-        )?));
-        Ok(self.avail_idx != self.next_avail)
+        // Not kept as `avail_idx`: the next pop reads the index again and
+        // checks how far ahead it runs.
+        let avail_idx = u16::from_le(self.load(&self.avail, 2, Ordering::Relaxed)?);
+        Ok(avail_idx != self.next_avail.0)
     }
 
     /// Ends the run: gives `queue` the ring's position and interrupts the

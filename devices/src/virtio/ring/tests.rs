@@ -256,3 +256,25 @@ fn rings_outside_guest_memory_are_refused() {
     q.set_desc_table_address(Some(0xf_fff0), Some(0));
     assert_eq!(Ring::new(&mem, &q).err(), Some(RingError::Outside));
 }
+
+#[test]
+fn an_available_index_that_runs_ahead_while_notifications_come_on_is_an_error() {
+    let mem = memory();
+    let (mut driver, q) = queue(&mem, true);
+    driver.add_chain(&mem, &[(0x8000, 1, true)]);
+    let mut ring = Ring::new(&mem, &q).unwrap();
+    assert!(ring.pop().unwrap().is_some());
+    assert_eq!(ring.pop().unwrap(), None);
+    let avail = driver.rings()[1];
+    mem.write_obj(1 + SIZE + 1, GuestAddress(avail + 2))
+        .unwrap();
+    assert!(ring.enable_notification().unwrap());
+    assert_eq!(
+        ring.pop(),
+        Err(RingError::AvailIndex {
+            avail: 1 + SIZE + 1,
+            next: 1,
+            size: SIZE
+        })
+    );
+}
