@@ -5,16 +5,17 @@
 //! it checks that the rings lie in guest memory when the driver sets them
 //! up, and snapshots save its position. Its accessors look the guest
 //! memory region up anew for every field of the rings and descriptors
-//! they touch, a dozen times for a block request and eight times for each
-//! receive buffer. A [`Ring`] looks the three rings up once, when a device
+//! they touch, several times for every chain. A [`Ring`] looks the three
+//! rings up once, when a device
 //! starts a run of work on a queue, and then reads and writes them through
 //! vm-memory's bounds-checked volatile slices; when the run ends it hands
 //! the position back to the `Queue` and raises the interrupt if the driver
 //! asked for one. The device-cost bench measured the difference (see
-//! docs/benchmarks.md, "The ring work, and what a raw ring shows").
+//! docs/benchmarks.md, "The ring work, measured against a raw ring").
 //!
-//! A queue is served either through `Ring`s or through virtio-queue's own
-//! accessors, never both: the interrupt decision (EVENT_IDX's used_event)
+//! Every moat device serves its queues through `Ring`s. virtio-queue's own
+//! accessors (`iter`, `add_used`, `needs_notification`) must not be mixed
+//! in on the same queue: the interrupt decision (EVENT_IDX's used_event)
 //! needs to know which used elements the driver has not been told of, and
 //! each side keeps that to itself.
 
