@@ -161,6 +161,23 @@ impl<'m> Ring<'m> {
         Ok(Some(head))
     }
 
+    /// The next available chain, for a device that drains the ring with
+    /// notifications off ([`Self::disable_notification`] first): when
+    /// there is none, notifications come back on, and a chain the driver
+    /// made available meanwhile is taken after all, with them off again
+    /// (2.7.10). `None`: the ring is empty and the driver will notify.
+    pub fn pop_or_notify(&mut self) -> Result<Option<u16>, RingError> {
+        loop {
+            if let Some(head) = self.pop()? {
+                return Ok(Some(head));
+            }
+            if !self.enable_notification()? {
+                return Ok(None);
+            }
+            self.disable_notification()?;
+        }
+    }
+
     /// Puts the chain [`Self::pop`] just took back: the next pop takes it
     /// again (for a device that found it cannot serve it yet).
     pub fn give_back(&mut self) {

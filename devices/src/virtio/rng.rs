@@ -161,11 +161,7 @@ impl Rng {
     fn serve_on(&mut self, ring: &mut Ring<'_>, mem: &GuestMemoryMmap) -> Result<(), DeviceError> {
         ring.disable_notification()?;
         loop {
-            let Some(head) = ring.pop()? else {
-                if ring.enable_notification()? {
-                    ring.disable_notification()?;
-                    continue;
-                }
+            let Some(head) = ring.pop_or_notify()? else {
                 return Ok(());
             };
             let mut chain = ring.chain(head);

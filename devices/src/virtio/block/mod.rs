@@ -210,39 +210,33 @@ impl Block {
         let (mut taken, mut queued) = (0u32, 0u32);
         self.more = false;
         self.blocked = false;
+        ring.disable_notification()?;
         loop {
-            ring.disable_notification()?;
-            loop {
-                if taken >= REQUEST_BUDGET {
-                    self.more = true;
-                    return Ok(queued);
-                }
-                if self.uring.as_ref().is_some_and(|u| !u.has_room()) {
-                    self.blocked = true;
-                    return Ok(queued);
-                }
-                let Some(head) = ring.pop()? else {
-                    break;
-                };
-                let mut chain = ring.chain(head);
-                let descriptors: request::Descriptors = chain.by_ref().collect();
-                if chain.uses_indirect() {
-                    return Err(DeviceError(
-                        "a request uses an indirect descriptor table, which moat never offered"
-                            .into(),
-                    ));
-                }
-                taken += 1;
-                match self
-                    .disk
-                    .handle(mem, head, &descriptors, self.uring.as_mut())?
-                {
-                    request::Handled::Done(used_len) => ring.add_used(head, used_len)?,
-                    request::Handled::Queued => queued += 1,
-                }
-            }
-            if !ring.enable_notification()? {
+            if taken >= REQUEST_BUDGET {
+                self.more = true;
                 return Ok(queued);
+            }
+            if self.uring.as_ref().is_some_and(|u| !u.has_room()) {
+                self.blocked = true;
+                return Ok(queued);
+            }
+            let Some(head) = ring.pop_or_notify()? else {
+                return Ok(queued);
+            };
+            let mut chain = ring.chain(head);
+            let descriptors: request::Descriptors = chain.by_ref().collect();
+            if chain.uses_indirect() {
+                return Err(DeviceError(
+                    "a request uses an indirect descriptor table, which moat never offered".into(),
+                ));
+            }
+            taken += 1;
+            match self
+                .disk
+                .handle(mem, head, &descriptors, self.uring.as_mut())?
+            {
+                request::Handled::Done(used_len) => ring.add_used(head, used_len)?,
+                request::Handled::Queued => queued += 1,
             }
         }
     }

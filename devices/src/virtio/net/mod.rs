@@ -449,11 +449,7 @@ impl Net {
                 return Ok(());
             }
             frames += 1;
-            let Some(head) = ring.pop()? else {
-                if ring.enable_notification()? {
-                    ring.disable_notification()?;
-                    continue;
-                }
+            let Some(head) = ring.pop_or_notify()? else {
                 return Ok(());
             };
             // The frame is the chain's readable descriptors, sent straight

@@ -278,3 +278,28 @@ fn an_available_index_that_runs_ahead_while_notifications_come_on_is_an_error() 
         })
     );
 }
+
+#[test]
+fn draining_with_pop_or_notify_keeps_notifications_off_until_the_ring_is_empty() {
+    for event_idx in [false, true] {
+        let mem = memory();
+        let (mut driver, q) = queue(&mem, event_idx);
+        let used = driver.rings()[2];
+        let flags = || mem.read_obj::<u16>(GuestAddress(used)).unwrap();
+        driver.add_chain(&mem, &[(0x8000, 1, true)]);
+        driver.add_chain(&mem, &[(0x9000, 1, true)]);
+        let mut ring = Ring::new(&mem, &q).unwrap();
+        ring.disable_notification().unwrap();
+        assert_eq!(ring.pop_or_notify().unwrap(), Some(0));
+        assert_eq!(ring.pop_or_notify().unwrap(), Some(1));
+        if !event_idx {
+            assert_eq!(flags(), 1, "notifications stay off while chains come");
+        }
+        assert_eq!(ring.pop_or_notify().unwrap(), None);
+        if event_idx {
+            assert_eq!(driver.avail_event(&mem), 2, "notify at the next chain");
+        } else {
+            assert_eq!(flags(), 0, "notifications back on");
+        }
+    }
+}

@@ -132,11 +132,7 @@ impl Vsock {
     ) -> Result<(), DeviceError> {
         ring.disable_notification()?;
         loop {
-            let Some(head) = ring.pop()? else {
-                if ring.enable_notification()? {
-                    ring.disable_notification()?;
-                    continue;
-                }
+            let Some(head) = ring.pop_or_notify()? else {
                 return Ok(());
             };
             // A packet is the chain's readable bytes: the header, then
