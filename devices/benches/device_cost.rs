@@ -308,25 +308,26 @@ fn post_blk_request(q: &mut DriverQueue, mem: &GuestMemoryMmap, kind: u32, i: u6
     );
 }
 
-/// Requests of the blk rows, one at a time: the driver makes request `i`
-/// available and kicks, the device serves it (its calls timed alone too),
-/// the driver reaps it.
+/// Requests of the blk rows, one at a time, on queue `q`: the driver
+/// makes request `i` available and kicks, `serve` has the device serve it
+/// (timed alone too), and the driver reaps it, its status OK.
 fn blk_requests(
-    transport: &mut MmioTransport,
-    driver: &mut Driver,
+    q: &mut DriverQueue,
     mem: &GuestMemoryMmap,
     irq: &Interrupt,
     kind: u32,
     size: u64,
+    mut serve: impl FnMut(),
 ) -> Measurement {
     let mut used = Vec::new();
     let clock = DeviceClock::default();
     let device = counting_interrupts(irq, || {
         measure(|i| {
-            post_blk_request(&mut driver.queues[0], mem, kind, i, size);
-            clock.time(|| transport.process_queue(0));
-            driver.queues[0].take_used_into(mem, &mut used);
+            post_blk_request(q, mem, kind, i, size);
+            clock.time(&mut serve);
+            q.take_used_into(mem, &mut used);
             assert_eq!(used.len(), 1);
+            assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
             irq.ack(1);
         })
     });
@@ -389,20 +390,10 @@ fn async_rows(file: &std::fs::File, only: &Only) -> Vec<Row> {
     let name = "virtio-blk read 4 KiB, async";
     if only.wants(name) {
         let (mut transport, mut driver, mem, irq) = block_rig(block_on(file, IoEngine::Async));
-        let clock = DeviceClock::default();
-        let device = counting_interrupts(&irq, || {
-            measure(|i| {
-                post_blk_request(&mut driver.queues[0], &mem, 0, i, size);
-                clock.time(|| {
-                    transport.process_queue(0);
-                    finish_in_flight(&mut transport);
-                });
-                driver.queues[0].take_used_into(&mem, &mut used);
-                assert_eq!(used.len(), 1);
-                irq.ack(1);
-            })
+        let device = blk_requests(&mut driver.queues[0], &mem, &irq, 0, size, || {
+            transport.process_queue(0);
+            finish_in_flight(&mut transport);
         });
-        let device = clock.finish(device, 1);
         let buf = guest_bytes(&mem, DATA, size as usize);
         let baseline = measure(|i| file.read_exact_at(buf, offset(i, size)).unwrap());
         rows.push(Row::new(name, size, device, baseline));
@@ -882,19 +873,7 @@ fn raw_blk_reads(disk: Box<dyn DiskBackend>, size: u64) -> Measurement {
         size: DISK_SIZE,
     };
     let irq = Interrupt::new().unwrap();
-    let mut used = Vec::new();
-    let clock = DeviceClock::default();
-    let m = counting_interrupts(&irq, || {
-        measure(|i| {
-            post_blk_request(&mut q, &mem, 0, i, size);
-            clock.time(|| blk.serve(&irq));
-            q.take_used_into(&mem, &mut used);
-            assert_eq!(used.len(), 1);
-            assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
-            irq.ack(1);
-        })
-    });
-    clock.finish(m, 1)
+    blk_requests(&mut q, &mem, &irq, 0, size, || blk.serve(&irq))
 }
 
 /// Frames of `size` bytes, as the receive rows deliver them, from
@@ -924,7 +903,9 @@ fn blk_work(only: &Only) -> Vec<Work> {
     if only.wants(name) {
         let block = Block::with_backend(Box::new(NullDisk), DISK_SIZE, false, "bench");
         let (mut transport, mut driver, mem, irq) = block_rig(block);
-        let m = blk_requests(&mut transport, &mut driver, &mem, &irq, 0, 4096);
+        let m = blk_requests(&mut driver.queues[0], &mem, &irq, 0, 4096, || {
+            transport.process_queue(0);
+        });
         work.extend(m.inside.map(|each| Work {
             name: name.into(),
             each,
@@ -1155,7 +1136,9 @@ fn main() {
             if !only.wants(&row) {
                 continue;
             }
-            let device = blk_requests(&mut transport, &mut driver, &mem, &irq, kind, size);
+            let device = blk_requests(&mut driver.queues[0], &mem, &irq, kind, size, || {
+                transport.process_queue(0);
+            });
             let raw = (kind == 0).then(|| raw_blk_reads(Box::new(file.try_clone().unwrap()), size));
             let buf = guest_bytes(&mem, DATA, size as usize);
             let baseline = measure(|i| {
